@@ -1,0 +1,135 @@
+"""CoMeT memories: the gated global memory (SPEC S3) and the FIFO temporary memory (S4).
+
+Every decoder layer owns one `LayerMemory` module (its parameters) and carries one `MemoryState`
+(its tensors) from chunk to chunk. The state is a frozen dataclass: updates return a new state,
+nothing is mutated in place, so BPTT truncation, device moves and sending it between processes
+are one visible line each.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class MemoryState:
+    """One layer's memories between two chunks. All tensors are (B, slots, C)."""
+    gate_state: Tensor     # s (S3): n_global slots, or 0 slots before the first chunk has closed
+    global_memory: Tensor  # G = RLA(s) (S3): injected at the front of the next chunk
+    temp_memory: Tensor    # T (S4): FIFO of compressed slots, oldest first, at most temp_budget
+
+    @staticmethod
+    def empty(batch: int, n_embd: int, device=None, dtype=None) -> MemoryState:
+        """The state before the first chunk: no global slots yet, an empty FIFO."""
+        z = torch.zeros(batch, 0, n_embd, device=device, dtype=dtype)
+        return MemoryState(z, z, z)
+
+    def prefix(self) -> Tensor:
+        """[G; T] (B, n_g + n_t, C): what the next chunk sees in front of its tokens (S2)."""
+        return torch.cat([self.global_memory, self.temp_memory], 1)
+
+    @property
+    def prefix_len(self) -> int:
+        return self.global_memory.size(1) + self.temp_memory.size(1)
+
+    def detach(self) -> MemoryState:
+        """Cut the gradient path to earlier chunks (truncated BPTT)."""
+        return MemoryState(*(t.detach() for t in self.tensors()))
+
+    def to(self, *args, **kwargs) -> MemoryState:
+        """Move/cast like `Tensor.to`, e.g. `state.to("cuda")`."""
+        return MemoryState(*(t.to(*args, **kwargs) for t in self.tensors()))
+
+    def tensors(self) -> tuple[Tensor, Tensor, Tensor]:
+        return self.gate_state, self.global_memory, self.temp_memory
+
+    def pack(self) -> Tensor:
+        """One contiguous tensor (B, 2*n_g + n_t, C) to send to another process."""
+        return torch.cat(self.tensors(), 1).contiguous()
+
+    @staticmethod
+    def unpack(packed: Tensor, n_global: int) -> MemoryState:
+        """Inverse of `pack`; n_global is 0 before the first chunk has closed."""
+        s, g, t = packed.split([n_global, n_global, packed.size(1) - 2 * n_global], 1)
+        return MemoryState(s, g, t)
+
+
+class LowRankAdapter(nn.Module):
+    """RLA(x) = x + W_up(W_down x), rank r, no bias (S3). W_up starts at zero: RLA starts as identity."""
+
+    def __init__(self, n_embd: int, rank: int):
+        super().__init__()
+        self.down = nn.Linear(n_embd, rank, bias=False)
+        self.up = nn.Linear(rank, n_embd, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.up(self.down(x))
+
+
+class GlobalMemory(nn.Module):
+    """S3: a gated recurrence over the layer's readout outputs, one scalar gate per slot."""
+
+    def __init__(self, n_embd: int, rank: int, eps: float):
+        super().__init__()
+        self.norm = nn.RMSNorm(n_embd, eps=eps)
+        self.gate = nn.Linear(2 * n_embd, 1, bias=False)  # W_g: [s_{t-1}; s~] -> one logit per slot
+        self.adapter = LowRankAdapter(n_embd, rank)
+
+    def forward(self, readout: Tensor, state: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """readout r_t (B, n_global, C), state s_{t-1} (B, 0 or n_global, C) -> (s_t, G_{t+1}, gate).
+
+        gate is (B, n_global, 1), or None on the first chunk, which has no previous state to keep.
+        """
+        candidate = self.norm(readout)  # S3: s~ = RMSNorm(r_t)
+        if state.size(1) == 0:
+            return candidate, self.adapter(candidate), None  # S3: first chunk, s_1 = s~
+        gate = torch.sigmoid(self.gate(torch.cat([state, candidate], -1)))  # S3: g = sigmoid(W_g [s; s~])
+        state = gate * state + (1 - gate) * candidate  # S3: gated update, g keeps the old state
+        return state, self.adapter(state), gate  # S3: G = RLA(s)
+
+
+class TemporaryMemory(nn.Module):
+    """S4: compression-token outputs, normalised and adapted, queued FIFO up to `budget` slots."""
+
+    def __init__(self, n_embd: int, budget: int, rank: int, eps: float):
+        super().__init__()
+        self.budget = budget
+        self.norm = nn.RMSNorm(n_embd, eps=eps)
+        self.adapter = LowRankAdapter(n_embd, rank)
+
+    def forward(self, compressed: Tensor, fifo: Tensor) -> Tensor:
+        """compressed c_t (B, n_c, C), fifo T_t (B, n_t, C) -> T_{t+1} (B, min(n_t + n_c, budget), C)."""
+        slots = self.adapter(self.norm(compressed))  # S4: m = RLA'(RMSNorm(c_t))
+        return torch.cat([fifo, slots], 1)[:, -self.budget:]  # S4: keep the newest, evict the oldest
+
+
+class LayerMemory(nn.Module):
+    """Both memories of one layer; a memory whose size is 0 is absent (and has no parameters)."""
+
+    def __init__(self, n_embd: int, n_global: int, temp_budget: int, rank: int, eps: float):
+        super().__init__()
+        self.global_mem = GlobalMemory(n_embd, rank, eps) if n_global else None
+        self.temp_mem = TemporaryMemory(n_embd, temp_budget, rank, eps) if temp_budget else None
+
+    def forward(self, mem: MemoryState, readout: Tensor, compressed: Tensor) -> MemoryState:
+        """The layer's outputs at the readout and compression rows of a closed chunk -> next state."""
+        s, g, t = mem.tensors()
+        if self.global_mem is not None:
+            s, g, _ = self.global_mem(readout, s)
+        if self.temp_mem is not None:
+            t = self.temp_mem(compressed, t)
+        return MemoryState(s, g, t)
+
+
+def memory_param_count(n_layer: int, n_embd: int, n_global: int, temp_budget: int, rank: int) -> int:
+    """S5: parameters CoMeT adds to a decoder.
+
+    Per layer: global memory = RMSNorm (d) + W_g (2d) + adapter (2*d*r); temporary memory = RMSNorm (d)
+    + adapter (2*d*r). Plus embeddings: one compression token (if the FIFO is on) and n_global readout
+    tokens. Both memories on: n_layer * (4d + 4*d*r) + (1 + n_global) * d.
+    """
+    d = n_embd
+    per_layer = (3 * d + 2 * d * rank) * bool(n_global) + (d + 2 * d * rank) * bool(temp_budget)
+    return n_layer * per_layer + (int(bool(temp_budget)) + n_global) * d

@@ -1,0 +1,29 @@
+import pytest
+import torch
+
+from model import ModelConfig, Transformer
+
+torch.set_num_threads(1)  # tests are tiny; one thread avoids oversubscribing the 2-core CI box
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    """A CoMeT small enough for exact fp32 checks in milliseconds: chunk 8, 2 compression tokens
+    per chunk, 3 global slots, a FIFO of 3 slots (so it evicts mid-chunk)."""
+    args = dict(vocab_size=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, chunk_size=8, n_global=3,
+                stride=4, temp_budget=3, adapter_rank=4)
+    return ModelConfig(**{**args, **overrides})
+
+
+def tiny_model(seed: int = 0, **overrides) -> Transformer:
+    torch.manual_seed(seed)
+    model = Transformer(tiny_config(**overrides), verbose=False)
+    # Give the zero-initialised adapters weight too, so the tests exercise them.
+    for name, p in model.named_parameters():
+        if name.endswith("adapter.up.weight"):
+            torch.nn.init.normal_(p, std=0.1)
+    return model.eval()
+
+
+@pytest.fixture
+def model() -> Transformer:
+    return tiny_model()

@@ -1,0 +1,236 @@
+"""Invariants of the decoder and of CoMeT's chunked forward (S2), streaming (S6) and gradients (BPTT)."""
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_config, tiny_model
+from model import ModelConfig, Transformer, chunk_layout
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tokens(n, batch=2, seed=1, vocab=32):
+    torch.manual_seed(seed)
+    return torch.randint(vocab, (batch, n))
+
+
+# --- S2: layout -------------------------------------------------------------------------------------
+
+def test_closed_chunk_layout_puts_a_compression_token_after_every_stride_tokens_then_readouts():
+    lay = chunk_layout(10, 4, 2, True, torch.device("cpu"))
+    # rows: t0 t1 t2 t3 C t4 t5 t6 t7 C t8 t9 C R R  (ceil(10/4) = 3 compression tokens, last after t9)
+    assert lay.tokens.tolist() == [0, 1, 2, 3, 5, 6, 7, 8, 10, 11]
+    assert lay.compression.tolist() == [4, 9, 12]
+    assert lay.readout.tolist() == [13, 14]
+    assert lay.length == 15
+
+
+def test_open_chunk_layout_has_no_readout_and_no_trailing_compression_token():
+    lay = chunk_layout(8, 4, 2, False, torch.device("cpu"))
+    assert lay.compression.tolist() == [4] and lay.readout.numel() == 0 and lay.length == 9
+
+
+def test_open_chunk_rows_are_a_prefix_of_a_longer_open_chunks_rows(model):
+    idx = tokens(8)
+    longest = model.embed_chunk(idx, model.layout(8, closed=False))
+    for n in range(8):
+        rows = model.embed_chunk(idx[:, :n], model.layout(n, closed=False))
+        assert torch.equal(rows, longest[:, :rows.size(1)])
+
+
+def test_layout_orders_token_compression_and_readout_embeddings_into_place(model):
+    lay = model.layout(8, closed=True)
+    idx = tokens(8)
+    h = model.embed_chunk(idx, lay)
+    assert torch.equal(h[:, lay.tokens], model.tok_embeddings(idx))
+    assert torch.equal(h[:, lay.compression], model.compression_emb.expand(2, 2, -1))
+    assert torch.equal(h[:, lay.readout], model.readout_emb.expand(2, -1, -1))
+
+
+# --- equivalences -----------------------------------------------------------------------------------
+
+def test_comet_without_memories_equals_the_plain_decoder_within_one_chunk():
+    comet = tiny_model(n_global=0, temp_budget=0)
+    plain = Transformer(tiny_config(chunk_size=0), verbose=False).eval()
+    plain.load_state_dict(comet.state_dict())  # identical parameter sets: no memory modules at all
+    idx = tokens(8)
+    assert (comet(idx)[0] - plain(idx)[0]).abs().max() <= 1e-6
+
+
+def test_gqa_equals_multi_head_attention_with_shared_key_value_heads():
+    gqa = tiny_model(n_kv_head=2)
+    mha = Transformer(tiny_config(n_kv_head=4), verbose=False).eval()
+    sd = gqa.state_dict()
+    for name in list(sd):
+        if name.endswith(("attention.wk.weight", "attention.wv.weight")):  # (2*hs, C) -> (4*hs, C)
+            sd[name] = sd[name].view(2, 8, 32).repeat_interleave(2, 0).reshape(32, 32)
+    mha.load_state_dict(sd)
+    idx = tokens(20)
+    torch.testing.assert_close(gqa(idx)[0], mha(idx)[0], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_chunks", [1, 2.5, 7])
+def test_streaming_prefill_and_decoding_give_the_full_forward_logits(model, n_chunks):
+    n = int(n_chunks * model.config.chunk_size)
+    idx = tokens(n)
+    full, _ = model(idx)
+    n_prompt = max(1, n - 11)  # decode the last 11 tokens one by one: crosses a chunk border
+    logits, state = model.stream(idx[:, :n_prompt], model.new_stream(2))
+    assert (logits - full[:, n_prompt - 1]).abs().max() <= 1e-5
+    for p in range(n_prompt, n):
+        logits, state = model.stream(idx[:, p:p + 1], state)
+        assert (logits - full[:, p]).abs().max() <= 1e-5, f"position {p}"
+
+
+def test_streaming_in_uneven_pieces_gives_the_same_memories(model):
+    idx = tokens(43)
+    _, whole = model.stream(idx, model.new_stream(2))
+    state = model.new_stream(2)
+    for a, b in [(0, 3), (3, 13), (13, 14), (14, 40), (40, 43)]:
+        _, state = model.stream(idx[:, a:b], state)
+    assert torch.equal(state.tokens, whole.tokens)
+    for m1, m2 in zip(whole.memory, state.memory):
+        for t1, t2 in zip(m1.tensors(), m2.tensors()):
+            torch.testing.assert_close(t1, t2, rtol=0, atol=1e-5)
+
+
+def test_greedy_generation_follows_the_full_forward_argmax(model):
+    prompt = tokens(13, batch=1)
+    new, _ = model.generate(prompt, 12, temperature=0)
+    seq = torch.cat([prompt, new], 1)
+    full, _ = model(seq)
+    assert torch.equal(full[0, 12:-1].argmax(-1), new[0])
+
+
+def test_plain_decoder_streams_with_a_kv_cache():
+    model = tiny_model(chunk_size=0, block_size=40)
+    idx = tokens(30)
+    full, _ = model(idx)
+    logits, state = model.stream(idx[:, :20], model.new_stream(2))
+    for p in range(20, 30):
+        logits, state = model.stream(idx[:, p:p + 1], state)
+        torch.testing.assert_close(logits, full[:, p], rtol=0, atol=1e-5)
+
+
+# --- causality and gradients ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("p", [0, 3, 4, 7, 8, 12, 23, 30])  # chunk borders at 8, 16, 24; stride 4
+def test_changing_tokens_after_p_never_changes_logits_up_to_p(model, p):
+    idx = tokens(32)
+    changed = idx.clone()
+    changed[:, p + 1:] = (changed[:, p + 1:] + 1) % 32
+    a, b = model(idx)[0], model(changed)[0]
+    assert torch.equal(a[:, :p + 1], b[:, :p + 1])
+    assert not torch.allclose(a[:, p + 1:], b[:, p + 1:])  # and the change is seen after p
+
+
+def first_chunk_embedding_grad(model, n_chunks=4, **kw):
+    """d(loss on the last chunk)/d(input embeddings of the first chunk)."""
+    model.train()
+    embeddings = []
+
+    def keep(module, inputs, output):
+        output.retain_grad()
+        embeddings.append(output)
+
+    hook = model.tok_embeddings.register_forward_hook(keep)
+    idx = tokens(n_chunks * 8)
+    logits, _ = model(idx, **kw)
+    hook.remove()
+    logits[:, -8:].logsumexp(-1).sum().backward()
+    return embeddings[0].grad
+
+
+def test_gradient_reaches_the_first_chunk_through_the_memories(model):
+    assert first_chunk_embedding_grad(model).abs().sum() > 0
+
+
+@pytest.mark.parametrize("memory_off", [dict(n_global=0, temp_budget=0)])
+def test_gradient_to_the_first_chunk_is_exactly_zero_without_memories(memory_off):
+    assert torch.count_nonzero(first_chunk_embedding_grad(tiny_model(**memory_off))) == 0
+
+
+@pytest.mark.parametrize("memory", [dict(), dict(n_global=0), dict(temp_budget=0)])
+def test_gradient_is_exactly_zero_across_a_bptt_truncation_boundary(memory):
+    model = tiny_model(**memory)
+    assert first_chunk_embedding_grad(model, bptt_chunks=2).abs().sum() == 0  # boundary before chunk 3
+    assert first_chunk_embedding_grad(model, bptt_chunks=4).abs().sum() > 0   # no boundary crossed
+
+
+def test_truncated_bptt_does_not_change_the_forward(model):
+    idx = tokens(40)
+    assert torch.equal(model(idx)[0], model(idx, bptt_chunks=2)[0])
+
+
+def test_loss_is_cross_entropy_over_real_tokens_and_skips_minus_one(model):
+    idx = tokens(20)
+    targets = tokens(20, seed=2)
+    targets[:, :5] = -1
+    logits, loss = model(idx, targets)
+    assert logits.shape == (2, 20, 32)  # one row per real token: no memory/compression/readout rows
+    expected = torch.nn.functional.cross_entropy(logits[:, 5:].reshape(-1, 32), targets[:, 5:].reshape(-1))
+    torch.testing.assert_close(loss, expected)
+
+
+# --- positions --------------------------------------------------------------------------------------
+
+def test_rope_table_is_never_longer_than_one_extended_chunk(model):
+    cfg = model.config
+    extended = cfg.n_global + cfg.temp_budget + cfg.chunk_size + math.ceil(cfg.chunk_size / cfg.stride) + cfg.n_global
+    model(tokens(50 * cfg.chunk_size + 3))
+    model.stream(tokens(30 * cfg.chunk_size + 5), model.new_stream(2))
+    assert model.rope_cos.shape == model.rope_sin.shape == (extended, cfg.head_dim)
+
+
+def test_positions_restart_in_every_chunk(model):
+    # Without memories, every chunk is an independent sequence starting at position 0.
+    model = tiny_model(n_global=0, temp_budget=0)
+    idx = tokens(24)
+    whole, _ = model(idx)
+    torch.testing.assert_close(whole[:, 16:], model(idx[:, 16:])[0], rtol=0, atol=1e-6)
+
+
+# --- determinism, config errors, the demo -----------------------------------------------------------
+
+def test_same_seed_gives_the_same_model_and_loss():
+    idx = tokens(30)
+    assert torch.equal(tiny_model(seed=3)(idx, idx)[1], tiny_model(seed=3)(idx, idx)[1])
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(n_layer=0), "n_layer=0 must be positive"),
+    (dict(n_embd=-8), "n_embd=-8 must be positive"),
+    (dict(chunk_size=-1), "chunk_size=-1 must be >= 0"),
+    (dict(n_global=-1), "n_global=-1 must be >= 0"),
+    (dict(temp_budget=-2), "temp_budget=-2 must be >= 0"),
+    (dict(stride=0), "stride=0 must be positive"),
+    (dict(stride=16), "stride=16 must be <= chunk_size=8"),
+    (dict(n_head=5), "n_head=5 must divide n_embd=32"),
+    (dict(n_kv_head=3), "n_kv_head=3 must divide n_head=4"),
+    (dict(n_embd=24, n_head=8, n_kv_head=8), "must be even for RoPE"),
+])
+def test_bad_sizes_raise_one_clear_value_error(bad, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(**bad)
+
+
+@pytest.mark.parametrize("bad", [dict(n_layer="4"), dict(chunk_size=8.0), dict(tie_embeddings=1),
+                                 dict(n_head=True)])
+def test_wrong_types_raise_type_error(bad):
+    with pytest.raises(TypeError, match=f"{next(iter(bad))} must be"):
+        tiny_config(**bad)
+
+
+def test_plain_decoder_rejects_a_sequence_longer_than_block_size():
+    with pytest.raises(ValueError, match="longer than block_size=16"):
+        tiny_model(chunk_size=0, block_size=16)(tokens(17))
+
+
+def test_demo_streams_and_reports_flat_memory():
+    out = subprocess.run([sys.executable, "model.py", "1024"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    assert "chunks      16  tokens      1,024" in out and "peak RSS" in out
