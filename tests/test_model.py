@@ -218,8 +218,15 @@ def test_bad_sizes_raise_one_clear_value_error(bad, message):
         tiny_config(**bad)
 
 
+def test_optional_fields_accept_none_or_their_type_and_derive_defaults():
+    cfg = tiny_config(init_std=0.05, n_kv_head=None, ffn_hidden=None)
+    assert (cfg.init_std, cfg.n_kv_head, cfg.ffn_hidden) == (0.05, 4, 96)
+    assert tiny_config(init_std=1).init_std == 1  # an int is fine for a float
+    assert tiny_config() == tiny_config(**{k: v for k, v in vars(tiny_config()).items()})  # round trip
+
+
 @pytest.mark.parametrize("bad", [dict(n_layer="4"), dict(chunk_size=8.0), dict(tie_embeddings=1),
-                                 dict(n_head=True)])
+                                 dict(n_head=True), dict(init_std="0.02"), dict(n_kv_head=2.0)])
 def test_wrong_types_raise_type_error(bad):
     with pytest.raises(TypeError, match=f"{next(iter(bad))} must be"):
         tiny_config(**bad)

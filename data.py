@@ -1,0 +1,117 @@
+"""Tokenizers (offline, always) and the synthetic passkey task (SPEC S8), reproducible from a seed.
+
+A passkey sequence is filler text with a passkey sentence hidden at a relative depth, then a question;
+the model must continue with the key. Sequences are built lazily: `Passkey.tokens(a, b)` makes any slice
+by index arithmetic, so a 1M-token evaluation never holds the whole sequence.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import random
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+import tiktoken
+
+SPECIALS = ("<|pad|>", "<|compress|>", "<|readout|>")  # ids right after the base vocabulary
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+GPT2_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"  # only a cache key here
+GPT2_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+
+
+def get_tokenizer(name: str = "bytes") -> tiktoken.Encoding:
+    """'bytes': 256 byte tokens + specials, built in code. 'gpt2': GPT-2's BPE ranks, only if tiktoken
+    has them cached already. A path to a .tiktoken file (e.g. whisper's gpt2.tiktoken): GPT-2's pattern
+    over those ranks. The model embeds compression/readout tokens itself (S2); the tokenizer reserves
+    their ids so that a decoded extended chunk can show them. Nothing is ever downloaded."""
+    if name == "bytes":
+        ranks, pattern, specials = {bytes([i]): i for i in range(256)}, r"\S+|\s+", {}
+    else:
+        path = _gpt2_cache_path() if name == "gpt2" else name
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"tokenizer {name!r}: no BPE file at {path}. nanocomet never downloads; put GPT-2's ranks there "
+                "(e.g. whisper/assets/gpt2.tiktoken from the openai-whisper sdist) or use tokenizer='bytes'")
+        with open(path, "rb") as f:
+            data = f.read()
+        if name == "gpt2" and hashlib.sha256(data).hexdigest() != GPT2_SHA256:
+            raise ValueError(f"tokenizer 'gpt2': cached file {path} is corrupt (sha256 mismatch); delete it")
+        ranks = {base64.b64decode(tok): int(rank) for tok, rank in (line.split() for line in data.splitlines() if line)}
+        pattern, specials = GPT2_PATTERN, {"<|endoftext|>": len(ranks)}
+    n = len(ranks) + len(specials)
+    specials.update({s: n + i for i, s in enumerate(SPECIALS)})
+    return tiktoken.Encoding(name=os.path.basename(name), pat_str=pattern, mergeable_ranks=ranks,
+                             special_tokens=specials)
+
+
+def _gpt2_cache_path() -> str:
+    """Where tiktoken would have cached GPT-2's ranks (same rule as tiktoken.load.read_file_cached)."""
+    cache = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR") or \
+        os.path.join(tempfile.gettempdir(), "data-gym-cache")
+    return os.path.join(cache, hashlib.sha1(GPT2_URL.encode()).hexdigest())
+
+
+# --- S8: passkey retrieval --------------------------------------------------------------------------
+
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+PASSKEY = "The pass key is {key}. Remember it. {key} is the pass key. "
+QUESTION = "What is the pass key? The pass key is"
+
+
+@dataclass(frozen=True)
+class Passkey:
+    """One passkey sequence of exactly `length` tokens: filler (from `phase` in its period) with the
+    passkey sentence at token `insert`, then the question, then the answer (" " + key) as its last tokens."""
+    filler: np.ndarray    # (period,) token ids of one filler period
+    phase: int            # filler starts at this offset of its period
+    sentence: np.ndarray  # passkey sentence tokens
+    question: np.ndarray
+    answer: np.ndarray    # the tokens the model must produce
+    insert: int           # index of the passkey sentence's first token
+    length: int
+
+    @property
+    def n_context(self) -> int:
+        """Filler + passkey sentence: where the question starts."""
+        return self.length - len(self.question) - len(self.answer)
+
+    def tokens(self, a: int = 0, b: int | None = None) -> np.ndarray:
+        """Token ids of positions a..b-1, built without materialising the rest of the sequence."""
+        b = self.length if b is None else b
+        i = np.arange(a, b)
+        n_sent, n_ctx = len(self.sentence), self.n_context
+        filler_i = self.phase + np.where(i < self.insert, i, i - n_sent)  # filler runs on around the sentence
+        out = self.filler[filler_i % len(self.filler)]
+        tail = np.concatenate([self.question, self.answer])
+        in_sent = (i >= self.insert) & (i < self.insert + n_sent)
+        out = np.where(in_sent, self.sentence[np.clip(i - self.insert, 0, n_sent - 1)], out)
+        return np.where(i >= n_ctx, tail[np.clip(i - n_ctx, 0, len(tail) - 1)], out)
+
+
+def make_passkey(enc: tiktoken.Encoding, length: int, depth: float, rng: random.Random, digits: int = 5,
+                 filler: str = FILLER) -> Passkey:
+    """A passkey sequence of exactly `length` tokens with the sentence at relative depth 0..1 of the filler."""
+    if not 0 <= depth <= 1:
+        raise ValueError(f"depth={depth} must lie in [0, 1]")
+    key = str(rng.randrange(10 ** (digits - 1), 10 ** digits))
+    parts = [np.array(enc.encode_ordinary(t), dtype=np.int64)
+             for t in (filler, PASSKEY.format(key=key), QUESTION, " " + key)]
+    n_filler = length - sum(len(p) for p in parts[1:])
+    if n_filler < 0:
+        raise ValueError(f"length={length} is too short for a passkey sequence: it needs at least "
+                         f"{length - n_filler} tokens")
+    return Passkey(parts[0], rng.randrange(len(parts[0])), *parts[1:], round(depth * n_filler), length)
+
+
+def passkey_batch(enc: tiktoken.Encoding, batch: int, length: int, seed: int, digits: int = 5,
+                  depth: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(batch, length) token ids of passkey sequences (random depths unless one is given) and a bool mask
+    of the same shape marking each row's answer tokens. The same seed always gives the same batch."""
+    rng = random.Random(seed)
+    samples = [make_passkey(enc, length, rng.random() if depth is None else depth, rng, digits)
+               for _ in range(batch)]
+    answer = np.arange(length) >= np.array([[length - len(s.answer)] for s in samples])
+    return np.stack([s.tokens() for s in samples]), answer

@@ -1,0 +1,71 @@
+"""Stream a prompt of any length through the memories (S6), then generate.
+
+    python sample.py --prompt="What is the pass key? The pass key is" --max_new_tokens=20
+    python sample.py --prompt_file=book.txt --temperature=0.8 --top_k=40
+
+Prints the continuation, the streaming and generation speed, and the peak memory.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+from tqdm import tqdm
+
+# -----------------------------------------------------------------------------
+ckpt = "out/ckpt.pt"      # checkpoint written by train.py
+prompt = "The grass is green. The sky is blue. The pass key is 12345. Remember it. What is the pass key? The pass key is"
+prompt_file = ""          # read the prompt from this file instead (any length)
+max_new_tokens = 20
+temperature = 0.0         # 0: greedy
+top_k = 0                 # 0: no top-k filtering
+seed = 1337
+piece = 65536             # prompt tokens streamed per call
+device = "auto"           # auto | cpu | cuda
+threads = 0               # torch CPU threads; 0 = torch's default
+# -----------------------------------------------------------------------------
+
+
+def main() -> None:
+    from checkpoint import load_model
+    from configurator import configure_or_exit
+    from data import get_tokenizer
+    from eval_passkey import peak_memory_mib
+
+    keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
+    cfg = configure_or_exit({k: globals()[k] for k in keys})
+    dev = ("cuda" if torch.cuda.is_available() else "cpu") if cfg["device"] == "auto" else cfg["device"]
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
+    torch.manual_seed(cfg["seed"])
+    try:
+        model, ck = load_model(cfg["ckpt"], dev)
+        enc = get_tokenizer(ck.get("config", {}).get("tokenizer", "bytes"))
+        if cfg["prompt_file"]:
+            with open(cfg["prompt_file"], encoding="utf-8") as f:
+                text = f.read()
+        else:
+            text = cfg["prompt"]
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+    ids = torch.tensor([enc.encode_ordinary(text)], dtype=torch.long, device=dev)
+    if ids.size(1) == 0:
+        raise SystemExit("error: the prompt is empty")
+    state = model.new_stream(1)
+    t0 = time.perf_counter()
+    head, last = ids[:, :-1], ids[:, -1:]  # the last prompt token goes to generate()
+    for a in tqdm(range(0, head.size(1), cfg["piece"]), unit="piece", disable=head.size(1) <= cfg["piece"]):
+        _, state = model.stream(head[:, a:a + cfg["piece"]], state)
+    t1 = time.perf_counter()
+    out, state = model.generate(last, cfg["max_new_tokens"], temperature=cfg["temperature"],
+                                top_k=cfg["top_k"] or None, state=state)
+    t2 = time.perf_counter()
+    print(("..." if len(text) > 300 else "") + text[-300:])
+    print("=> " + enc.decode(out[0].tolist()))
+    print(f"prompt {ids.size(1):,} tokens streamed at {head.size(1) / max(t1 - t0, 1e-9):,.0f} tok/s; "
+          f"{cfg['max_new_tokens']} tokens generated at {cfg['max_new_tokens'] / max(t2 - t1, 1e-9):,.1f} tok/s; "
+          f"peak memory {peak_memory_mib(dev):,.1f} MiB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""Settings: config files and --key=value overrides, with one clear error for a mistake."""
+import pytest
+
+from configurator import configure
+
+DEFAULTS = dict(batch_size=16, lr=1e-3, compile=False, out_dir="out", lengths="512,2048")
+
+
+def test_overrides_are_parsed_by_the_type_of_the_default():
+    cfg = configure(DEFAULTS, ["--batch_size=32", "--lr=3e-4", "--compile=True", "--out_dir=runs/a"])
+    assert cfg == dict(batch_size=32, lr=3e-4, compile=True, out_dir="runs/a", lengths="512,2048")
+
+
+def test_space_separated_values_work_too():
+    cfg = configure(DEFAULTS, ["--lengths", "1024,65536,1048576", "--batch_size", "8"])
+    assert cfg["lengths"] == "1024,65536,1048576" and cfg["batch_size"] == 8
+
+
+def test_an_int_is_accepted_for_a_float_setting():
+    assert configure(DEFAULTS, ["--lr=1"])["lr"] == 1.0
+
+
+def test_config_file_then_command_line(tmp_path):
+    f = tmp_path / "small.py"
+    f.write_text("import math\nbatch_size = 4\nlr = 2e-3  # comment\n_private = 1\n")
+    cfg = configure(DEFAULTS, [str(f), "--batch_size=8"])
+    assert cfg["batch_size"] == 8 and cfg["lr"] == 2e-3
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batchsize=32"], "unknown setting 'batchsize'"),
+    (["--batch_size=3.5"], "--batch_size=3.5: expected int"),
+    (["--lr=fast"], "--lr=fast: expected float"),
+    (["--compile=maybe"], "expected True or False"),
+    (["--lr"], "--lr: missing value"),
+    (["no_such_file.py"], "cannot read config file no_such_file.py"),
+])
+def test_command_line_mistakes_are_one_clear_error(argv, message):
+    with pytest.raises(ValueError, match=message):
+        configure(DEFAULTS, argv)
+
+
+@pytest.mark.parametrize("line, message", [
+    ("batch_sise = 4", "unknown setting 'batch_sise'"),
+    ("batch_size = '4'", "batch_size='4' must be int, not str"),
+    ("compile = 1", "compile=1 must be bool, not int"),
+    ("batch_size = True", "batch_size=True must be int, not bool"),
+])
+def test_config_file_mistakes_name_the_file_and_the_key(tmp_path, line, message):
+    f = tmp_path / "bad.py"
+    f.write_text(line + "\n")
+    with pytest.raises(ValueError, match=f"bad.py: {message}"):
+        configure(DEFAULTS, [str(f)])
+
+
+def test_a_bad_override_exits_with_one_line(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "train.py", "--n_layers=3", f"--out_dir={tmp_path}"], cwd=root,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()]  # exactly one line, no traceback
+    assert "unknown setting 'n_layers'" in r.stderr

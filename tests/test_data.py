@@ -1,0 +1,111 @@
+"""The passkey generator (S8) and the offline tokenizers."""
+import base64
+import hashlib
+import random
+
+import numpy as np
+import pytest
+
+import data
+from data import PASSKEY, QUESTION, get_tokenizer, make_passkey, passkey_batch
+
+ENC = get_tokenizer("bytes")
+
+
+def decode(ids):
+    return ENC.decode(ids.tolist())
+
+
+@pytest.mark.parametrize("length", [200, 513, 4096])
+def test_passkey_sequence_has_exactly_the_requested_length(length):
+    s = make_passkey(ENC, length, 0.3, random.Random(0))
+    assert s.tokens().shape == (length,)
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.25, 0.5, 0.75, 1.0])
+def test_passkey_sentence_sits_at_the_requested_depth_of_the_filler(depth):
+    s = make_passkey(ENC, 2000, depth, random.Random(1))
+    text = decode(s.tokens())
+    start = text.index("The pass key is ")
+    n_filler = s.n_context - len(s.sentence)
+    assert start == s.insert == round(depth * n_filler)
+    assert text.endswith(QUESTION + decode(s.answer))
+
+
+def test_answer_is_the_key_of_the_passkey_sentence():
+    s = make_passkey(ENC, 300, 0.5, random.Random(2), digits=5)
+    key = decode(s.answer)
+    assert key[0] == " " and key[1:].isdigit() and len(key) == 6
+    assert PASSKEY.format(key=key[1:]) in decode(s.tokens())
+    assert decode(s.tokens()[-len(s.answer):]) == key
+
+
+def test_filler_around_the_sentence_is_the_periodic_filler_text():
+    s = make_passkey(ENC, 1500, 0.5, random.Random(3))
+    text = decode(s.tokens())
+    without_sentence = text[:s.insert] + text[s.insert + len(s.sentence):s.n_context]
+    period = data.FILLER
+    assert without_sentence == (period * 30)[s.phase:s.phase + len(without_sentence)]
+
+
+def test_lazy_slices_equal_the_whole_sequence():
+    s = make_passkey(ENC, 1000, 0.4, random.Random(4))
+    whole = s.tokens()
+    for a, b in [(0, 1), (0, 1000), (390, 470), (950, 1000), (123, 124)]:
+        assert np.array_equal(s.tokens(a, b), whole[a:b])
+
+
+def test_same_seed_gives_the_same_batch_and_another_seed_does_not():
+    a, mask_a = passkey_batch(ENC, 4, 300, seed=7)
+    b, mask_b = passkey_batch(ENC, 4, 300, seed=7)
+    c, _ = passkey_batch(ENC, 4, 300, seed=8)
+    assert np.array_equal(a, b) and np.array_equal(mask_a, mask_b) and not np.array_equal(a, c)
+
+
+def test_batch_answer_mask_marks_the_last_answer_tokens():
+    tokens, answer = passkey_batch(ENC, 3, 250, seed=0)
+    assert tokens.shape == answer.shape == (3, 250)
+    assert answer.sum(1).tolist() == [6, 6, 6] and answer[:, -6:].all()
+
+
+def test_too_short_a_sequence_is_a_clear_error():
+    with pytest.raises(ValueError, match="too short for a passkey sequence: it needs at least"):
+        make_passkey(ENC, 50, 0.5, random.Random(0))
+
+
+def test_depth_outside_0_1_is_an_error():
+    with pytest.raises(ValueError, match="depth=1.5"):
+        make_passkey(ENC, 500, 1.5, random.Random(0))
+
+
+# --- tokenizers -------------------------------------------------------------------------------------
+
+def test_byte_tokenizer_round_trips_any_text_and_reserves_special_ids():
+    text = "héllo, wörld 🙂\n\t 12345"
+    assert ENC.decode(ENC.encode_ordinary(text)) == text
+    assert max(ENC.encode_ordinary(text)) < 256
+    assert [ENC.encode_single_token(s) for s in data.SPECIALS] == [256, 257, 258]
+    assert ENC.n_vocab == 259
+
+
+def test_gpt2_tokenizer_without_a_cached_file_fails_without_downloading(tmp_path, monkeypatch):
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="never downloads"):
+        get_tokenizer("gpt2")
+
+
+def test_gpt2_tokenizer_rejects_a_corrupt_cached_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    (tmp_path / hashlib.sha1(data.GPT2_URL.encode()).hexdigest()).write_bytes(b"IQ== 0\n")
+    with pytest.raises(ValueError, match="corrupt"):
+        get_tokenizer("gpt2")
+
+
+def test_bpe_tokenizer_from_a_local_rank_file(tmp_path):
+    ranks = [bytes([i]) for i in range(256)] + [b"he", b"ll", b"hell", b"hello"]
+    path = tmp_path / "tiny.tiktoken"
+    path.write_bytes(b"".join(base64.b64encode(t) + b" %d\n" % r for r, t in enumerate(ranks)))
+    enc = get_tokenizer(str(path))
+    assert enc.encode_ordinary("hello hello") == [259, 32, 259]
+    assert enc.decode(enc.encode_ordinary("hello, wörld")) == "hello, wörld"
+    assert enc.encode_single_token("<|endoftext|>") == 260 and enc.encode_single_token("<|readout|>") == 263

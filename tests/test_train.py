@@ -1,0 +1,85 @@
+"""train.py end to end on a tiny config: deterministic losses, exact resume after SIGKILL, eval and sample."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--n_layer=1", "--n_embd=32", "--n_head=2", "--n_kv_head=2", "--ffn_hidden=64", "--chunk_size=16",
+        "--n_global=2", "--stride=4", "--temp_budget=8", "--min_len=110", "--max_len=150", "--batch_size=2",
+        "--eval_trials=5", "--threads=1", "--lr=3e-3"]
+
+
+def train_cmd(out_dir, *extra):
+    return [sys.executable, "train.py", *TINY, f"--out_dir={out_dir}", *extra]
+
+
+def run(cmd, timeout=300):
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout
+
+
+def losses(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [(r["iter"], r["loss"]) for r in map(json.loads, f)]
+
+
+def test_same_seed_and_config_give_identical_losses_for_20_steps(tmp_path):
+    run(train_cmd(tmp_path / "a", "--max_iters=20", "--eval_interval=0"))
+    run(train_cmd(tmp_path / "b", "--max_iters=20", "--eval_interval=0"))
+    a = losses(tmp_path / "a")
+    assert len(a) == 20 and a == losses(tmp_path / "b")
+    run(train_cmd(tmp_path / "c", "--max_iters=20", "--eval_interval=0", "--seed=7"))
+    assert losses(tmp_path / "c") != a
+
+
+def test_a_run_killed_after_a_checkpoint_resumes_with_the_same_losses(tmp_path):
+    args = ["--max_iters=60", "--ckpt_interval=10", "--eval_interval=25"]
+    run(train_cmd(tmp_path / "whole", *args))
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(train_cmd(killed, *args), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (killed / "ckpt.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    n_logged = len(losses(killed))
+    assert n_logged < 60, "the run finished before it could be killed"
+    out = run(train_cmd(killed, *args, "--init_from=resume"))
+    start = int(re.search(r"resuming from .* at iteration (\d+)", out).group(1))
+    assert 10 <= start <= n_logged
+    assert losses(killed) == losses(tmp_path / "whole")
+
+
+def test_resume_without_a_checkpoint_is_one_clear_error(tmp_path):
+    r = subprocess.run(train_cmd(tmp_path, "--init_from=resume"), cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode != 0 and r.stderr.strip().startswith("error: cannot resume: no checkpoint at")
+
+
+def test_too_short_min_len_is_one_clear_error(tmp_path):
+    r = subprocess.run(train_cmd(tmp_path, "--min_len=50"), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "too short for a passkey sequence" in r.stderr
+
+
+@pytest.mark.slow
+def test_eval_passkey_and_sample_run_on_a_trained_checkpoint(tmp_path):
+    run(train_cmd(tmp_path, "--max_iters=5", "--eval_interval=0"))
+    ckpt = str(tmp_path / "ckpt.pt")
+    out = run([sys.executable, "eval_passkey.py", f"--ckpt={ckpt}", "--lengths", "150,1000", "--depths", "0,1",
+               "--trials=3", "--piece=100", "--threads=1", f"--json={tmp_path / 'p.json'}"])
+    assert "peak memory so far" in out and "length |" in out
+    cells = json.load(open(tmp_path / "p.json"))["cells"]
+    assert [(c["length"], c["depth"], c["trials"]) for c in cells] == [(150, 0, 3), (150, 1, 3), (1000, 0, 3),
+                                                                        (1000, 1, 3)]
+    assert all(0 <= c["correct"] <= 3 for c in cells)
+    out = run([sys.executable, "sample.py", f"--ckpt={ckpt}", "--prompt=hello there", "--max_new_tokens=7",
+               "--threads=1"])
+    assert "7 tokens generated" in out and "peak memory" in out

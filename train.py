@@ -1,0 +1,223 @@
+"""Train CoMeT on the passkey task (SPEC S8), nanoGPT style.
+
+    python train.py                                  # the default job: tiny CoMeT, CPU, passkey
+    python train.py config/NAME.py --batch_size=32   # config file, then overrides
+    python train.py --init_from=resume               # continue out_dir/ckpt.pt exactly where it stopped
+
+Batches are a pure function of (seed, iteration), so a resumed run sees the same data as an
+uninterrupted one and, on CPU, produces the same losses.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import signal
+import time
+from dataclasses import asdict
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from checkpoint import read_checkpoint, save_checkpoint
+from configurator import configure_or_exit
+from data import get_tokenizer, passkey_batch
+from eval_passkey import passkey_cell
+from model import ModelConfig, Transformer
+
+# -----------------------------------------------------------------------------
+# run
+out_dir = "out"
+init_from = "scratch"     # 'scratch' or 'resume' (from out_dir/ckpt.pt, with its settings)
+seed = 1337
+device = "auto"           # auto | cpu | cuda
+dtype = "auto"            # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16
+compile = False           # torch.compile each decoder block
+threads = 0               # torch CPU threads; 0 = torch's default
+eval_interval = 100       # iterations between passkey evaluations (and at the end)
+eval_trials = 40          # sequences per evaluation, at the longest training length, spread over 5 depths
+ckpt_interval = 100       # iterations between checkpoints (and at the end)
+# model (ModelConfig)
+n_layer = 4
+n_head = 4
+n_kv_head = 4
+n_embd = 128
+ffn_hidden = 320
+rope_theta = 10000.0
+tie_embeddings = True
+chunk_size = 64
+n_global = 16
+stride = 8
+temp_budget = 32
+adapter_rank = 8
+# data (S8)
+tokenizer = "bytes"       # bytes | gpt2 (only if already cached) | path to a .tiktoken file
+digits = 5                # passkey length
+min_len = 128             # shortest training sequence, tokens
+max_len = 512             # longest training sequence ("training length"), tokens
+curriculum = 0.5          # the longest length ramps from min_len to max_len over this share of the run; 0: off
+lm_weight = 0.1           # loss = NLL(answer) + lm_weight * NLL(other tokens); 0: answer tokens only
+# optimizer
+batch_size = 16
+max_iters = 1500
+lr = 1.5e-3
+memory_lr_mult = 5.0      # memory modules and compression/readout embeddings train at lr * this (S5)
+weight_decay = 0.0
+beta1 = 0.9
+beta2 = 0.95
+warmup = 0.03             # share of the run spent warming up
+min_lr = 0.02             # final lr as a share of lr (cosine decay)
+grad_clip = 1.0           # 0: off
+bptt_chunks = 0           # truncate BPTT every k chunks; 0: through the whole sequence
+# -----------------------------------------------------------------------------
+config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
+MODEL_KEYS = ("n_layer", "n_head", "n_kv_head", "n_embd", "ffn_hidden", "rope_theta", "tie_embeddings",
+              "chunk_size", "n_global", "stride", "temp_budget", "adapter_rank")
+
+
+def get_lr(it: int) -> float:
+    """Linear warmup, then cosine decay to min_lr * lr."""
+    n_warm = max(1, round(warmup * max_iters))
+    if it < n_warm:
+        return lr * (it + 1) / n_warm
+    progress = (it - n_warm) / max(1, max_iters - n_warm)
+    return lr * (min_lr + (1 - min_lr) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def get_batch(enc, it: int, device: str):
+    """Iteration it's batch: inputs, targets and the answer mask over targets, all (B, L-1).
+    Curriculum: the length is uniform in [min_len, hi], hi ramping from min_len to max_len."""
+    rng = random.Random(seed * 1_000_003 + it)
+    ramp = min(1.0, it / (curriculum * max_iters)) if curriculum else 1.0
+    length = rng.randint(min_len, round(min_len + ramp * (max_len - min_len)))
+    tokens, answer = passkey_batch(enc, batch_size, length, rng.randrange(2**62), digits)
+    tokens, answer = torch.from_numpy(tokens).to(device), torch.from_numpy(answer).to(device)
+    return tokens[:, :-1], tokens[:, 1:], answer[:, 1:]
+
+
+def passkey_loss(logits, targets, answer):
+    """Mean NLL on the answer tokens + lm_weight * mean NLL on every other real token."""
+    nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none").view_as(targets)
+    loss = nll[answer].mean()
+    return loss + lm_weight * nll[~answer].mean() if lm_weight else loss
+
+
+def make_optimizer(model: Transformer, fused: bool) -> torch.optim.AdamW:
+    """AdamW with the memory parameters at memory_lr_mult x lr (S5); decay only on matrices."""
+    groups: dict = {}
+    for name, p in model.named_parameters():
+        groups.setdefault((model.is_memory_param(name), p.dim() >= 2), []).append(p)
+    return torch.optim.AdamW(
+        [dict(params=ps, lr_mult=memory_lr_mult if mem else 1.0, weight_decay=weight_decay if decay else 0.0)
+         for (mem, decay), ps in groups.items()], lr=lr, betas=(beta1, beta2), fused=fused)
+
+
+def evaluate(model, enc, it: int) -> float:
+    """Passkey exact-match accuracy at max_len over 5 depths (fixed trials, never seen in training)."""
+    model.eval()
+    per_depth = max(1, eval_trials // 5)
+    correct = sum(passkey_cell(model, enc, max_len, d, per_depth, 10**9 + 10 * seed + k, digits)
+                  for k, d in enumerate((0.0, 0.25, 0.5, 0.75, 1.0)))
+    model.train()
+    return correct / (5 * per_depth)
+
+
+def main() -> None:
+    defaults = {k: globals()[k] for k in config_keys}
+    config = configure_or_exit(defaults)
+    ckpt_path = os.path.join(config["out_dir"], "ckpt.pt")
+    ckpt = None
+    if config["init_from"] == "resume":
+        try:
+            ckpt = read_checkpoint(ckpt_path)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: cannot resume: {e}")
+        config = configure_or_exit({**defaults, **ckpt["config"]})  # its settings, then this command line
+    elif config["init_from"] != "scratch":
+        raise SystemExit(f"error: init_from={config['init_from']!r} must be 'scratch' or 'resume'")
+    globals().update(config)
+
+    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    use_bf16 = dtype == "bfloat16" or (dtype == "auto" and dev == "cuda" and torch.cuda.is_bf16_supported())
+    autocast = torch.autocast(dev, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    enc = get_tokenizer(tokenizer)
+    try:
+        model_args = {k: config[k] for k in MODEL_KEYS}
+        model = Transformer(ModelConfig(vocab_size=enc.n_vocab, **model_args)).to(dev)
+        passkey_batch(enc, 1, min_len, 0, digits)  # fail now if min_len is too short for the task
+        if not 0 < min_len <= max_len:
+            raise ValueError(f"need 0 < min_len={min_len} <= max_len={max_len}")
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+    optimizer = make_optimizer(model, fused=dev == "cuda")
+    iter_num, log_path = 0, os.path.join(out_dir, "log.jsonl")
+    os.makedirs(out_dir, exist_ok=True)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        iter_num = ckpt["iter_num"]
+        with open(log_path) as f:  # drop what was logged after the checkpoint (and a torn last line)
+            kept = [line for line in f if line.endswith("\n") and json.loads(line)["iter"] < iter_num]
+        with open(log_path, "w") as f:
+            f.writelines(kept)
+        print(f"resuming from {ckpt_path} at iteration {iter_num}")
+    elif os.path.exists(log_path):
+        os.remove(log_path)
+    if compile:
+        for block in model.layers:
+            block.compile(dynamic=True)
+
+    def checkpoint(it: int, acc: float | None) -> None:
+        save_checkpoint(dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
+                             model_args=asdict(model.config), iter_num=it, config=config, passkey_acc=acc,
+                             rng=dict(torch=torch.get_rng_state())), ckpt_path)
+
+    stop = []  # Ctrl-C: finish the step, checkpoint, exit
+    signal.signal(signal.SIGINT, lambda *_: stop.append(True))
+    acc, t_last, n_tok = None, time.perf_counter(), 0
+    bar = tqdm(total=max_iters, initial=iter_num, unit="it", dynamic_ncols=True)
+    model.train()
+    with open(log_path, "a") as log:
+        for it in range(iter_num, max_iters):
+            for group in optimizer.param_groups:
+                group["lr"] = get_lr(it) * group["lr_mult"]
+            x, y, answer = get_batch(enc, it, dev)
+            with autocast:
+                logits, _ = model(x, bptt_chunks=bptt_chunks)
+                loss = passkey_loss(logits, y, answer)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            optimizer.step()
+            n_tok += x.numel()
+            record = dict(iter=it, loss=loss.item(), lr=get_lr(it), len=x.size(1) + 1)
+            done = it + 1 == max_iters
+            if (eval_interval and (it + 1) % eval_interval == 0) or done:
+                record["passkey_acc"] = acc = evaluate(model, enc, it)
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            if (ckpt_interval and (it + 1) % ckpt_interval == 0) or done or stop:
+                checkpoint(it + 1, acc)
+            tok_s = n_tok / (time.perf_counter() - t_last)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", len=record["len"], tok_s=f"{tok_s:,.0f}",
+                            acc="-" if acc is None else f"{acc:.0%}")
+            bar.update()
+            if stop:
+                bar.write(f"interrupted: checkpoint at iteration {it + 1} in {ckpt_path}; "
+                          "continue with --init_from=resume")
+                break
+    bar.close()
+    print(f"done: {ckpt_path}, passkey accuracy at {max_len} tokens: {acc}")
+
+
+if __name__ == "__main__":
+    main()
