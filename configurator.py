@@ -26,9 +26,14 @@ def _parse(key: str, text: str, default):
     return text  # str settings (lists are comma-separated strings)
 
 
-def _check(key: str, value, defaults: dict, source: str):
+def _known(key: str, defaults: dict, source: str) -> None:
     if key not in defaults:
         raise ValueError(f"{source}: unknown setting {key!r} (known: {', '.join(sorted(defaults))})")
+
+
+def _check(key: str, value, defaults: dict, source: str):
+    """The value of a config-file assignment, if the setting exists and the type matches its default."""
+    _known(key, defaults, source)
     default = defaults[key]
     ok = (isinstance(value, bool) if isinstance(default, bool) else
           isinstance(value, (int, float)) and not isinstance(value, bool) if isinstance(default, float) else
@@ -62,9 +67,20 @@ def configure(defaults: dict, argv: list[str]) -> dict:
             if not args:
                 raise ValueError(f"--{key}: missing value")
             text = args.pop(0)
-        _check(key, defaults.get(key), defaults, f"--{key}")  # unknown key?
+        _known(key, defaults, f"--{key}")
         config[key] = _parse(key, text, defaults[key])
     return config
+
+
+def settings_of(namespace: dict) -> dict:
+    """A script's settings: its public globals of type int, float, bool or str (the block between rulers)."""
+    return {k: v for k, v in namespace.items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
+
+
+def pick_device(name: str) -> str:
+    """'auto' -> cuda when available, else cpu; anything else as given."""
+    import torch
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
 
 
 def configure_or_exit(defaults: dict, argv: list[str] | None = None) -> dict:

@@ -98,11 +98,10 @@ def save_png(grid: np.ndarray, lens: list[int], deps: list[float], path: str) ->
 
 def main() -> None:
     from checkpoint import load_model
-    from configurator import configure_or_exit
+    from configurator import configure_or_exit, pick_device, settings_of
 
-    keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
-    cfg = configure_or_exit({k: globals()[k] for k in keys})
-    dev = ("cuda" if torch.cuda.is_available() else "cpu") if cfg["device"] == "auto" else cfg["device"]
+    cfg = configure_or_exit(settings_of(globals()))
+    dev = pick_device(cfg["device"])
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
     try:

@@ -118,12 +118,6 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 # --- Transformer block ------------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=64)
-def _causal_mask(rows: int, cols: int, device: torch.device) -> Tensor:
-    """(rows, cols) bool: the last `rows` of `cols` positions, each seeing itself and everything before."""
-    return torch.ones(rows, cols, dtype=torch.bool, device=device).tril(cols - rows)
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -156,8 +150,9 @@ class Attention(nn.Module):
             v = v.repeat_interleave(self.n_head // self.n_kv_head, 1)
         if start == 0 or T == 1:  # plain causal square, or one new row that sees everything
             y = F.scaled_dot_product_attention(q, k, v, is_causal=start == 0 and T > 1)
-        else:  # new rows after a prefix: causal, aligned to the bottom right
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=_causal_mask(T, start + T, x.device))
+        else:  # new rows after a prefix: causal, aligned to the bottom right (is_causal aligns top left)
+            mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.wo(y.transpose(1, 2).reshape(B, T, C)), kv
 
 

@@ -28,13 +28,12 @@ threads = 0               # torch CPU threads; 0 = torch's default
 
 def main() -> None:
     from checkpoint import load_model
-    from configurator import configure_or_exit
+    from configurator import configure_or_exit, pick_device, settings_of
     from data import get_tokenizer
     from eval_passkey import peak_memory_mib
 
-    keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
-    cfg = configure_or_exit({k: globals()[k] for k in keys})
-    dev = ("cuda" if torch.cuda.is_available() else "cpu") if cfg["device"] == "auto" else cfg["device"]
+    cfg = configure_or_exit(settings_of(globals()))
+    dev = pick_device(cfg["device"])
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
     torch.manual_seed(cfg["seed"])

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoint import read_checkpoint, save_checkpoint
-from configurator import configure_or_exit
+from configurator import configure_or_exit, pick_device, settings_of
 from data import get_tokenizer, passkey_batch
 from eval_passkey import passkey_cell
 from model import ModelConfig, Transformer
@@ -38,9 +38,9 @@ device = "auto"           # auto | cpu | cuda
 dtype = "auto"            # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16
 compile = False           # torch.compile each decoder block
 threads = 0               # torch CPU threads; 0 = torch's default
-eval_interval = 100       # iterations between passkey evaluations (and at the end)
+eval_interval = 300       # iterations between passkey evaluations (and at the end)
 eval_trials = 40          # sequences per evaluation, at the longest training length, spread over 5 depths
-ckpt_interval = 100       # iterations between checkpoints (and at the end)
+ckpt_interval = 300       # iterations between checkpoints (and at the end)
 # model (ModelConfig)
 n_layer = 4
 n_head = 4
@@ -63,7 +63,7 @@ curriculum = 0.5          # the longest length ramps from min_len to max_len ove
 lm_weight = 0.1           # loss = NLL(answer) + lm_weight * NLL(other tokens); 0: answer tokens only
 # optimizer
 batch_size = 16
-max_iters = 1500
+max_iters = 1800
 lr = 1.5e-3
 memory_lr_mult = 5.0      # memory modules and compression/readout embeddings train at lr * this (S5)
 weight_decay = 0.0
@@ -74,7 +74,7 @@ min_lr = 0.02             # final lr as a share of lr (cosine decay)
 grad_clip = 1.0           # 0: off
 bptt_chunks = 0           # truncate BPTT every k chunks; 0: through the whole sequence
 # -----------------------------------------------------------------------------
-config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
+DEFAULTS = settings_of(globals())
 MODEL_KEYS = ("n_layer", "n_head", "n_kv_head", "n_embd", "ffn_hidden", "rope_theta", "tie_embeddings",
               "chunk_size", "n_global", "stride", "temp_budget", "adapter_rank")
 
@@ -127,8 +127,7 @@ def evaluate(model, enc, it: int) -> float:
 
 
 def main() -> None:
-    defaults = {k: globals()[k] for k in config_keys}
-    config = configure_or_exit(defaults)
+    config = configure_or_exit(DEFAULTS)
     ckpt_path = os.path.join(config["out_dir"], "ckpt.pt")
     ckpt = None
     if config["init_from"] == "resume":
@@ -136,12 +135,15 @@ def main() -> None:
             ckpt = read_checkpoint(ckpt_path)
         except (OSError, ValueError) as e:
             raise SystemExit(f"error: cannot resume: {e}")
-        config = configure_or_exit({**defaults, **ckpt["config"]})  # its settings, then this command line
+        config = configure_or_exit({**DEFAULTS, **ckpt["config"]})  # its settings, then this command line
     elif config["init_from"] != "scratch":
         raise SystemExit(f"error: init_from={config['init_from']!r} must be 'scratch' or 'resume'")
+    elif os.path.exists(ckpt_path):
+        raise SystemExit(f"error: {ckpt_path} exists: continue it with --init_from=resume, or train into "
+                         "another --out_dir, or delete it first")
     globals().update(config)
 
-    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    dev = pick_device(device)
     use_bf16 = dtype == "bfloat16" or (dtype == "auto" and dev == "cuda" and torch.cuda.is_bf16_supported())
     autocast = torch.autocast(dev, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
     if threads:
@@ -164,10 +166,11 @@ def main() -> None:
         optimizer.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["rng"]["torch"])
         iter_num = ckpt["iter_num"]
-        with open(log_path) as f:  # drop what was logged after the checkpoint (and a torn last line)
-            kept = [line for line in f if line.endswith("\n") and json.loads(line)["iter"] < iter_num]
-        with open(log_path, "w") as f:
-            f.writelines(kept)
+        if os.path.exists(log_path):  # drop what was logged after the checkpoint (and a torn last line)
+            with open(log_path) as f:
+                kept = [line for line in f if line.endswith("\n") and json.loads(line)["iter"] < iter_num]
+            with open(log_path, "w") as f:
+                f.writelines(kept)
         print(f"resuming from {ckpt_path} at iteration {iter_num}")
     elif os.path.exists(log_path):
         os.remove(log_path)

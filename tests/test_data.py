@@ -62,6 +62,14 @@ def test_same_seed_gives_the_same_batch_and_another_seed_does_not():
     assert np.array_equal(a, b) and np.array_equal(mask_a, mask_b) and not np.array_equal(a, c)
 
 
+def test_random_depths_include_both_ends_and_the_middle():
+    tokens, _ = passkey_batch(ENC, 400, 300, seed=0)
+    starts = np.array([ENC.decode(row.tolist()).index("The pass key is") for row in tokens])
+    n_filler = 300 - 59 - len(QUESTION) - 6  # sentence, question and answer take the rest
+    assert 10 <= (starts == 0).sum() <= 40 and 10 <= (starts == n_filler).sum() <= 40
+    assert ((starts > 0) & (starts < n_filler)).sum() >= 300
+
+
 def test_batch_answer_mask_marks_the_last_answer_tokens():
     tokens, answer = passkey_batch(ENC, 3, 250, seed=0)
     assert tokens.shape == answer.shape == (3, 250)

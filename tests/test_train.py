@@ -11,9 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--n_layer=1", "--n_embd=32", "--n_head=2", "--n_kv_head=2", "--ffn_hidden=64", "--chunk_size=16",
-        "--n_global=2", "--stride=4", "--temp_budget=8", "--min_len=110", "--max_len=150", "--batch_size=2",
-        "--eval_trials=5", "--threads=1", "--lr=3e-3"]
+TINY = ["config/smoke.py"]
 
 
 def train_cmd(out_dir, *extra):
@@ -62,6 +60,13 @@ def test_resume_without_a_checkpoint_is_one_clear_error(tmp_path):
     r = subprocess.run(train_cmd(tmp_path, "--init_from=resume"), cwd=ROOT, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode != 0 and r.stderr.strip().startswith("error: cannot resume: no checkpoint at")
+
+
+def test_a_new_run_never_overwrites_an_existing_checkpoint(tmp_path):
+    (tmp_path / "ckpt.pt").write_bytes(b"precious")
+    r = subprocess.run(train_cmd(tmp_path, "--max_iters=2"), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "exists: continue it with --init_from=resume" in r.stderr
+    assert (tmp_path / "ckpt.pt").read_bytes() == b"precious"
 
 
 def test_too_short_min_len_is_one_clear_error(tmp_path):
