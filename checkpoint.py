@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
+import zipfile
 
 import torch
 
@@ -36,13 +37,14 @@ def save_checkpoint(ckpt: dict, path: str) -> None:
 def read_checkpoint(path: str, device: str = "cpu") -> dict:
     """The checkpoint dict, or one clear error: missing file, corrupt file, unsafe pickle, missing keys."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {path}: train one with `python train.py` or pass --ckpt=PATH")
+        raise FileNotFoundError(f"no checkpoint at {path} (train one with `python train.py`)")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is damaged
+        raise ValueError(f"cannot read checkpoint {path}: not a PyTorch checkpoint (corrupt or truncated?)")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"refused to load {path}: it holds objects other than tensors and plain data "
-                         f"(weights_only=True): {first}") from None
+    except pickle.UnpicklingError:  # torch's own message suggests weights_only=False: never do that
+        raise ValueError(f"refused to load {path}: it holds objects other than tensors and plain data, "
+                         "and loading those could run arbitrary code (weights_only=True)") from None
     except (RuntimeError, EOFError, OSError) as e:
         raise ValueError(f"cannot read checkpoint {path} (corrupt or truncated?): {e}") from None
     missing = [k for k in REQUIRED if not isinstance(ckpt, dict) or k not in ckpt]
@@ -70,3 +72,25 @@ def load_model(path: str, device: str = "cpu") -> tuple[Transformer, dict]:
         raise ValueError(f"{path}: unexpected tensors {', '.join(extra[:3])} for the model its model_args describe")
     model.load_state_dict(weights)
     return model.to(device).eval(), ckpt
+
+
+def open_for_inference(cfg: dict):
+    """What eval_passkey.py and sample.py share: device, threads, the model and the tokenizer it was trained
+    with. Returns (model, tokenizer, training settings, device); one clear error (ValueError/OSError) else."""
+    from configurator import pick_device
+    from data import get_tokenizer
+
+    dev = pick_device(cfg["device"])
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
+    model, ckpt = load_model(cfg["ckpt"], dev)
+    train = ckpt.get("config", {})
+    return model, get_tokenizer(train.get("tokenizer", "bytes")), train, dev
+
+
+def check_fits(model: Transformer, n_tokens: int) -> None:
+    """A plain decoder (chunk_size=0) cannot stream past its block_size; CoMeT streams any length."""
+    cfg = model.config
+    if not cfg.comet and n_tokens > cfg.block_size:
+        raise ValueError(f"this checkpoint is a plain decoder (chunk_size=0): {n_tokens:,} tokens do not fit "
+                         f"its block_size={cfg.block_size:,}")

@@ -57,7 +57,10 @@ def configure(defaults: dict, argv: list[str]) -> dict:
             except OSError as e:
                 raise ValueError(f"cannot read config file {arg}: {e.strerror}") from None
             scope: dict = {}
-            exec(compile(code, arg, "exec"), scope)
+            try:
+                exec(compile(code, arg, "exec"), scope)
+            except Exception as e:  # a typo in a config file is a user error, not a crash
+                raise ValueError(f"{arg}: {type(e).__name__}: {e}") from None
             for key, value in scope.items():
                 if not key.startswith("_") and not callable(value) and type(value).__name__ != "module":
                     config[key] = _check(key, value, defaults, arg)

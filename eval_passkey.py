@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data import get_tokenizer, make_passkey
+from data import make_passkey
 
 # -----------------------------------------------------------------------------
 ckpt = "out/ckpt.pt"            # checkpoint written by train.py
@@ -97,21 +97,20 @@ def save_png(grid: np.ndarray, lens: list[int], deps: list[float], path: str) ->
 
 
 def main() -> None:
-    from checkpoint import load_model
-    from configurator import configure_or_exit, pick_device, settings_of
+    from checkpoint import check_fits, open_for_inference
+    from configurator import configure_or_exit, settings_of
 
     cfg = configure_or_exit(settings_of(globals()))
-    dev = pick_device(cfg["device"])
-    if cfg["threads"]:
-        torch.set_num_threads(cfg["threads"])
     try:
-        model, ck = load_model(cfg["ckpt"], dev)
-        train = ck.get("config", {})
+        if cfg["trials"] <= 0 or cfg["piece"] <= 0:
+            raise ValueError(f"trials={cfg['trials']} and piece={cfg['piece']} must be positive")
+        model, enc, train, dev = open_for_inference(cfg)
         lens = [int(x) for x in cfg["lengths"].split(",")] if cfg["lengths"] else \
             [train.get("max_len", 512) * m for m in (1, 4, 16)]
         deps = [float(x) for x in cfg["depths"].split(",")]
-        enc = get_tokenizer(train.get("tokenizer", "bytes"))
-        make_passkey(enc, min(lens), 0.0, random.Random(0), train.get("digits", 5))  # too short? fail now
+        for d in deps:
+            make_passkey(enc, min(lens), d, random.Random(0), train.get("digits", 5))  # bad depth, too short
+        check_fits(model, max(lens))
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     digits = train.get("digits", 5)

@@ -3,8 +3,6 @@
 Reading order: config -> RoPE -> attention -> MLP -> block -> chunk layout (S2) -> model -> streaming (S6).
 With chunk_size=0 the model is an ordinary causal decoder. With chunk_size>0 the sequence is cut into
 chunks and every layer carries its own global and temporary memory (memory.py) from chunk to chunk.
-
-`python model.py` streams a long random context through a small random CoMeT model and prints memory use.
 """
 from __future__ import annotations
 
@@ -16,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from memory import LayerMemory, MemoryState, memory_param_count
+from memory import LayerMemory, MemoryState
 
 
 @dataclass
@@ -431,35 +429,3 @@ class Transformer(nn.Module):
             out.append(nxt)
             logits, state = self.stream(nxt, state)
         return torch.cat(out, 1) if out else idx[:, :0], state
-
-
-def _demo(n_tokens: int = 262_144) -> None:
-    """Stream random tokens through a small random CoMeT model; peak memory stays flat."""
-    import resource
-    import sys
-    import time
-
-    from tqdm import tqdm
-
-    n_tokens = int(sys.argv[1]) if len(sys.argv) > 1 else n_tokens
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig()).eval()
-    cfg, state = model.config, model.new_stream(1)
-    idx = torch.randint(cfg.vocab_size, (1, n_tokens))
-    print(f"streaming {n_tokens:,} random tokens in chunks of {cfg.chunk_size} "
-          f"(n_global={cfg.n_global}, stride={cfg.stride}, temp_budget={cfg.temp_budget})")
-    report, t0 = 1, time.perf_counter()
-    n_chunks = math.ceil(n_tokens / cfg.chunk_size)
-    for c in tqdm(range(n_chunks), unit="chunk", leave=False):
-        _, state = model.stream(idx[:, c * cfg.chunk_size:(c + 1) * cfg.chunk_size], state)
-        if c + 1 == report or c + 1 == n_chunks:
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
-            state_kib = sum(t.numel() * t.element_size() for m in state.memory for t in m.tensors()) / 1024
-            tqdm.write(f"chunks {c + 1:>7,}  tokens {min((c + 1) * cfg.chunk_size, n_tokens):>10,}  "
-                       f"memory state {state_kib:6.1f} KiB  peak RSS {peak:6.1f} MiB  "
-                       f"{(c + 1) * cfg.chunk_size / (time.perf_counter() - t0):8,.0f} tok/s")
-            report *= 4
-
-
-if __name__ == "__main__":
-    _demo()

@@ -27,29 +27,27 @@ threads = 0               # torch CPU threads; 0 = torch's default
 
 
 def main() -> None:
-    from checkpoint import load_model
-    from configurator import configure_or_exit, pick_device, settings_of
-    from data import get_tokenizer
+    from checkpoint import check_fits, open_for_inference
+    from configurator import configure_or_exit, settings_of
     from eval_passkey import peak_memory_mib
 
     cfg = configure_or_exit(settings_of(globals()))
-    dev = pick_device(cfg["device"])
-    if cfg["threads"]:
-        torch.set_num_threads(cfg["threads"])
     torch.manual_seed(cfg["seed"])
     try:
-        model, ck = load_model(cfg["ckpt"], dev)
-        enc = get_tokenizer(ck.get("config", {}).get("tokenizer", "bytes"))
+        if cfg["piece"] <= 0 or cfg["top_k"] < 0 or cfg["temperature"] < 0 or cfg["max_new_tokens"] < 0:
+            raise ValueError("piece must be positive; top_k, temperature and max_new_tokens must be >= 0")
+        model, enc, _, dev = open_for_inference(cfg)
         if cfg["prompt_file"]:
             with open(cfg["prompt_file"], encoding="utf-8") as f:
                 text = f.read()
         else:
             text = cfg["prompt"]
+        ids = torch.tensor([enc.encode_ordinary(text)], dtype=torch.long, device=dev)
+        if ids.size(1) == 0:
+            raise ValueError("the prompt is empty")
+        check_fits(model, ids.size(1) + cfg["max_new_tokens"])
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}")
-    ids = torch.tensor([enc.encode_ordinary(text)], dtype=torch.long, device=dev)
-    if ids.size(1) == 0:
-        raise SystemExit("error: the prompt is empty")
     state = model.new_stream(1)
     t0 = time.perf_counter()
     head, last = ids[:, :-1], ids[:, -1:]  # the last prompt token goes to generate()

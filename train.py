@@ -18,7 +18,6 @@ import signal
 import time
 from dataclasses import asdict
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -116,7 +115,7 @@ def make_optimizer(model: Transformer, fused: bool) -> torch.optim.AdamW:
          for (mem, decay), ps in groups.items()], lr=lr, betas=(beta1, beta2), fused=fused)
 
 
-def evaluate(model, enc, it: int) -> float:
+def evaluate(model, enc) -> float:
     """Passkey exact-match accuracy at max_len over 5 depths (fixed trials, never seen in training)."""
     model.eval()
     per_depth = max(1, eval_trials // 5)
@@ -126,6 +125,35 @@ def evaluate(model, enc, it: int) -> float:
     return correct / (5 * per_depth)
 
 
+def check_settings(config: dict) -> None:
+    """Settings that only fail deep inside a run: one clear error now instead."""
+    for key in ("batch_size", "max_iters", "max_len", "digits"):
+        if config[key] <= 0:
+            raise ValueError(f"{key}={config[key]} must be positive")
+    if not 0 < config["min_len"] <= config["max_len"]:
+        raise ValueError(f"need 0 < min_len={config['min_len']} <= max_len={config['max_len']}")
+    if not 0 <= config["curriculum"] <= 1:
+        raise ValueError(f"curriculum={config['curriculum']} must lie in [0, 1]")
+    if config["device"] not in ("auto", "cpu", "cuda") and not config["device"].startswith("cuda:"):
+        raise ValueError(f"device={config['device']!r} must be auto, cpu or cuda")
+    if config["dtype"] not in ("auto", "float32", "bfloat16"):
+        raise ValueError(f"dtype={config['dtype']!r} must be auto, float32 or bfloat16")
+
+
+def resume_settings(ckpt: dict, out: str) -> dict:
+    """The checkpoint's settings, then this command line's; the model and its data cannot change."""
+    missing = [k for k in ("optimizer", "iter_num", "config", "rng") if k not in ckpt]
+    if missing:
+        raise ValueError(f"it is not a training checkpoint (missing {', '.join(missing)})")
+    config = configure_or_exit({**DEFAULTS, **ckpt["config"]})
+    saved = ckpt["config"]
+    changed = [k for k in (*MODEL_KEYS, "tokenizer") if config[k] != saved[k]]
+    if changed:
+        was = ", ".join(f"{k}={saved[k]!r}" for k in changed)
+        raise ValueError(f"{', '.join(changed)} cannot change when resuming (the weights were trained with {was})")
+    return {**config, "out_dir": out}  # it lives where it was found, wherever it was first written
+
+
 def main() -> None:
     config = configure_or_exit(DEFAULTS)
     ckpt_path = os.path.join(config["out_dir"], "ckpt.pt")
@@ -133,9 +161,9 @@ def main() -> None:
     if config["init_from"] == "resume":
         try:
             ckpt = read_checkpoint(ckpt_path)
+            config = resume_settings(ckpt, config["out_dir"])
         except (OSError, ValueError) as e:
             raise SystemExit(f"error: cannot resume: {e}")
-        config = configure_or_exit({**DEFAULTS, **ckpt["config"]})  # its settings, then this command line
     elif config["init_from"] != "scratch":
         raise SystemExit(f"error: init_from={config['init_from']!r} must be 'scratch' or 'resume'")
     elif os.path.exists(ckpt_path):
@@ -143,29 +171,30 @@ def main() -> None:
                          "another --out_dir, or delete it first")
     globals().update(config)
 
+    try:
+        check_settings(config)
+        enc = get_tokenizer(tokenizer)
+        model_args = {k: config[k] for k in MODEL_KEYS}
+        # a plain decoder (chunk_size=0) sees whole sequences: its RoPE table must cover max_len
+        model_cfg = ModelConfig(vocab_size=enc.n_vocab, block_size=max(max_len, 1024), **model_args)
+        passkey_batch(enc, 1, min_len, 0, digits)  # fail now if min_len is too short for the task
+    except (OSError, TypeError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
     dev = pick_device(device)
     use_bf16 = dtype == "bfloat16" or (dtype == "auto" and dev == "cuda" and torch.cuda.is_bf16_supported())
     autocast = torch.autocast(dev, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    enc = get_tokenizer(tokenizer)
-    try:
-        model_args = {k: config[k] for k in MODEL_KEYS}
-        model = Transformer(ModelConfig(vocab_size=enc.n_vocab, **model_args)).to(dev)
-        passkey_batch(enc, 1, min_len, 0, digits)  # fail now if min_len is too short for the task
-        if not 0 < min_len <= max_len:
-            raise ValueError(f"need 0 < min_len={min_len} <= max_len={max_len}")
-    except (TypeError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
+    model = Transformer(model_cfg).to(dev)
     optimizer = make_optimizer(model, fused=dev == "cuda")
-    iter_num, log_path = 0, os.path.join(out_dir, "log.jsonl")
+    iter_num, acc, log_path = 0, None, os.path.join(out_dir, "log.jsonl")
     os.makedirs(out_dir, exist_ok=True)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["rng"]["torch"])
-        iter_num = ckpt["iter_num"]
+        iter_num, acc = ckpt["iter_num"], ckpt.get("passkey_acc")
         if os.path.exists(log_path):  # drop what was logged after the checkpoint (and a torn last line)
             with open(log_path) as f:
                 kept = [line for line in f if line.endswith("\n") and json.loads(line)["iter"] < iter_num]
@@ -185,13 +214,14 @@ def main() -> None:
 
     stop = []  # Ctrl-C: finish the step, checkpoint, exit
     signal.signal(signal.SIGINT, lambda *_: stop.append(True))
-    acc, t_last, n_tok = None, time.perf_counter(), 0
+    t0, n_tok = time.perf_counter(), 0
     bar = tqdm(total=max_iters, initial=iter_num, unit="it", dynamic_ncols=True)
     model.train()
     with open(log_path, "a") as log:
         for it in range(iter_num, max_iters):
+            lr_now = get_lr(it)
             for group in optimizer.param_groups:
-                group["lr"] = get_lr(it) * group["lr_mult"]
+                group["lr"] = lr_now * group["lr_mult"]
             x, y, answer = get_batch(enc, it, dev)
             with autocast:
                 logits, _ = model(x, bptt_chunks=bptt_chunks)
@@ -202,15 +232,15 @@ def main() -> None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
             optimizer.step()
             n_tok += x.numel()
-            record = dict(iter=it, loss=loss.item(), lr=get_lr(it), len=x.size(1) + 1)
+            record = dict(iter=it, loss=loss.item(), lr=lr_now, len=x.size(1) + 1)
             done = it + 1 == max_iters
             if (eval_interval and (it + 1) % eval_interval == 0) or done:
-                record["passkey_acc"] = acc = evaluate(model, enc, it)
+                record["passkey_acc"] = acc = evaluate(model, enc)
             log.write(json.dumps(record) + "\n")
             log.flush()
             if (ckpt_interval and (it + 1) % ckpt_interval == 0) or done or stop:
                 checkpoint(it + 1, acc)
-            tok_s = n_tok / (time.perf_counter() - t_last)
+            tok_s = n_tok / (time.perf_counter() - t0)  # evaluations included: what a run really gets
             bar.set_postfix(loss=f"{record['loss']:.3f}", len=record["len"], tok_s=f"{tok_s:,.0f}",
                             acc="-" if acc is None else f"{acc:.0%}")
             bar.update()

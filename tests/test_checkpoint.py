@@ -52,7 +52,7 @@ def test_a_checkpoint_holding_an_arbitrary_object_is_refused(tmp_path):
 
 
 def test_missing_checkpoint_says_how_to_make_one(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no checkpoint at .*python train.py"):
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint at .*\(train one with `python train.py`\)"):
         read_checkpoint(str(tmp_path / "nope.pt"))
 
 
@@ -61,6 +61,13 @@ def test_truncated_checkpoint_is_a_clear_error(tmp_path):
     save_checkpoint(make_ckpt(tiny_model()), str(path))
     path.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(ValueError, match="corrupt or truncated"):
+        read_checkpoint(str(path))
+
+
+def test_random_bytes_are_not_a_checkpoint(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    path.write_bytes(bytes(range(256)) * 10)
+    with pytest.raises(ValueError, match="not a PyTorch checkpoint"):
         read_checkpoint(str(path))
 
 

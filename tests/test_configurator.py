@@ -53,6 +53,13 @@ def test_config_file_mistakes_name_the_file_and_the_key(tmp_path, line, message)
         configure(DEFAULTS, [str(f)])
 
 
+def test_an_error_inside_a_config_file_is_one_clear_error(tmp_path):
+    f = tmp_path / "typo.py"
+    f.write_text("batch_size = sixteen\n")
+    with pytest.raises(ValueError, match="typo.py: NameError: name 'sixteen' is not defined"):
+        configure(DEFAULTS, [str(f)])
+
+
 def test_a_bad_override_exits_with_one_line(tmp_path):
     import subprocess
     import sys

@@ -58,12 +58,16 @@ def test_first_chunk_takes_the_normalised_readout_without_gate():
     torch.testing.assert_close(memory, mem.adapter(state))
 
 
-def test_gated_update_interpolates_between_old_state_and_candidate():
+def test_gated_update_follows_s3_written_out():
     torch.manual_seed(0)
     mem = GlobalMemory(32, rank=4, eps=1e-5)
     old, readout = torch.randn(2, 6, 32), torch.randn(2, 6, 32)
-    state, _, gate = mem(readout, old)
-    torch.testing.assert_close(state, gate * old + (1 - gate) * mem.norm(readout))
+    candidate = readout * torch.rsqrt(readout.pow(2).mean(-1, keepdim=True) + 1e-5) * mem.norm.weight
+    gate = torch.sigmoid(torch.cat([old, candidate], -1) @ mem.gate.weight.T)  # W_g [s_{t-1}; s~]
+    state, memory, got_gate = mem(readout, old)
+    torch.testing.assert_close(got_gate, gate)
+    torch.testing.assert_close(state, gate * old + (1 - gate) * candidate)
+    torch.testing.assert_close(memory, state + mem.adapter.up(mem.adapter.down(state)))
 
 
 class SaturatedGate(torch.nn.Module):

@@ -56,6 +56,30 @@ def test_a_run_killed_after_a_checkpoint_resumes_with_the_same_losses(tmp_path):
     assert losses(killed) == losses(tmp_path / "whole")
 
 
+def test_resume_refuses_to_change_the_model_and_keeps_the_log_in_place(tmp_path):
+    run(train_cmd(tmp_path / "a", "--max_iters=4", "--eval_interval=0"))
+    os.rename(tmp_path / "a", tmp_path / "b")  # a checkpoint moved elsewhere resumes where it now is
+    r = subprocess.run(train_cmd(tmp_path / "b", "--init_from=resume", "--n_embd=64"), cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "n_embd cannot change when resuming" in r.stderr
+    run(train_cmd(tmp_path / "b", "--init_from=resume", "--max_iters=6", "--eval_interval=0"))
+    assert [i for i, _ in losses(tmp_path / "b")] == list(range(6)) and not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("--device=gpu", "device='gpu' must be auto, cpu or cuda"),
+    ("--dtype=float16", "dtype='float16' must be auto, float32 or bfloat16"),
+    ("--curriculum=2.0", "curriculum=2.0 must lie in [0, 1]"),
+    ("--batch_size=0", "batch_size=0 must be positive"),
+    ("--tokenizer=/no/such.tiktoken", "no BPE file at /no/such.tiktoken"),
+    ("--stride=64", "stride=64 must be <= chunk_size=16"),
+])
+def test_bad_settings_stop_training_with_one_clear_line(tmp_path, bad, message):
+    r = subprocess.run(train_cmd(tmp_path, bad), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and r.stderr.strip().startswith("error:") and message in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
 def test_resume_without_a_checkpoint_is_one_clear_error(tmp_path):
     r = subprocess.run(train_cmd(tmp_path, "--init_from=resume"), cwd=ROOT, capture_output=True, text=True,
                        timeout=300)
