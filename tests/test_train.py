@@ -24,6 +24,13 @@ def run(cmd, timeout=300):
     return r.stdout
 
 
+def fail(cmd, timeout=300) -> str:
+    """Run a command that must fail; return its stderr."""
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode != 0, r.stdout[-2000:]
+    return r.stderr
+
+
 def losses(out_dir):
     with open(os.path.join(out_dir, "log.jsonl")) as f:
         return [(r["iter"], r["loss"]) for r in map(json.loads, f)]
@@ -59,9 +66,7 @@ def test_a_run_killed_after_a_checkpoint_resumes_with_the_same_losses(tmp_path):
 def test_resume_refuses_to_change_the_model_and_keeps_the_log_in_place(tmp_path):
     run(train_cmd(tmp_path / "a", "--max_iters=4", "--eval_interval=0"))
     os.rename(tmp_path / "a", tmp_path / "b")  # a checkpoint moved elsewhere resumes where it now is
-    r = subprocess.run(train_cmd(tmp_path / "b", "--init_from=resume", "--n_embd=64"), cwd=ROOT,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode != 0 and "n_embd cannot change when resuming" in r.stderr
+    assert "n_embd cannot change when resuming" in fail(train_cmd(tmp_path / "b", "--init_from=resume", "--n_embd=64"))
     run(train_cmd(tmp_path / "b", "--init_from=resume", "--max_iters=6", "--eval_interval=0"))
     assert [i for i, _ in losses(tmp_path / "b")] == list(range(6)) and not (tmp_path / "a").exists()
 
@@ -75,27 +80,23 @@ def test_resume_refuses_to_change_the_model_and_keeps_the_log_in_place(tmp_path)
     ("--stride=64", "stride=64 must be <= chunk_size=16"),
 ])
 def test_bad_settings_stop_training_with_one_clear_line(tmp_path, bad, message):
-    r = subprocess.run(train_cmd(tmp_path, bad), cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode != 0 and r.stderr.strip().startswith("error:") and message in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1
+    err = fail(train_cmd(tmp_path, bad))
+    assert err.strip().startswith("error:") and message in err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_resume_without_a_checkpoint_is_one_clear_error(tmp_path):
-    r = subprocess.run(train_cmd(tmp_path, "--init_from=resume"), cwd=ROOT, capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode != 0 and r.stderr.strip().startswith("error: cannot resume: no checkpoint at")
+    assert fail(train_cmd(tmp_path, "--init_from=resume")).strip().startswith("error: cannot resume: no checkpoint at")
 
 
 def test_a_new_run_never_overwrites_an_existing_checkpoint(tmp_path):
     (tmp_path / "ckpt.pt").write_bytes(b"precious")
-    r = subprocess.run(train_cmd(tmp_path, "--max_iters=2"), cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode != 0 and "exists: continue it with --init_from=resume" in r.stderr
+    assert "exists: continue it with --init_from=resume" in fail(train_cmd(tmp_path, "--max_iters=2"))
     assert (tmp_path / "ckpt.pt").read_bytes() == b"precious"
 
 
 def test_too_short_min_len_is_one_clear_error(tmp_path):
-    r = subprocess.run(train_cmd(tmp_path, "--min_len=50"), cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode != 0 and "too short for a passkey sequence" in r.stderr
+    assert "too short for a passkey sequence" in fail(train_cmd(tmp_path, "--min_len=50"))
 
 
 @pytest.mark.slow
