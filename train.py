@@ -3,6 +3,7 @@
     python train.py                                  # the default job: tiny CoMeT, CPU, passkey
     python train.py config/NAME.py --batch_size=32   # config file, then overrides
     python train.py --init_from=resume               # continue out_dir/ckpt.pt exactly where it stopped
+    torchrun --standalone --nproc_per_node=2 train.py --pipeline=True   # each sequence split over 2 ranks (S7)
 
 Batches are a pure function of (seed, iteration), so a resumed run sees the same data as an
 uninterrupted one and, on CPU, produces the same losses.
@@ -27,6 +28,7 @@ from configurator import configure_or_exit, pick_device, settings_of
 from data import get_tokenizer, passkey_batch
 from eval_passkey import passkey_cell
 from model import ModelConfig, Transformer
+from pipeline import Pipeline, PipelineError, rank_chunks
 
 # -----------------------------------------------------------------------------
 # run
@@ -40,6 +42,9 @@ threads = 0               # torch CPU threads; 0 = torch's default
 eval_interval = 300       # iterations between passkey evaluations (and at the end)
 eval_trials = 40          # sequences per evaluation, at the longest training length, spread over 5 depths
 ckpt_interval = 300       # iterations between checkpoints (and at the end)
+pipeline = False          # split every sequence by chunks over the torchrun ranks (S7); needs torchrun
+pipeline_schedule = "wavefront"  # wavefront (S7) | naive (a rank waits until the previous one finished)
+pipeline_timeout = 60.0   # seconds a rank waits for another before every rank stops with an error
 # model (ModelConfig)
 n_layer = 4
 n_head = 4
@@ -98,11 +103,14 @@ def get_batch(enc, it: int, device: str):
     return tokens[:, :-1], tokens[:, 1:], answer[:, 1:]
 
 
-def passkey_loss(logits, targets, answer):
-    """Mean NLL on the answer tokens + lm_weight * mean NLL on every other real token."""
+def passkey_loss(logits, targets, answer, whole=None):
+    """Mean NLL on the answer tokens + lm_weight * mean NLL on every other real token.
+    whole: the answer mask of the whole batch when logits cover only a pipeline rank's tokens; the
+    means then divide by the whole batch's counts, so the ranks' losses add up to the loss."""
+    whole = answer if whole is None else whole
     nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none").view_as(targets)
-    loss = nll[answer].mean()
-    return loss + lm_weight * nll[~answer].mean() if lm_weight else loss
+    loss = nll[answer].sum() / whole.sum()
+    return loss + lm_weight * nll[~answer].sum() / (~whole).sum() if lm_weight else loss
 
 
 def make_optimizer(model: Transformer, fused: bool) -> torch.optim.AdamW:
@@ -113,6 +121,22 @@ def make_optimizer(model: Transformer, fused: bool) -> torch.optim.AdamW:
     return torch.optim.AdamW(
         [dict(params=ps, lr_mult=memory_lr_mult if mem else 1.0, weight_decay=weight_decay if decay else 0.0)
          for (mem, decay), ps in groups.items()], lr=lr, betas=(beta1, beta2), fused=fused)
+
+
+def train_step(model, pipe, autocast, x, y, answer, stop: bool) -> tuple[float, float]:
+    """Forward + backward of one batch, in one process or over the pipeline's ranks (S7).
+    Returns (loss, number of ranks asking to stop)."""
+    with autocast:
+        if pipe is None:
+            logits, _ = model(x, bptt_chunks=bptt_chunks)
+            loss = passkey_loss(logits, y, answer)
+        else:  # this rank's tokens; its loss share is their sum over the whole batch's counts
+            logits, span = pipe.forward(model, x, bptt_chunks)
+            loss = passkey_loss(logits, y[:, span], answer[:, span], whole=answer)
+    if pipe is None:
+        loss.backward()
+        return loss.item(), float(stop)
+    return pipe.backward(model, loss, flag=float(stop))  # + all-reduce of gradients, loss and stop
 
 
 def evaluate(model, enc) -> float:
@@ -138,6 +162,12 @@ def check_settings(config: dict) -> None:
         raise ValueError(f"device={config['device']!r} must be auto, cpu or cuda")
     if config["dtype"] not in ("auto", "float32", "bfloat16"):
         raise ValueError(f"dtype={config['dtype']!r} must be auto, float32 or bfloat16")
+    if config["pipeline"] and not config["chunk_size"]:
+        raise ValueError("pipeline=True splits sequences by chunks: it needs chunk_size > 0")
+    if config["pipeline_schedule"] not in ("wavefront", "naive"):
+        raise ValueError(f"pipeline_schedule={config['pipeline_schedule']!r} must be wavefront or naive")
+    if config["pipeline_timeout"] <= 0:
+        raise ValueError(f"pipeline_timeout={config['pipeline_timeout']} must be positive")
 
 
 def resume_settings(ckpt: dict, out: str) -> dict:
@@ -181,28 +211,43 @@ def main() -> None:
     except (OSError, TypeError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     dev = pick_device(device)
+    pipe = None
+    if pipeline:
+        try:
+            pipe = Pipeline.from_env(dev, pipeline_schedule, pipeline_timeout)
+            rank_chunks(math.ceil((min_len - 1) / chunk_size), 0, pipe.world)  # the shortest batch must split
+        except ValueError as e:
+            raise SystemExit(f"error: {e}")
+        dev = pipe.device
+        if dev == "cpu" and not threads:
+            torch.set_num_threads(1)  # one core per rank: oversubscribed cores slow gloo runs badly
+    master = pipe is None or pipe.rank == 0  # logs, prints and writes checkpoints
     use_bf16 = dtype == "bfloat16" or (dtype == "auto" and dev == "cuda" and torch.cuda.is_bf16_supported())
     autocast = torch.autocast(dev, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    model = Transformer(model_cfg).to(dev)
+    model = Transformer(model_cfg, verbose=master).to(dev)
     optimizer = make_optimizer(model, fused=dev == "cuda")
     iter_num, acc, log_path = 0, None, os.path.join(out_dir, "log.jsonl")
-    os.makedirs(out_dir, exist_ok=True)
+    if master:
+        os.makedirs(out_dir, exist_ok=True)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["rng"]["torch"])
         iter_num, acc = ckpt["iter_num"], ckpt.get("passkey_acc")
-        if os.path.exists(log_path):  # drop what was logged after the checkpoint (and a torn last line)
+        if master and os.path.exists(log_path):  # drop what was logged after the checkpoint (and a torn line)
             with open(log_path) as f:
                 kept = [line for line in f if line.endswith("\n") and json.loads(line)["iter"] < iter_num]
             with open(log_path, "w") as f:
                 f.writelines(kept)
-        print(f"resuming from {ckpt_path} at iteration {iter_num}")
-    elif os.path.exists(log_path):
+        if master:
+            print(f"resuming from {ckpt_path} at iteration {iter_num}")
+    elif master and os.path.exists(log_path):
         os.remove(log_path)
+    if pipe:
+        pipe.broadcast_parameters(model)  # every rank holds rank 0's weights, whatever happened before
     if compile:
         for block in model.layers:
             block.compile(dynamic=True)
@@ -215,27 +260,31 @@ def main() -> None:
     stop = []  # Ctrl-C: finish the step, checkpoint, exit
     signal.signal(signal.SIGINT, lambda *_: stop.append(True))
     t0, n_tok = time.perf_counter(), 0
-    bar = tqdm(total=max_iters, initial=iter_num, unit="it", dynamic_ncols=True)
+    bar = tqdm(total=max_iters, initial=iter_num, unit="it", dynamic_ncols=True, disable=not master)
     model.train()
-    with open(log_path, "a") as log:
+    with open(log_path, "a") if master else contextlib.nullcontext() as log:
         for it in range(iter_num, max_iters):
             lr_now = get_lr(it)
             for group in optimizer.param_groups:
                 group["lr"] = lr_now * group["lr_mult"]
             x, y, answer = get_batch(enc, it, dev)
-            with autocast:
-                logits, _ = model(x, bptt_chunks=bptt_chunks)
-                loss = passkey_loss(logits, y, answer)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            try:
+                loss, stops = train_step(model, pipe, autocast, x, y, answer, bool(stop))
+            except PipelineError as e:
+                raise SystemExit(f"error: {e}")
+            if stops and not stop:
+                stop.append(True)  # another rank was interrupted: stop together
             if grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
             optimizer.step()
             n_tok += x.numel()
-            record = dict(iter=it, loss=loss.item(), lr=lr_now, len=x.size(1) + 1)
+            record = dict(iter=it, loss=loss, lr=lr_now, len=x.size(1) + 1)
             done = it + 1 == max_iters
             if (eval_interval and (it + 1) % eval_interval == 0) or done:
-                record["passkey_acc"] = acc = evaluate(model, enc)
+                record["passkey_acc"] = acc = evaluate(model, enc)  # every rank: no one waits for rank 0
+            if not master:
+                continue
             log.write(json.dumps(record) + "\n")
             log.flush()
             if (ckpt_interval and (it + 1) % ckpt_interval == 0) or done or stop:
@@ -249,8 +298,10 @@ def main() -> None:
                           "continue with --init_from=resume")
                 break
     bar.close()
-    print(f"done: {ckpt_path}, passkey accuracy at {max_len} tokens: {acc}")
-
+    if pipe:
+        torch.distributed.destroy_process_group()
+    if master:
+        print(f"done: {ckpt_path}, passkey accuracy at {max_len} tokens: {acc}")
 
 if __name__ == "__main__":
     main()

@@ -157,6 +157,17 @@ def test_gradient_is_exactly_zero_across_a_bptt_truncation_boundary(memory):
     assert first_chunk_embedding_grad(model, bptt_chunks=4).abs().sum() > 0   # no boundary crossed
 
 
+@pytest.mark.parametrize("memory", [dict(), dict(n_global=0), dict(temp_budget=0), dict(temp_budget=12)])
+def test_memory_slots_predict_the_memory_shapes_after_every_chunk(memory):
+    model = tiny_model(**memory)
+    state = model.empty_memory(2)
+    for n_closed in range(7):  # the FIFO fills, then stays at its budget
+        for mem in state:
+            assert (mem.global_memory.size(1), mem.temp_memory.size(1)) == model.memory_slots(n_closed)
+            assert mem.gate_state.shape == mem.global_memory.shape
+        _, state = model.forward_chunk(tokens(8), state)
+
+
 def test_truncated_bptt_does_not_change_the_forward(model):
     idx = tokens(40)
     assert torch.equal(model(idx)[0], model(idx, bptt_chunks=2)[0])

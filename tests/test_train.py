@@ -78,9 +78,11 @@ def test_resume_refuses_to_change_the_model_and_keeps_the_log_in_place(tmp_path)
     ("--batch_size=0", "batch_size=0 must be positive"),
     ("--tokenizer=/no/such.tiktoken", "no BPE file at /no/such.tiktoken"),
     ("--stride=64", "stride=64 must be <= chunk_size=16"),
+    ("--pipeline_schedule=zigzag", "pipeline_schedule='zigzag' must be wavefront or naive"),
+    ("--pipeline=True --chunk_size=0", "pipeline=True splits sequences by chunks: it needs chunk_size > 0"),
 ])
 def test_bad_settings_stop_training_with_one_clear_line(tmp_path, bad, message):
-    err = fail(train_cmd(tmp_path, bad))
+    err = fail(train_cmd(tmp_path, *bad.split()))
     assert err.strip().startswith("error:") and message in err
     assert len(err.strip().splitlines()) == 1
 
@@ -113,3 +115,17 @@ def test_eval_passkey_and_sample_run_on_a_trained_checkpoint(tmp_path):
     out = run([sys.executable, "sample.py", f"--ckpt={ckpt}", "--prompt=hello there", "--max_new_tokens=7",
                "--threads=1"])
     assert "7 tokens generated" in out and "peak memory" in out
+
+
+def test_pipeline_ranks_loss_shares_add_up_to_the_passkey_loss():
+    import torch
+    import train
+    torch.manual_seed(0)
+    logits, targets = torch.randn(3, 40, 11), torch.randint(11, (3, 40))
+    answer = torch.zeros(3, 40, dtype=torch.bool)
+    answer[:, 30:35] = True
+    whole = train.passkey_loss(logits, targets, answer)
+    for cut in (8, 32):  # a rank boundary before and inside the answer
+        shares = [train.passkey_loss(logits[:, s], targets[:, s], answer[:, s], whole=answer)
+                  for s in (slice(0, cut), slice(cut, 40))]
+        assert torch.allclose(sum(shares), whole, rtol=1e-6)

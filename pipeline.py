@@ -1,0 +1,400 @@
+"""Layer-level pipeline parallelism for CoMeT training on long sequences (SPEC S7).
+
+One sequence is split by chunks across P ranks: rank r owns a contiguous block of chunks and a full
+copy of the weights. For every layer l, rank r receives layer l's memories from rank r-1, runs layer
+l over its chunks (the same `Transformer.layer_step` that streaming uses, here looped layer-major),
+and sends the updated memories on to rank r+1. So while rank r+1 runs layer l, rank r already runs
+layer l+1: a wavefront with ideal utilisation L / (L + P - 1). Sending and receiving are autograd
+functions, so backward runs the same wavefront in reverse; weight gradients are then all-reduced.
+
+    torchrun --standalone --nproc_per_node=2 train.py config/smoke.py --pipeline=True
+    python pipeline.py --simulate --layers 28 --ranks 8 --layer_ms 12 --message_ms 0.5
+    python pipeline.py --measure --ranks 2      # CPU, one thread per rank, next to the simulator
+
+Only torch.distributed moves data (gloo on CPU, NCCL on CUDA); every wait has a timeout, so a rank
+that dies, raises or hangs stops the others within it, with a message naming the rank and layer.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import queue
+import re
+import time
+from datetime import timedelta
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from memory import MemoryState
+from model import Transformer
+
+
+def rank_chunks(n_chunks: int, rank: int, world: int) -> range:
+    """The contiguous block of chunk indices rank `rank` owns; blocks differ in size by at most one."""
+    if n_chunks < world:
+        raise ValueError(f"pipeline: the sequence has {n_chunks} chunks, fewer than the {world} ranks; "
+                         "use longer sequences or fewer ranks")
+    return range(rank * n_chunks // world, (rank + 1) * n_chunks // world)
+
+
+class PipelineError(RuntimeError):
+    """A peer died, raised or hung: raised on every rank that waits for it."""
+
+
+# --- transport: every send/receive is an autograd function, every wait has a timeout ---------------
+
+class _Send(torch.autograd.Function):
+    """Forward: send x to the next rank. Backward: receive dLoss/dx from it. The returned zero is
+    added to the loss so that backward reaches this node."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, pipe: Pipeline, layer: int) -> Tensor:
+        ctx.pipe, ctx.layer, ctx.shape = pipe, layer, x.shape
+        pipe._send(x.detach(), pipe.rank + 1, layer, "send layer-{l} memories to rank {p}")
+        return x.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, _):
+        grad = ctx.pipe._receive(ctx.shape, ctx.pipe.rank + 1, ctx.layer,
+                                 "receive the gradient of its layer-{l} memories from rank {p}")
+        return grad, None, None
+
+
+class _Recv(torch.autograd.Function):
+    """Forward: receive a tensor from the previous rank. Backward: send dLoss/d(it) back to it.
+    `anchor` is an empty tensor that requires grad, so the result is part of the graph."""
+
+    @staticmethod
+    def forward(ctx, anchor: Tensor, pipe: Pipeline, layer: int, shape: tuple[int, ...]) -> Tensor:
+        ctx.pipe, ctx.layer = pipe, layer
+        return pipe._receive(shape, pipe.rank - 1, layer, "receive layer-{l} memories from rank {p}")
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        pipe = ctx.pipe
+        pipe._send(grad, pipe.rank - 1, ctx.layer, "send the gradient of layer-{l} memories to rank {p}")
+        return None, None, None, None
+
+
+class Pipeline:
+    """This process's place in the pipeline (rank, world, schedule, timeout) and the messages of the
+    current step. Created after `dist.init_process_group`; see `from_env` and `launch`."""
+
+    def __init__(self, schedule: str = "wavefront", timeout: float = 60.0, device: str = "cpu",
+                 dtype: torch.dtype = torch.float32):
+        if schedule not in ("wavefront", "naive"):
+            raise ValueError(f"pipeline schedule {schedule!r} must be 'wavefront' or 'naive'")
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.schedule, self.timeout, self.device, self.dtype = schedule, timeout, device, dtype
+        self.pending: list = []  # sends in flight (work, buffer, what, peer, layer), finished by `backward`
+        self.tied: list[Tensor] = []  # the zeros _Send returned, added to the loss
+        self.wait_s = 0.0  # time this rank spent blocked on a peer (for utilisation)
+
+    @staticmethod
+    def from_env(device: str, schedule: str = "wavefront", timeout: float = 60.0) -> Pipeline:
+        """Join the process group torchrun describes in the environment (RANK, WORLD_SIZE, ...)."""
+        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+            raise ValueError("pipeline=True needs torchrun, e.g. "
+                             "torchrun --standalone --nproc_per_node=2 train.py ... --pipeline=True")
+        if device.startswith("cuda"):
+            device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=timedelta(seconds=timeout))
+        return Pipeline(schedule, timeout, device)
+
+    def _fail(self, what: str, peer: int, layer: int | None, err: Exception | None) -> PipelineError:
+        # gloo's text is "[file.cc:553] Connection closed by peer [ip]:port. This is typically ...": keep the fact
+        fact = re.sub(r"^\[[^\]]*\]\s*", "", str(err or "").strip()).split(". ")[0].splitlines()
+        why = f" ({fact[0][:160]})" if fact and fact[0] else ""
+        who = f"rank {peer}" if peer >= 0 else "another rank"
+        return PipelineError(f"pipeline rank {self.rank}: {what.format(l=layer, p=peer)} failed within "
+                             f"{self.timeout:g}s{why}; {who} died, raised or is stuck, so every rank stops")
+
+    def _wait(self, work, what: str, peer: int, layer: int | None) -> None:
+        t0 = time.perf_counter()
+        try:
+            ok = work.wait(timedelta(seconds=self.timeout))
+        except Exception as e:  # gloo: timeout or connection closed by a dead peer
+            raise self._fail(what, peer, layer, e) from None
+        if ok is False:
+            raise self._fail(what, peer, layer, None)
+        self.wait_s += time.perf_counter() - t0
+
+    def _send(self, buf: Tensor, peer: int, layer: int, what: str) -> None:
+        """Start sending; `finish_sends` waits for it (and keeps the buffer alive until then)."""
+        buf = buf.contiguous()
+        try:
+            work = dist.isend(buf, peer, tag=layer)
+        except Exception as e:
+            raise self._fail(what, peer, layer, e) from None
+        self.pending.append((work, buf, what, peer, layer))
+
+    def _receive(self, shape, peer: int, layer: int, what: str) -> Tensor:
+        buf = torch.empty(shape, device=self.device, dtype=self.dtype)
+        try:
+            work = dist.irecv(buf, peer, tag=layer)
+        except Exception as e:
+            raise self._fail(what, peer, layer, e) from None
+        self._wait(work, what, peer, layer)
+        return buf
+
+    def finish_sends(self) -> None:
+        for work, _, what, peer, layer in self.pending:
+            self._wait(work, what, peer, layer)
+        self.pending.clear()
+
+    def send_memory(self, mem: MemoryState, layer: int) -> None:
+        """Layer `layer`'s memories after this rank's last chunk, to the next rank."""
+        packed = mem.pack().to(self.dtype)  # (B, 2*n_global + n_temp, C)
+        if packed.numel():  # no memories at all (n_global = temp_budget = 0): nothing to say
+            self.tied.append(_Send.apply(packed, self, layer))
+
+    def recv_memory(self, layer: int, shape: tuple[int, int, int], n_global: int) -> MemoryState:
+        """Layer `layer`'s memories before this rank's first chunk, from the previous rank."""
+        if shape[1] == 0:
+            return MemoryState.unpack(torch.zeros(shape, device=self.device, dtype=self.dtype), 0)
+        anchor = torch.empty(0, device=self.device, requires_grad=torch.is_grad_enabled())
+        return MemoryState.unpack(_Recv.apply(anchor, self, layer, shape), n_global)
+
+    # --- one training step: forward, then backward + all-reduce ----------------------------------------
+
+    def forward(self, model: Transformer, idx: Tensor, bptt_chunks: int = 0) -> tuple[Tensor, slice]:
+        """S7: idx (B, N) is the whole sequence (every rank gets it). Returns the logits of this rank's
+        tokens (B, n, V) and which tokens they are (idx[:, span]). Same maths as `model(idx)`."""
+        cfg, B, N = model.config, idx.size(0), idx.size(1)
+        if not cfg.comet:
+            raise ValueError("the pipeline splits a sequence by chunks: it needs chunk_size > 0")
+        cs = cfg.chunk_size
+        mine = rank_chunks(math.ceil(N / cs), self.rank, self.world)
+        chunks = [idx[:, c * cs:(c + 1) * cs] for c in mine]
+        layouts = [model.layout(x.size(1), closed=x.size(1) == cs) for x in chunks]
+        hs = [model.embed_chunk(x, lay) for x, lay in zip(chunks, layouts)]  # (B, L_chunk, C) each
+        n_g, n_t = model.memory_slots(mine.start)  # the FIFO may still be filling
+        shape = (B, 2 * n_g + n_t, cfg.n_embd)
+        first, last = self.rank == 0, self.rank == self.world - 1
+        # naive context parallelism: wait for every layer's memories up front, send all at the end
+        naive = self.schedule == "naive"
+        incoming = [self.recv_memory(l, shape, n_g) for l in range(cfg.n_layer)] if naive and not first else None
+        outgoing = []
+        for l in range(cfg.n_layer):  # layer-major: the wavefront
+            if first:
+                mem = MemoryState.empty(B, cfg.n_embd, idx.device, hs[0].dtype)
+            else:
+                mem = incoming[l] if naive else self.recv_memory(l, shape, n_g)
+            for i, (c, lay) in enumerate(zip(mine, layouts)):
+                if bptt_chunks and c and c % bptt_chunks == 0:
+                    mem = mem.detach()  # truncated BPTT, exactly where model.forward cuts
+                hs[i], _, mem = model.layer_step(l, hs[i], mem, lay)
+            if not last:
+                if bptt_chunks and mine.stop % bptt_chunks == 0:
+                    mem = mem.detach()  # the receiver cuts here: no gradient will come back
+                if naive:
+                    outgoing.append((mem, l))
+                else:
+                    self.send_memory(mem, l)
+        for mem, l in outgoing:
+            self.send_memory(mem, l)
+        h = torch.cat([h[:, lay.tokens] for h, lay in zip(hs, layouts)], 1)  # (B, n, C) real tokens only
+        span = slice(mine.start * cs, min(N, mine.stop * cs))
+        return model.output(model.norm(h)), span
+
+    def backward(self, model: Transformer, loss: Tensor, flag: float = 0.0) -> tuple[float, float]:
+        """Backward through the wavefront, then one all-reduce of the weight gradients (sum), of the
+        loss and of `flag` (e.g. 'stop requested'). `loss` must be this rank's share of the total
+        loss (its tokens' sum / the whole batch's count). Returns (total loss, sum of flags)."""
+        (loss + sum(self.tied)).backward()
+        self.tied.clear()
+        self.finish_sends()
+        params = list(model.parameters())
+        parts = [p.grad.flatten() if p.grad is not None else p.new_zeros(p.numel()) for p in params]
+        has = torch.tensor([p.grad is not None for p in params], dtype=parts[0].dtype, device=parts[0].device)
+        extra = torch.stack([loss.detach().to(has), has.new_tensor(flag)])
+        flat = torch.cat([*parts, has, extra])
+        self._wait(dist.all_reduce(flat, async_op=True), "all-reduce the gradients with every rank",
+                   peer=-1, layer=None)
+        grads = flat[:-2 - len(params)].split([p.numel() for p in params])
+        for p, g, n in zip(params, grads, flat[-2 - len(params):-2]):
+            p.grad = g.view_as(p).to(p.dtype) if n > 0 else None  # unused on every rank: None, as in one process
+        return flat[-2].item(), flat[-1].item()
+
+    def broadcast_parameters(self, model: Transformer) -> None:
+        """Make every rank start from rank 0's weights (one message)."""
+        params = list(model.parameters())
+        flat = torch.cat([p.detach().flatten() for p in params])
+        self._wait(dist.broadcast(flat, 0, async_op=True), "receive the weights from rank 0", peer=0, layer=None)
+        with torch.no_grad():
+            for p, v in zip(params, flat.split([p.numel() for p in params])):
+                p.copy_(v.view_as(p))
+
+
+# --- local launcher (tests, --measure): P CPU processes, one thread each ---------------------------
+
+class RankResult(NamedTuple):
+    code: int | None  # exit code; None: still running at the deadline (then killed)
+    status: str       # "ok", "error" (a PipelineError) or "died" (no report)
+    value: object     # fn's result, or the error message
+    seconds: float    # from joining the process group to the report
+
+
+def _rank_main(rank: int, world: int, port: int, timeout: float, schedule: str, fn, args, results) -> None:
+    torch.set_num_threads(1)  # one core per rank: oversubscribed cores make gloo runs crawl
+    store = dist.TCPStore("127.0.0.1", port, world + 1, is_master=False, timeout=timedelta(seconds=timeout))
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timedelta(seconds=timeout))
+    t0 = time.monotonic()
+    try:
+        value = fn(Pipeline(schedule, timeout), *args)
+        results.put((rank, "ok", value, time.monotonic() - t0))
+    except PipelineError as e:
+        results.put((rank, "error", str(e), time.monotonic() - t0))
+        raise SystemExit(1)
+    finally:
+        dist.destroy_process_group()
+
+
+def launch(fn, world: int, *args, schedule: str = "wavefront", timeout: float = 30.0,
+           deadline: float | None = None) -> list[RankResult]:
+    """Run fn(pipe, *args) on `world` local gloo processes (fn must be importable: spawn pickles it by
+    name); ranks still running `deadline` seconds after the start are killed. One result per rank."""
+    import torch.multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    # the rendezvous store lives here, on a port the OS picks (port 0: no collisions between runs)
+    store = dist.TCPStore("127.0.0.1", 0, world + 1, is_master=True, wait_for_workers=False)
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_rank_main, args=(r, world, store.port, timeout, schedule, fn, args, results))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    out: dict[int, tuple] = {}
+    end = time.monotonic() + (deadline if deadline is not None else 10 * timeout + 60)
+    while len(out) < world and time.monotonic() < end and any(p.is_alive() for p in procs):
+        try:
+            rank, *report = results.get(timeout=0.1)
+            out[rank] = report
+        except queue.Empty:
+            pass
+    for p in procs:
+        p.join(max(0.0, end - time.monotonic()))
+    codes = [p.exitcode for p in procs]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    while not results.empty():  # anything that arrived after the last poll
+        rank, *report = results.get()
+        out[rank] = report
+    return [RankResult(codes[r], *out.get(r, ("died", None, math.nan))) for r in range(world)]
+
+
+# --- schedule simulator ------------------------------------------------------------------------------
+
+def simulate(layers: int, ranks: int, layer_time: float, message_time: float, backward_ratio: float = 2.0,
+             schedule: str = "wavefront") -> tuple[float, float]:
+    """Ideal step time (forward + backward) of one sequence and the utilisation (busy / (ranks x time)).
+    layer_time: one layer over one rank's chunks, forward; message_time: one layer's memories between
+    neighbours. Naive: a rank starts once the previous one has sent all of its layers."""
+    def sweep(t: float, start: list[float], order: range) -> list[float]:
+        done = [0.0] * ranks  # when each rank finished its last layer so far
+        prev_done = [[0.0] * layers for _ in range(ranks)]
+        for i, r in enumerate(order):
+            clock = start[r]
+            for l in range(layers):
+                if i and schedule == "wavefront":
+                    clock = max(clock, prev_done[order[i - 1]][l] + message_time)
+                elif i and l == 0:  # naive: all of the previous rank's layers, then all their messages
+                    clock = max(clock, done[order[i - 1]] + layers * message_time)
+                clock += t
+                prev_done[r][l] = clock
+            done[r] = clock
+        return done
+
+    fwd = sweep(layer_time, [0.0] * ranks, range(ranks))
+    total = max(sweep(backward_ratio * layer_time, fwd, range(ranks - 1, -1, -1)))
+    busy = layers * layer_time * (1 + backward_ratio)
+    return total, busy / total
+
+
+def _timed_steps(pipe: Pipeline, cfg, batch: int, n_tokens: int, steps: int) -> dict:
+    """--measure, on every rank: the wall time of `steps` pipelined forward+backward steps."""
+    torch.manual_seed(0)
+    model = Transformer(cfg, verbose=False)
+    idx = torch.randint(cfg.vocab_size, (batch, n_tokens))
+    times = []
+    for i in range(steps + 1):  # the first is a warm-up
+        dist.barrier()
+        pipe.wait_s, t0 = 0.0, time.perf_counter()
+        logits, span = pipe.forward(model, idx)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), idx[:, span].flatten(), reduction="sum")
+        pipe.backward(model, loss / idx.numel())
+        model.zero_grad(set_to_none=True)
+        times.append((time.perf_counter() - t0, pipe.wait_s))
+    step_s, wait_s = min(times[1:])  # the fastest step, and how long this rank waited in it
+    return dict(step_s=step_s, wait_s=wait_s)
+
+
+def _measure(args) -> None:
+    from model import ModelConfig
+    cfg = ModelConfig(vocab_size=259, n_layer=args.layers, ffn_hidden=320)  # train.py's default model
+    n_tokens = args.chunks * cfg.chunk_size
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = Transformer(cfg, verbose=False)
+    idx = torch.randint(cfg.vocab_size, (args.batch, n_tokens))
+    fwd, bwd = [], []
+    for _ in range(args.steps + 1):
+        t0 = time.perf_counter()
+        _, loss = model(idx, idx)
+        t1 = time.perf_counter()
+        loss.backward()
+        fwd.append(t1 - t0)
+        bwd.append(time.perf_counter() - t1)
+        model.zero_grad(set_to_none=True)
+    t_fwd, t_bwd = min(fwd[1:]), min(bwd[1:])
+    layer_s = t_fwd / (cfg.n_layer * args.ranks)  # one layer over one rank's share of the chunks
+    print(f"one process, 1 thread: {n_tokens} tokens x batch {args.batch}, {cfg.n_layer} layers: "
+          f"forward {t_fwd * 1e3:.0f} ms + backward {t_bwd * 1e3:.0f} ms = {(t_fwd + t_bwd) * 1e3:.0f} ms")
+    for schedule in ("naive", "wavefront"):
+        res = launch(_timed_steps, args.ranks, cfg, args.batch, n_tokens, args.steps, schedule=schedule)
+        if any(r.status != "ok" for r in res):
+            raise SystemExit(f"error: {[r.value for r in res if r.status != 'ok']}")
+        step = max(r.value["step_s"] for r in res)
+        busy = sum(1 - r.value["wait_s"] / r.value["step_s"] for r in res) / len(res)
+        sim_t, sim_u = simulate(cfg.n_layer, args.ranks, layer_s, args.message_ms / 1e3, t_bwd / t_fwd, schedule)
+        print(f"{schedule:>9}: measured step {step * 1e3:.0f} ms, utilisation {busy:.0%} (time not waiting "
+              f"for a peer), {(t_fwd + t_bwd) / step:.2f}x one process | simulated step {sim_t * 1e3:.0f} ms, "
+              f"utilisation {sim_u:.0%}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--simulate", action="store_true", help="print the ideal step time of both schedules")
+    ap.add_argument("--measure", action="store_true", help="time P local CPU ranks against one process")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--ranks", type=int, default=2)
+    ap.add_argument("--layer_ms", type=float, default=10.0, help="forward of one layer over one rank's chunks")
+    ap.add_argument("--message_ms", type=float, default=0.1, help="one layer's memories to the next rank")
+    ap.add_argument("--backward_ratio", type=float, default=2.0, help="backward time / forward time")
+    ap.add_argument("--batch", type=int, default=8, help="--measure: sequences per step")
+    ap.add_argument("--chunks", type=int, default=16, help="--measure: chunks per sequence")
+    ap.add_argument("--steps", type=int, default=5, help="--measure: timed steps (the fastest is kept)")
+    args = ap.parse_args()
+    if args.layers < 1 or args.ranks < 1 or args.layer_ms < 0 or args.message_ms < 0:
+        ap.error("--layers and --ranks must be >= 1, times >= 0")
+    if args.measure:
+        return _measure(args)
+    if not args.simulate:
+        ap.error("say --simulate or --measure")
+    print(f"{args.layers} layers, {args.ranks} ranks, {args.layer_ms:g} ms per layer forward, backward "
+          f"x{args.backward_ratio:g}, {args.message_ms:g} ms per message")
+    naive_t, _ = simulate(args.layers, args.ranks, args.layer_ms, args.message_ms, args.backward_ratio, "naive")
+    for schedule in ("naive", "wavefront"):
+        t, u = simulate(args.layers, args.ranks, args.layer_ms, args.message_ms, args.backward_ratio, schedule)
+        print(f"{schedule:>9}: step {t:9.1f} ms   utilisation {u:6.1%}   speedup over naive {naive_t / t:5.2f}x")
+    print(f"ideal wavefront utilisation L/(L+P-1) = {args.layers / (args.layers + args.ranks - 1):.1%}")
+
+
+if __name__ == "__main__":
+    main()

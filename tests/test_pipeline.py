@@ -1,0 +1,185 @@
+"""pipeline.py (S7): P gloo processes give the loss and gradients of one process; failures stop every rank."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import tiny_model
+from pipeline import launch, rank_chunks, simulate
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMEOUT = 20.0  # seconds any rank waits for another in these tests
+
+# (name, ranks, tokens, overrides, bptt_chunks, schedule). The tiny model: chunk 8 with 2 compression
+# tokens, a FIFO of 3 slots (full after 2 chunks) unless overridden.
+CASES = {
+    "even": (2, 64, {}, 0, "wavefront"),            # 8 chunks: 4 + 4
+    "naive": (2, 64, {}, 0, "naive"),               # the same, naive context parallelism
+    "uneven": (3, 75, {}, 0, "wavefront"),          # 10 chunks: 3 + 3 + 4, the last one open (partial)
+    "fifo_filling": (3, 40, dict(temp_budget=12), 0, "wavefront"),  # 5 chunks: 1 + 2 + 2, FIFO never full
+    "bptt_cut_at_a_rank": (3, 75, {}, 2, "wavefront"),  # ranks start at chunks 0, 3, 6: cut at 6 only
+    "global_memory_only": (2, 48, dict(temp_budget=0), 0, "wavefront"),
+}
+
+
+def batch(n_tokens: int):
+    idx = torch.randint(32, (2, n_tokens), generator=torch.Generator().manual_seed(1))
+    targets = torch.roll(idx, -1, 1)
+    targets[:, -1] = -1  # ignored, as at the end of a training sequence
+    return idx, targets
+
+
+def pipelined_step(pipe, n_tokens, overrides, bptt_chunks):
+    """On every rank: this rank's share of the loss, backward, all-reduce; returns (loss, gradients)."""
+    model = tiny_model(**overrides).train()
+    idx, targets = batch(n_tokens)
+    logits, span = pipe.forward(model, idx, bptt_chunks)
+    loss = F.cross_entropy(logits.flatten(0, 1), targets[:, span].flatten(), ignore_index=-1, reduction="sum")
+    total, _ = pipe.backward(model, loss / (targets != -1).sum())
+    return total, {n: p.grad for n, p in model.named_parameters()}
+
+
+def one_process_step(n_tokens, overrides, bptt_chunks):
+    model = tiny_model(**overrides).train()
+    idx, targets = batch(n_tokens)
+    _, loss = model(idx, targets, bptt_chunks=bptt_chunks)
+    loss.backward()
+    return loss.item(), {n: p.grad for n, p in model.named_parameters()}
+
+
+@pytest.fixture(scope="module")
+def results():
+    """Every case, run once per module (spawning processes costs seconds)."""
+    out = {}
+    for name, (ranks, n_tokens, overrides, bptt, schedule) in CASES.items():
+        res = launch(pipelined_step, ranks, n_tokens, overrides, bptt, schedule=schedule, timeout=TIMEOUT)
+        assert all(r.status == "ok" for r in res), res
+        out[name] = [r.value for r in res], one_process_step(n_tokens, overrides, bptt)
+    return out
+
+
+def assert_same_step(per_rank, reference):
+    ref_loss, ref_grads = reference
+    for loss, grads in per_rank:
+        assert loss == pytest.approx(ref_loss, rel=1e-5)
+        assert grads.keys() == ref_grads.keys()
+        for name, ref in ref_grads.items():
+            assert ref is not None and grads[name] is not None, name
+            err = (grads[name] - ref).abs().max() / ref.abs().max()
+            assert err <= 1e-5, f"{name}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_pipeline_loss_and_every_gradient_equal_one_process(results, case):
+    assert_same_step(*results[case])
+
+
+def test_rank_chunks_cover_every_chunk_once_in_order_with_sizes_differing_by_at_most_one():
+    for n_chunks in range(1, 13):
+        for world in range(1, n_chunks + 1):
+            blocks = [rank_chunks(n_chunks, r, world) for r in range(world)]
+            assert [c for b in blocks for c in b] == list(range(n_chunks))
+            assert max(map(len, blocks)) - min(map(len, blocks)) <= 1
+
+
+def test_fewer_chunks_than_ranks_is_a_clear_error():
+    with pytest.raises(ValueError, match="3 chunks, fewer than the 4 ranks"):
+        rank_chunks(3, 0, 4)
+
+
+# --- a rank that dies, hangs or raises stops every rank within the timeout ----------------------------
+
+def failing_step(pipe, how):
+    """Rank 1 fails when it reaches layer 1 of the forward pass."""
+    model = tiny_model().train()
+    step = model.layer_step
+
+    def layer_step(l, *args, **kwargs):
+        if pipe.rank == 1 and l == 1:
+            if how == "killed":
+                os.kill(os.getpid(), signal.SIGKILL)
+            elif how == "hangs":
+                time.sleep(3600)
+            raise RuntimeError("injected failure")
+        return step(l, *args, **kwargs)
+
+    model.layer_step = layer_step
+    idx, targets = batch(72)
+    logits, span = pipe.forward(model, idx)
+    pipe.backward(model, logits.sum())
+
+
+@pytest.mark.parametrize("how", ["killed", "hangs", "raises"])
+def test_a_failing_rank_makes_the_others_exit_nonzero_within_the_timeout_naming_it(how):
+    timeout = 3.0
+    res = launch(failing_step, 3, how, timeout=timeout, deadline=timeout + 12)
+    assert res[1].status == "died"  # it never reported
+    for r in (res[0], res[2]):
+        assert r.code == 1 and r.status == "error", r
+        assert "rank 1 died, raised or is stuck" in r.value and "layer-1 memories" in r.value
+        assert r.seconds < timeout + 2
+    assert "receive layer-1 memories from rank 1" in res[2].value  # forward: rank 2 waits for rank 1
+    assert "gradient of its layer-1 memories from rank 1" in res[0].value  # backward: rank 0 waits too
+
+
+# --- the schedule simulator ----------------------------------------------------------------------------
+
+def test_simulated_wavefront_utilisation_is_layers_over_layers_plus_ranks_minus_one():
+    for layers, ranks in [(4, 2), (28, 8), (3, 5)]:
+        _, wave = simulate(layers, ranks, 1.0, 0.0, 2.0, "wavefront")
+        _, naive = simulate(layers, ranks, 1.0, 0.0, 2.0, "naive")
+        assert wave == pytest.approx(layers / (layers + ranks - 1))
+        assert naive == pytest.approx(1 / ranks)
+
+
+def test_simulated_messages_only_add_time():
+    for schedule in ("wavefront", "naive"):
+        times = [simulate(8, 4, 1.0, m, 2.0, schedule)[0] for m in (0.0, 0.1, 1.0)]
+        assert times == sorted(times) and times[0] < times[-1]
+        assert simulate(8, 1, 1.0, 5.0, 2.0, schedule)[0] == pytest.approx(8 * 3.0)  # one rank sends nothing
+
+
+def test_simulate_command_prints_both_schedules():
+    out = subprocess.run([sys.executable, "pipeline.py", "--simulate", "--layers", "28", "--ranks", "8"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60, check=True).stdout
+    assert "naive: step" in out and "wavefront: step" in out and "80.0%" in out
+
+
+# --- train.py under torchrun ---------------------------------------------------------------------------
+
+def train(out_dir, *extra, ranks=0):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+    cmd = [*(launcher if ranks else [sys.executable]), "train.py", "config/smoke.py", f"--out_dir={out_dir}",
+           "--eval_interval=0", *extra]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_torchrun_pipeline_training_gives_the_loss_curve_of_one_process(tmp_path):
+    one = train(tmp_path / "one", "--max_iters=10")
+    two = train(tmp_path / "two", "--max_iters=10", "--pipeline=True", ranks=2)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
+    curves = []
+    for run in ("one", "two"):
+        with open(tmp_path / run / "log.jsonl") as f:
+            curves.append([json.loads(line)["loss"] for line in f])
+    assert len(curves[0]) == 10
+    assert curves[1] == pytest.approx(curves[0], abs=1e-4)
+
+
+def test_torchrun_with_fewer_chunks_than_ranks_stops_with_one_clear_error(tmp_path):
+    r = train(tmp_path, "--max_iters=2", "--pipeline=True", "--chunk_size=128", ranks=2)
+    assert r.returncode != 0
+    assert "error: pipeline: the sequence has 1 chunks, fewer than the 2 ranks" in r.stderr
+    assert not (tmp_path / "ckpt.pt").exists()
+
+
+def test_pipeline_without_torchrun_says_how_to_launch(tmp_path):
+    r = train(tmp_path, "--pipeline=True")
+    assert r.returncode != 0 and "needs torchrun" in r.stderr and "Traceback" not in r.stderr
