@@ -34,19 +34,24 @@ def save_checkpoint(ckpt: dict, path: str) -> None:
         raise
 
 
-def read_checkpoint(path: str, device: str = "cpu") -> dict:
-    """The checkpoint dict, or one clear error: missing file, corrupt file, unsafe pickle, missing keys."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {path} (train one with `python train.py`)")
+def torch_load(path: str, device: str = "cpu", mmap: bool = False):
+    """torch.load(weights_only=True) with one clear error for a damaged file or an unsafe pickle."""
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is damaged
-        raise ValueError(f"cannot read checkpoint {path}: not a PyTorch checkpoint (corrupt or truncated?)")
+        raise ValueError(f"cannot read {path}: not a PyTorch checkpoint (corrupt or truncated?)")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
+        return torch.load(path, map_location=device, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError:  # torch's own message suggests weights_only=False: never do that
         raise ValueError(f"refused to load {path}: it holds objects other than tensors and plain data, "
                          "and loading those could run arbitrary code (weights_only=True)") from None
     except (RuntimeError, EOFError, OSError) as e:
-        raise ValueError(f"cannot read checkpoint {path} (corrupt or truncated?): {e}") from None
+        raise ValueError(f"cannot read {path} (corrupt or truncated?): {e}") from None
+
+
+def read_checkpoint(path: str, device: str = "cpu") -> dict:
+    """The checkpoint dict, or one clear error: missing file, corrupt file, unsafe pickle, missing keys."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path} (train one with `python train.py`)")
+    ckpt = torch_load(path, device)
     missing = [k for k in REQUIRED if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise ValueError(f"{path} is not a nanocomet checkpoint: missing {', '.join(missing)}")
@@ -75,14 +80,25 @@ def load_model(path: str, device: str = "cpu") -> tuple[Transformer, dict]:
 
 
 def open_for_inference(cfg: dict):
-    """What eval_passkey.py and sample.py share: device, threads, the model and the tokenizer it was trained
-    with. Returns (model, tokenizer, training settings, device); one clear error (ValueError/OSError) else."""
+    """What eval_passkey.py and sample.py share: device, threads, the model and its tokenizer. The model is
+    cfg["ckpt"] (trained here), or a Llama checkpoint directory cfg["init_from"] (llama.py) with new,
+    untrained memories if cfg["chunk_size"] > 0. Returns (model, tokenizer, training settings, device);
+    one clear error (ValueError/OSError) else."""
     from configurator import pick_device
     from data import get_tokenizer
+    from llama import load_llama
 
     dev = pick_device(cfg["device"])
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
+    if cfg.get("init_from"):
+        dtype = {"auto": torch.bfloat16 if dev.startswith("cuda") else torch.float32,
+                 "float32": torch.float32, "bfloat16": torch.bfloat16}.get(cfg["dtype"])
+        if dtype is None:
+            raise ValueError(f"dtype={cfg['dtype']!r} must be auto, float32 or bfloat16")
+        model = load_llama(cfg["init_from"], dtype, dev, chunk_size=cfg["chunk_size"])
+        name = cfg["init_from"] if cfg["tokenizer"] == "auto" else cfg["tokenizer"]
+        return model, get_tokenizer(name), {}, dev
     model, ckpt = load_model(cfg["ckpt"], dev)
     train = ckpt.get("config", {})
     return model, get_tokenizer(train.get("tokenizer", "bytes")), train, dev

@@ -20,13 +20,24 @@ SPECIALS = ("<|pad|>", "<|compress|>", "<|readout|>")  # ids right after the bas
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 GPT2_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"  # only a cache key here
 GPT2_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+# Llama 3's pre-tokenizer: digits in groups of up to 3, case-insensitive contractions
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# Llama 3.1's 256 special tokens, ids from 128000 on (3.0 names some of the reserved ones differently)
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+                   "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>",
+                   "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>", "<|image|>"]
+LLAMA3_SPECIALS += [f"<|reserved_special_token_{2 + i}|>" for i in range(256 - len(LLAMA3_SPECIALS))]
 
 
-def get_tokenizer(name: str = "bytes") -> tiktoken.Encoding:
+def get_tokenizer(name: str = "bytes"):
     """'bytes': 256 byte tokens + specials, built in code. 'gpt2': GPT-2's BPE ranks, only if tiktoken
     has them cached already. A path to a .tiktoken file (e.g. whisper's gpt2.tiktoken): GPT-2's pattern
-    over those ranks. The model embeds compression/readout tokens itself (S2); the tokenizer reserves
+    over those ranks. A Llama checkpoint directory or its tokenizer.model: `llama_tokenizer`.
+    The model embeds compression/readout tokens itself (S2); the byte and GPT-2 tokenizers reserve
     their ids so that a decoded extended chunk can show them. Nothing is ever downloaded."""
+    if os.path.isdir(name) or os.path.basename(name) == "tokenizer.model":
+        return llama_tokenizer(name)
     if name == "bytes":
         ranks, pattern, specials = {bytes([i]): i for i in range(256)}, r"\S+|\s+", {}
     else:
@@ -45,6 +56,54 @@ def get_tokenizer(name: str = "bytes") -> tiktoken.Encoding:
     specials.update({s: n + i for i, s in enumerate(SPECIALS)})
     return tiktoken.Encoding(name=os.path.basename(name), pat_str=pattern, mergeable_ranks=ranks,
                              special_tokens=specials)
+
+
+def llama_tokenizer(path: str):
+    """Llama 3's tokenizer.model (tiktoken BPE ranks: "base64 rank" lines) as a tiktoken Encoding with
+    Llama 3's pattern and special tokens; Llama 2's (a sentencepiece model) through the optional
+    `sentencepiece` package. `path`: the file, or a checkpoint directory holding it (or original/)."""
+    if os.path.isdir(path):
+        found = [f for f in (os.path.join(path, "tokenizer.model"), os.path.join(path, "original", "tokenizer.model"))
+                 if os.path.isfile(f)]
+        if not found:
+            raise FileNotFoundError(f"{path}: no tokenizer.model (or original/tokenizer.model); "
+                                    "pass --tokenizer=bytes or a tokenizer file")
+        path = found[0]
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        ranks = {base64.b64decode(tok, validate=True): int(rank) for tok, rank in (line.split() for line in data.splitlines() if line)}
+    except ValueError:  # not "base64 rank" lines: sentencepiece's protobuf (Llama 1/2)
+        return _sentencepiece(path)
+    specials = {s: len(ranks) + i for i, s in enumerate(LLAMA3_SPECIALS)}
+    return tiktoken.Encoding(name=os.path.basename(os.path.dirname(os.path.abspath(path))), pat_str=LLAMA3_PATTERN,
+                             mergeable_ranks=ranks, special_tokens=specials)
+
+
+class _SentencePiece:
+    """The part of tiktoken.Encoding's interface we use, over a sentencepiece model (Llama 2)."""
+
+    def __init__(self, processor, name: str):
+        self.sp, self.name, self.n_vocab = processor, name, processor.get_piece_size()
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        return self.sp.encode(text)  # no BOS: callers add what they need
+
+    encode = encode_ordinary
+
+    def decode(self, ids: list[int]) -> str:
+        return self.sp.decode(ids)
+
+
+def _sentencepiece(path: str) -> _SentencePiece:
+    try:
+        import sentencepiece
+    except ImportError:
+        raise ValueError(f"{path} is a sentencepiece model (Llama 1/2): pip install sentencepiece to read it") from None
+    try:
+        return _SentencePiece(sentencepiece.SentencePieceProcessor(model_file=path), os.path.basename(path))
+    except RuntimeError as e:
+        raise ValueError(f"{path}: neither tiktoken ranks nor a sentencepiece model ({e})") from None
 
 
 def _gpt2_cache_path() -> str:

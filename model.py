@@ -26,6 +26,10 @@ class ModelConfig:
     n_embd: int = 128              # model width d
     ffn_hidden: int | None = None  # SwiGLU hidden width; None -> 8/3 * n_embd rounded up to a multiple of 32
     rope_theta: float = 10000.0    # RoPE base
+    rope_factor: float = 1.0       # Llama 3.1 RoPE scaling ("llama3"): long wavelengths / factor; 1 = off
+    rope_low_freq: float = 1.0     #   wavelengths above original_context / low_freq are scaled fully
+    rope_high_freq: float = 4.0    #   wavelengths below original_context / high_freq are kept
+    rope_original_context: int = 8192  # the context the model was pretrained with before scaling
     norm_eps: float = 1e-5         # RMSNorm epsilon
     tie_embeddings: bool = True    # output projection shares the token embedding matrix
     block_size: int = 1024         # plain decoder only: longest sequence (length of its RoPE table)
@@ -40,7 +44,8 @@ class ModelConfig:
     def __post_init__(self):
         _check_types(self)
         for name in ("vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "ffn_hidden", "rope_theta",
-                     "norm_eps", "block_size", "stride", "adapter_rank", "init_std"):
+                     "rope_factor", "rope_low_freq", "rope_high_freq", "rope_original_context", "norm_eps",
+                     "block_size", "stride", "adapter_rank", "init_std"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"ModelConfig: {name}={getattr(self, name)} must be positive")
         for name in ("chunk_size", "n_global", "temp_budget"):
@@ -58,6 +63,9 @@ class ModelConfig:
             raise ValueError(f"ModelConfig: n_kv_head={self.n_kv_head} must divide n_head={self.n_head}")
         if self.head_dim % 2:
             raise ValueError(f"ModelConfig: head size n_embd/n_head={self.head_dim} must be even for RoPE")
+        if self.rope_factor != 1 and self.rope_high_freq <= self.rope_low_freq:
+            raise ValueError(f"ModelConfig: rope_high_freq={self.rope_high_freq} must exceed "
+                             f"rope_low_freq={self.rope_low_freq}")
         if self.chunk_size and self.stride > self.chunk_size:
             raise ValueError(f"ModelConfig: stride={self.stride} must be <= chunk_size={self.chunk_size} "
                              "(one compression token per `stride` tokens of a chunk)")
@@ -98,11 +106,17 @@ def _check_types(cfg) -> None:
 
 # --- RoPE -------------------------------------------------------------------------------------------
 
-def rope_table(head_dim: int, length: int, theta: float) -> tuple[Tensor, Tensor]:
+def rope_table(cfg: ModelConfig, length: int, device=None) -> tuple[Tensor, Tensor]:
     """cos, sin (length, head_dim) for positions 0..length-1, in the rotate-half layout (HF's):
     dimension i pairs with i + head_dim/2."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)  # (length, head_dim/2)
+    hs = cfg.head_dim
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, hs, 2, dtype=torch.float32, device=device) / hs)
+    if cfg.rope_factor != 1:  # Llama 3.1: slow down long wavelengths, blend the band in between
+        wavelen = 2 * math.pi / inv_freq
+        ratio = cfg.rope_original_context / wavelen  # how many periods fit in the original context
+        blend = ((ratio - cfg.rope_low_freq) / (cfg.rope_high_freq - cfg.rope_low_freq)).clamp(0, 1)
+        inv_freq = (1 - blend) * inv_freq / cfg.rope_factor + blend * inv_freq
+    angles = torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv_freq)  # (length, hs/2)
     angles = torch.cat([angles, angles], -1)
     return angles.cos(), angles.sin()
 
@@ -254,23 +268,30 @@ class Transformer(nn.Module):
                 self.compression_emb = nn.Parameter(torch.empty(1, cfg.n_embd))
             if cfg.n_global:
                 self.readout_emb = nn.Parameter(torch.empty(cfg.n_global, cfg.n_embd))
-        # S2: positions restart at 0 in every chunk, so the table never exceeds one extended chunk
-        cos, sin = rope_table(cfg.head_dim, cfg.max_positions, cfg.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self.build_rope()
         self.init_weights()
         if verbose:
             base, mem = self.param_counts()
             print(f"model: {base / 1e6:.2f}M base parameters + {mem / 1e6:.3f}M memory parameters "
                   f"({100 * mem / base:.1f}%)")
 
-    def init_weights(self) -> None:
+    def build_rope(self, device=None) -> None:
+        """(Re)compute the RoPE table, e.g. after building the model on the meta device."""
+        # S2: positions restart at 0 in every chunk, so the table never exceeds one extended chunk
+        cos, sin = rope_table(self.config, self.config.max_positions, device)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def init_weights(self, names: set[str] | None = None) -> None:
         """Normal(init_std) everywhere, residual outputs scaled by 1/sqrt(2*n_layer) (GPT-2), norms at 1,
-        and the adapters' up-projections at 0 so the memories start as the identity (S5).
+        and the adapters' up-projections at 0 so the memories start as the identity (S5). `names`: only
+        these parameters (e.g. the memories added to a pretrained model).
         NOTE: GPT-2's fixed 0.02 is too small for a tiny model: on the passkey task it stayed at chance
         for 1,400 steps where sqrt(2/(5d)) (0.056 at d=128) started copying within 150."""
         std = self.config.init_std
         for name, p in self.named_parameters():
+            if names is not None and name not in names:
+                continue
             if name.endswith("norm.weight"):
                 nn.init.ones_(p)
             elif name.endswith("adapter.up.weight"):

@@ -3,6 +3,7 @@
     python train.py                                  # the default job: tiny CoMeT, CPU, passkey
     python train.py config/NAME.py --batch_size=32   # config file, then overrides
     python train.py --init_from=resume               # continue out_dir/ckpt.pt exactly where it stopped
+    python train.py config/finetune_llama.py --init_from=/path/to/Llama-3.2-1B   # memories on a pretrained model
     torchrun --standalone --nproc_per_node=2 train.py --pipeline=True   # each sequence split over 2 ranks (S7)
 
 Batches are a pure function of (seed, iteration), so a resumed run sees the same data as an
@@ -27,13 +28,15 @@ from checkpoint import read_checkpoint, save_checkpoint
 from configurator import configure_or_exit, pick_device, settings_of
 from data import get_tokenizer, passkey_batch
 from eval_passkey import passkey_cell
+from llama import freeze_base as freeze, load_llama
 from model import ModelConfig, Transformer
 from pipeline import Pipeline, PipelineError, rank_chunks
 
 # -----------------------------------------------------------------------------
 # run
 out_dir = "out"
-init_from = "scratch"     # 'scratch' or 'resume' (from out_dir/ckpt.pt, with its settings)
+init_from = "scratch"     # 'scratch', 'resume' (out_dir/ckpt.pt, with its settings) or a Llama checkpoint dir
+freeze_base = False       # train only what CoMeT adds: memories, compression and readout embeddings (S5)
 seed = 1337
 device = "auto"           # auto | cpu | cuda
 dtype = "auto"            # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16
@@ -59,7 +62,7 @@ stride = 8
 temp_budget = 32
 adapter_rank = 8
 # data (S8)
-tokenizer = "bytes"       # bytes | gpt2 (only if already cached) | path to a .tiktoken file
+tokenizer = "auto"        # auto (bytes; a Llama's own) | bytes | gpt2 (if cached) | a .tiktoken file | tokenizer.model
 digits = 5                # passkey length
 min_len = 128             # shortest training sequence, tokens
 max_len = 512             # longest training sequence ("training length"), tokens
@@ -117,6 +120,8 @@ def make_optimizer(model: Transformer, fused: bool) -> torch.optim.AdamW:
     """AdamW with the memory parameters at memory_lr_mult x lr (S5); decay only on matrices."""
     groups: dict = {}
     for name, p in model.named_parameters():
+        if not p.requires_grad:  # a frozen base (freeze_base)
+            continue
         groups.setdefault((model.is_memory_param(name), p.dim() >= 2), []).append(p)
     return torch.optim.AdamW(
         [dict(params=ps, lr_mult=memory_lr_mult if mem else 1.0, weight_decay=weight_decay if decay else 0.0)
@@ -147,6 +152,29 @@ def evaluate(model, enc) -> float:
                   for k, d in enumerate((0.0, 0.25, 0.5, 0.75, 1.0)))
     model.train()
     return correct / (5 * per_depth)
+
+
+def build_model(config: dict, enc, ckpt: dict | None, dev: str, verbose: bool) -> Transformer:
+    """Resume: the checkpoint's model. Scratch: the settings' model. A Llama directory: its weights plus
+    new memories (llama.py); the settings then record the loaded shape."""
+    if ckpt is not None:
+        model = Transformer(ModelConfig(**ckpt["model_args"]), verbose=verbose)
+    elif config["init_from"] == "scratch":
+        # a plain decoder (chunk_size=0) sees whole sequences: its RoPE table must cover max_len
+        model = Transformer(ModelConfig(vocab_size=enc.n_vocab, block_size=max(config["max_len"], 1024),
+                                        **{k: config[k] for k in MODEL_KEYS}), verbose=verbose)
+    else:
+        comet = {k: config[k] for k in ("chunk_size", "n_global", "stride", "temp_budget", "adapter_rank")}
+        model = load_llama(config["init_from"], device=dev, **comet)
+        config.update({k: getattr(model.config, k) for k in MODEL_KEYS})
+        if verbose:
+            base, mem = model.param_counts()
+            print(f"loaded {config['init_from']}: {base / 1e6:.1f}M parameters + {mem / 1e6:.2f}M new memory parameters")
+    if enc.n_vocab > model.config.vocab_size:
+        raise ValueError(f"the tokenizer has {enc.n_vocab} ids, the model's vocabulary only {model.config.vocab_size}")
+    if config["freeze_base"]:
+        freeze(model)
+    return model.to(dev)
 
 
 def check_settings(config: dict) -> None:
@@ -194,19 +222,19 @@ def main() -> None:
             config = resume_settings(ckpt, config["out_dir"])
         except (OSError, ValueError) as e:
             raise SystemExit(f"error: cannot resume: {e}")
-    elif config["init_from"] != "scratch":
-        raise SystemExit(f"error: init_from={config['init_from']!r} must be 'scratch' or 'resume'")
+    elif config["init_from"] != "scratch" and not os.path.isdir(config["init_from"]):
+        raise SystemExit(f"error: init_from={config['init_from']!r} must be 'scratch', 'resume' or a Llama "
+                         "checkpoint directory")
     elif os.path.exists(ckpt_path):
         raise SystemExit(f"error: {ckpt_path} exists: continue it with --init_from=resume, or train into "
                          "another --out_dir, or delete it first")
+    if config["tokenizer"] == "auto":  # resolved here, so that the checkpoint records the real one
+        config["tokenizer"] = config["init_from"] if os.path.isdir(config["init_from"]) else "bytes"
     globals().update(config)
 
     try:
         check_settings(config)
         enc = get_tokenizer(tokenizer)
-        model_args = {k: config[k] for k in MODEL_KEYS}
-        # a plain decoder (chunk_size=0) sees whole sequences: its RoPE table must cover max_len
-        model_cfg = ModelConfig(vocab_size=enc.n_vocab, block_size=max(max_len, 1024), **model_args)
         passkey_batch(enc, 1, min_len, 0, digits)  # fail now if min_len is too short for the task
     except (OSError, TypeError, ValueError) as e:
         raise SystemExit(f"error: {e}")
@@ -227,7 +255,10 @@ def main() -> None:
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    model = Transformer(model_cfg, verbose=master).to(dev)
+    try:
+        model = build_model(config, enc, ckpt, dev, verbose=master)
+    except (OSError, TypeError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
     optimizer = make_optimizer(model, fused=dev == "cuda")
     iter_num, acc, log_path = 0, None, os.path.join(out_dir, "log.jsonl")
     if master:

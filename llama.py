@@ -1,0 +1,252 @@
+"""Load Llama 2 / 3 / 3.1 / 3.2 checkpoints into model.py, and put CoMeT's memories on top.
+
+    model = load_llama("path/to/Llama-3.2-1B", dtype=torch.bfloat16, device="cuda")       # plain decoder
+    model = load_llama(path, chunk_size=2048, n_global=512, temp_budget=2048)            # + new memories
+
+Two layouts, one code path:
+- Hugging Face: config.json + model.safetensors, or shards listed in model.safetensors.index.json.
+- Meta: params.json + consolidated.00.pth (+ .01, ... for model-parallel shards, concatenated here).
+The model is built on the meta device and every tensor is read, cast and placed one at a time, so a
+large model never exists twice in memory (and never as an fp32 copy when loading bf16).
+"""
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+
+import torch
+from torch import nn
+
+from checkpoint import torch_load
+from model import ModelConfig, Transformer
+
+# our parameter names (= Meta's) -> Hugging Face's; {i} is the layer index
+HF_NAMES = {
+    "tok_embeddings.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    "layers.{i}.attention_norm.weight": "model.layers.{i}.input_layernorm.weight",
+    "layers.{i}.attention.wq.weight": "model.layers.{i}.self_attn.q_proj.weight",
+    "layers.{i}.attention.wk.weight": "model.layers.{i}.self_attn.k_proj.weight",
+    "layers.{i}.attention.wv.weight": "model.layers.{i}.self_attn.v_proj.weight",
+    "layers.{i}.attention.wo.weight": "model.layers.{i}.self_attn.o_proj.weight",
+    "layers.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+    "layers.{i}.feed_forward.w1.weight": "model.layers.{i}.mlp.gate_proj.weight",
+    "layers.{i}.feed_forward.w2.weight": "model.layers.{i}.mlp.down_proj.weight",
+    "layers.{i}.feed_forward.w3.weight": "model.layers.{i}.mlp.up_proj.weight",
+}
+
+
+def meta_to_hf_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Reorder the output rows of a Meta wq/wk (n_heads * head_dim, d) into our (and HF's) RoPE layout.
+    Meta rotates adjacent pairs (2i, 2i+1) of each head, as complex numbers; we rotate (i, i + head_dim/2)
+    ("rotate half"). Moving row 2i+b of every head to b*head_dim/2 + i turns one into the other; q and
+    k get the same reordering, so every attention score q.k is unchanged. Pass n_kv_head for wk (GQA)."""
+    rows, d = w.shape
+    return w.view(n_heads, rows // n_heads // 2, 2, d).transpose(1, 2).reshape(rows, d)
+
+
+def read_config(path: str) -> tuple[dict, str]:
+    """ModelConfig fields of a checkpoint directory, and its layout ("hf" or "meta")."""
+    hf, meta = os.path.join(path, "config.json"), os.path.join(path, "params.json")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no checkpoint directory at {path}")
+    if os.path.isfile(hf):
+        return _hf_config(hf), "hf"
+    if os.path.isfile(meta):
+        return _meta_config(meta), "meta"
+    raise FileNotFoundError(f"{path}: no config.json (Hugging Face layout) or params.json (Meta layout)")
+
+
+def _read_json(file: str) -> dict:
+    try:
+        with open(file) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from None
+
+
+def _hf_config(file: str) -> dict:
+    c = _read_json(file)
+    arch = c.get("architectures") or [c.get("model_type")]
+    if "LlamaForCausalLM" not in arch and arch != ["llama"]:
+        raise ValueError(f"{file}: architecture {arch[0]!r} is not supported (only LlamaForCausalLM)")
+    for key, ok in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
+        if c.get(key, ok) != ok:
+            raise ValueError(f"{file}: {key}={c[key]!r} is not supported (Llama uses {ok!r})")
+    n_embd, n_head = c["hidden_size"], c["num_attention_heads"]
+    if c.get("head_dim", n_embd // n_head) * n_head != n_embd:
+        raise ValueError(f"{file}: head_dim={c['head_dim']} x {n_head} heads != hidden_size={n_embd} (not supported)")
+    # transformers 5 writes rope_parameters (with rope_theta inside); older files rope_theta + rope_scaling
+    rope = c.get("rope_scaling") or c.get("rope_parameters") or {}
+    args = dict(vocab_size=c["vocab_size"], n_layer=c["num_hidden_layers"], n_head=n_head, n_embd=n_embd,
+                n_kv_head=c.get("num_key_value_heads") or n_head, ffn_hidden=c["intermediate_size"],
+                rope_theta=float(c.get("rope_theta") or rope.get("rope_theta") or 10000.0),
+                norm_eps=float(c.get("rms_norm_eps", 1e-6)), tie_embeddings=bool(c.get("tie_word_embeddings", False)),
+                block_size=c.get("max_position_embeddings", 8192))
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind == "llama3":
+        args.update(rope_factor=float(rope["factor"]), rope_low_freq=float(rope["low_freq_factor"]),
+                    rope_high_freq=float(rope["high_freq_factor"]),
+                    rope_original_context=int(rope["original_max_position_embeddings"]))
+    elif kind != "default":
+        raise ValueError(f"{file}: rope type {kind!r} is not supported (default or llama3)")
+    return args
+
+
+def _meta_config(file: str) -> dict:
+    c = _read_json(file)
+    dim = c["dim"]
+    hidden = int(2 * 4 * dim / 3)  # Meta's FeedForward: 2/3 of 4d, times ffn_dim_multiplier, rounded up
+    if c.get("ffn_dim_multiplier"):
+        hidden = int(c["ffn_dim_multiplier"] * hidden)
+    multiple = c.get("multiple_of", 256)
+    args = dict(n_layer=c["n_layers"], n_head=c["n_heads"], n_kv_head=c.get("n_kv_heads") or c["n_heads"],
+                n_embd=dim, ffn_hidden=multiple * math.ceil(hidden / multiple),
+                rope_theta=float(c.get("rope_theta", 10000.0)), norm_eps=float(c.get("norm_eps", 1e-5)),
+                block_size=c.get("max_seq_len", 8192))
+    if c.get("vocab_size", -1) > 0:  # Llama 2 writes -1: then the embedding's shape tells
+        args["vocab_size"] = c["vocab_size"]
+    if c.get("use_scaled_rope"):  # Llama 3.1's constants; 3.2 (1B/3B) uses factor 32, stated in newer files
+        args.update(rope_factor=float(c.get("rope_scaling_factor") or 8.0), rope_low_freq=1.0,
+                    rope_high_freq=float(c.get("rope_high_freq_factor") or 4.0), rope_original_context=8192)
+    return args
+
+
+class _Tensors:
+    """Lazy access to a checkpoint's tensors by name: shape without reading, one tensor at a time."""
+
+    def __init__(self, path: str, layout: str):
+        self.files: dict[str, str] = {}  # tensor name -> file
+        if layout == "hf":
+            from safetensors import safe_open
+            index = os.path.join(path, "model.safetensors.index.json")
+            if os.path.isfile(index):
+                self.files = {k: os.path.join(path, f) for k, f in _read_json(index)["weight_map"].items()}
+            elif os.path.isfile(os.path.join(path, "model.safetensors")):
+                self.files = None
+            else:
+                raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json "
+                                        "(only safetensors weights are read)")
+            names = sorted(set(self.files.values())) if self.files else [os.path.join(path, "model.safetensors")]
+            self.handles = {}
+            for f in names:
+                if not os.path.isfile(f):
+                    raise FileNotFoundError(f"{f}: missing (listed in model.safetensors.index.json)")
+                try:
+                    self.handles[f] = safe_open(f, framework="pt", device="cpu")
+                except Exception as e:  # SafetensorError: header or size damaged
+                    raise ValueError(f"cannot read {f} (corrupt or truncated?): {e}") from None
+            if self.files is None:
+                self.files = {k: names[0] for k in self.handles[names[0]].keys()}
+            self.shards = None
+        else:
+            names = sorted(glob.glob(os.path.join(path, "consolidated.*.pth")))
+            if not names:
+                raise FileNotFoundError(f"{path}: no consolidated.*.pth next to params.json")
+            self.shards = [(f, torch_load(f, mmap=True)) for f in names]  # memory-mapped, read on use
+            for f, sd in self.shards:
+                bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)] if isinstance(sd, dict) else ["(top level)"]
+                if bad:
+                    raise ValueError(f"{f}: {bad[0]} is not a tensor (expected a dict of tensors)")
+            self.files = {k: names[0] for k in self.shards[0][1]}
+
+    def get(self, name: str, shape: torch.Size) -> torch.Tensor:
+        """The whole tensor `name`; Meta's model-parallel shards are joined along the dim that gives `shape`."""
+        if self.shards is None:
+            return self.handles[self.files[name]].get_tensor(name)
+        parts = [sd[name] for _, sd in self.shards]
+        if len(parts) == 1 or parts[0].shape == shape:  # replicated (norms) or not sharded
+            return parts[0]
+        for dim in range(parts[0].dim()):
+            if parts[0].shape[dim] * len(parts) == shape[dim]:
+                return torch.cat(parts, dim)
+        return parts[0]  # the shape check will name it
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if self.shards is None:
+            return tuple(self.handles[self.files[name]].get_slice(name).get_shape())
+        return tuple(self.shards[0][1][name].shape)
+
+
+def load_llama(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu", **overrides) -> Transformer:
+    """A Llama checkpoint directory -> Transformer in eval mode, weights in `dtype` on `device`.
+
+    Without overrides it is the plain pretrained decoder (chunk_size=0). CoMeT settings (chunk_size,
+    n_global, stride, temp_budget, adapter_rank) add memories: their modules start as in S5 (adapters =
+    identity), the compression and readout token embeddings start at the mean token embedding
+    (readout slots + a little noise, so that they differ). Errors name the file and the tensor."""
+    args, layout = read_config(path)
+    tensors = _Tensors(path, layout)
+    if "vocab_size" not in args:
+        args["vocab_size"] = tensors.shape("tok_embeddings.weight")[0]
+    if layout == "meta":
+        args["tie_embeddings"] = "output.weight" not in tensors.files  # Meta writes no tie flag
+    try:
+        cfg = ModelConfig(**{**args, "chunk_size": 0, **overrides})
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {e}") from None
+    with torch.device("meta"):
+        model = Transformer(cfg, verbose=False)
+    keys = {}  # our parameter name -> the checkpoint's tensor name
+    for ours, hf in HF_NAMES.items():
+        for i in range(cfg.n_layer) if "{i}" in ours else [0]:
+            keys[ours.format(i=i)] = (hf if layout == "hf" else ours).format(i=i)
+    used = set()
+    for name, p in list(model.named_parameters()):
+        if model.is_memory_param(name):
+            continue
+        key = keys[name]
+        if key not in tensors.files:
+            raise ValueError(f"{path}: tensor {key} is missing from {', '.join(sorted(set(tensors.files.values())))}")
+        t = tensors.get(key, p.shape)
+        if tuple(t.shape) != tuple(p.shape):
+            raise ValueError(f"{tensors.files[key]}: tensor {key} has shape {tuple(t.shape)}, but the config "
+                             f"says {tuple(p.shape)}")
+        if layout == "meta" and name.endswith(("wq.weight", "wk.weight")):
+            t = meta_to_hf_rotary(t, cfg.n_head if name.endswith("wq.weight") else cfg.n_kv_head)
+        _set_param(model, name, t.to(device=device, dtype=dtype))
+        used.add(key)
+    extra = sorted(k for k in tensors.files if k not in used and not k.endswith("rotary_emb.inv_freq")
+                   and not (cfg.tie_embeddings and k == keys["output.weight"]))
+    if extra:
+        raise ValueError(f"{tensors.files[extra[0]]}: unexpected tensor {extra[0]} for a Llama of this config")
+    if cfg.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    _add_memories(model, device, dtype)
+    model.build_rope(device)
+    return model.eval()
+
+
+def _set_param(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(module_name), attr, nn.Parameter(value))
+
+
+def _add_memories(model: Transformer, device, dtype) -> None:
+    """Give the CoMeT parameters (still on the meta device) real storage and their initial values."""
+    new = {n for n, p in model.named_parameters() if p.is_meta}
+    for name in new:
+        p = model.get_parameter(name)
+        _set_param(model, name, torch.empty(p.shape, device=device, dtype=dtype))
+    model.init_weights(new)
+    with torch.no_grad():
+        emb = model.tok_embeddings.weight.float()
+        mean = emb.mean(0)  # a "typical" token: inputs of the size the pretrained layers expect
+        if "compression_emb" in new:
+            model.compression_emb.copy_(mean.expand_as(model.compression_emb))
+        if "readout_emb" in new:
+            noise = torch.randn(model.readout_emb.shape, device=emb.device) * emb.std(0) * 0.1
+            model.readout_emb.copy_(mean + noise)
+
+
+def freeze_base(model: Transformer) -> list[str]:
+    """Train only what CoMeT adds (memory modules, compression and readout embeddings); returns their names."""
+    trainable = []
+    for name, p in model.named_parameters():
+        p.requires_grad_(model.is_memory_param(name))
+        if p.requires_grad:
+            trainable.append(name)
+    return trainable

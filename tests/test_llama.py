@@ -1,0 +1,284 @@
+"""llama.py: Llama checkpoints (Hugging Face and Meta layouts) load into model.py with transformers' logits,
+its greedy tokens and clear errors; CoMeT memories go on top of a frozen pretrained base."""
+import base64
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import data
+from llama import freeze_base, load_llama, meta_to_hf_rotary
+
+ROOT = Path(__file__).resolve().parents[1]
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 64}  # short, so that all three RoPE bands occur
+CASES = {
+    "mha_tied": dict(num_key_value_heads=4, tie_word_embeddings=True),
+    "gqa_untied_theta500k": dict(num_key_value_heads=2, tie_word_embeddings=False, rope_theta=500000.0),
+    "llama3_rope_scaling": dict(num_key_value_heads=2, rope_theta=500000.0, rope_scaling=LLAMA3_SCALING),
+    "sharded": dict(num_key_value_heads=2, tie_word_embeddings=False, rope_theta=500000.0),
+}
+
+
+def hf_model(seed=0, **overrides) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                      num_attention_heads=4, max_position_embeddings=512, rms_norm_eps=1e-5, **overrides)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # weights of a size that makes every part matter (HF's init is near zero)
+        for name, p in model.named_parameters():
+            p.copy_(1 + 0.1 * torch.randn_like(p) if name.endswith("norm.weight") else 0.1 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """case -> (directory, the transformers model that wrote it)."""
+    out = {}
+    for case, overrides in CASES.items():
+        path = tmp_path_factory.mktemp(case)
+        model = hf_model(**overrides)
+        model.save_pretrained(path, max_shard_size="40KB" if case == "sharded" else "1GB")
+        out[case] = path, model
+    assert (out["sharded"][0] / "model.safetensors.index.json").exists()
+    return out
+
+
+def ids(n=70, batch=2, seed=1):
+    return torch.randint(300, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+def write_meta(hf_dir: Path, out: Path, n_head=4, n_kv_head=2) -> Path:
+    """Meta's layout of an HF checkpoint: our names, interleaved q/k rows, params.json."""
+    out.mkdir()
+    sd = load_file(hf_dir / "model.safetensors")
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    names = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
+             "lm_head.weight": "output.weight"}
+    parts = {"input_layernorm": "attention_norm", "self_attn.q_proj": "attention.wq", "self_attn.k_proj":
+             "attention.wk", "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
+             "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "feed_forward.w1",
+             "mlp.down_proj": "feed_forward.w2", "mlp.up_proj": "feed_forward.w3"}
+    meta = {}
+    for key, t in sd.items():
+        if key in names:
+            meta[names[key]] = t
+            continue
+        _, _, i, *rest = key.split(".")
+        name = f"layers.{i}.{parts['.'.join(rest[:-1])]}.weight"
+        if name.endswith(("wq.weight", "wk.weight")):  # HF -> Meta: the inverse of meta_to_hf_rotary
+            heads = n_head if "wq" in name else n_kv_head
+            rows, d = t.shape
+            t = t.view(heads, 2, rows // heads // 2, d).transpose(1, 2).reshape(rows, d)
+        meta[name] = t.clone()
+    torch.save(meta, out / "consolidated.00.pth")
+    rope = cfg.get("rope_parameters") or {}
+    (out / "params.json").write_text(json.dumps(dict(
+        dim=64, n_layers=2, n_heads=n_head, n_kv_heads=n_kv_head, vocab_size=300, multiple_of=32, norm_eps=1e-5,
+        rope_theta=cfg.get("rope_theta") or rope.get("rope_theta"))))  # 2/3 of 4*64 = 170 -> 192 (multiple of 32)
+    return out
+
+
+# --- parity with transformers -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", CASES)
+def test_logits_equal_transformers(checkpoints, case):
+    path, hf = checkpoints[case]
+    model = load_llama(str(path))
+    x = ids()
+    with torch.no_grad():
+        diff = (model(x)[0] - hf(x).logits).abs().max().item()
+    assert diff <= 1e-4
+
+
+def test_meta_layout_converted_from_the_gqa_checkpoint_gives_transformers_logits(checkpoints, tmp_path):
+    path, hf = checkpoints["gqa_untied_theta500k"]
+    model = load_llama(str(write_meta(path, tmp_path / "meta")))
+    assert not model.config.tie_embeddings and model.config.ffn_hidden == 192
+    x = ids()
+    with torch.no_grad():
+        assert (model(x)[0] - hf(x).logits).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("case", ["gqa_untied_theta500k", "llama3_rope_scaling"])
+def test_greedy_generation_of_20_tokens_equals_transformers(checkpoints, case):
+    path, hf = checkpoints[case]
+    prompt = ids(12, batch=1, seed=3)
+    ours, _ = load_llama(str(path)).generate(prompt, 20, temperature=0)
+    theirs = hf.generate(prompt, max_new_tokens=20, do_sample=False, pad_token_id=0)[:, 12:]
+    assert torch.equal(ours, theirs)
+
+
+def test_rotary_permutation_moves_each_adjacent_pair_to_the_two_halves_of_its_head():
+    w = torch.arange(2 * 8).view(2 * 8, 1).float()  # 2 heads of 8 rows: Meta pairs (0,1), (2,3), ...
+    assert meta_to_hf_rotary(w, 2).flatten().tolist() == [0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15]
+
+
+def test_loading_in_bfloat16_puts_every_weight_in_bfloat16(checkpoints):
+    model = load_llama(str(checkpoints["gqa_untied_theta500k"][0]), dtype=torch.bfloat16, chunk_size=16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert not any(p.is_meta for p in model.parameters())
+
+
+# --- bad input: one clear error naming the file and the tensor ----------------------------------------
+
+def copy_checkpoint(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def test_a_directory_without_a_config_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config.json .* or params.json"):
+        load_llama(str(tmp_path))
+
+
+def test_a_missing_shard_is_named(checkpoints, tmp_path):
+    path = copy_checkpoint(checkpoints["sharded"][0], tmp_path / "ckpt")
+    next(path.glob("model-00002-of-*.safetensors")).unlink()
+    with pytest.raises(FileNotFoundError, match=r"model-00002-of-\d+\.safetensors: missing"):
+        load_llama(str(path))
+
+
+def test_a_missing_tensor_is_named(checkpoints, tmp_path):
+    path = copy_checkpoint(checkpoints["mha_tied"][0], tmp_path / "ckpt")
+    sd = load_file(path / "model.safetensors")
+    del sd["model.layers.1.mlp.up_proj.weight"]
+    save_file(sd, path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"tensor model\.layers\.1\.mlp\.up_proj\.weight is missing from .*model\.safetensors"):
+        load_llama(str(path))
+
+
+def test_a_tensor_of_the_wrong_shape_is_named_with_both_shapes(checkpoints, tmp_path):
+    path = copy_checkpoint(checkpoints["mha_tied"][0], tmp_path / "ckpt")
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 128}))
+    with pytest.raises(ValueError, match=r"model\.safetensors: tensor model\.layers\.0\.mlp\.gate_proj\.weight has "
+                                         r"shape \(192, 64\), but the config says \(128, 64\)"):
+        load_llama(str(path))
+
+
+def test_an_unknown_architecture_is_named(checkpoints, tmp_path):
+    path = copy_checkpoint(checkpoints["mha_tied"][0], tmp_path / "ckpt")
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, "architectures": ["MistralForCausalLM"]}))
+    with pytest.raises(ValueError, match=r"config\.json: architecture 'MistralForCausalLM' is not supported"):
+        load_llama(str(path))
+
+
+class NotATensor:
+    pass
+
+
+def test_a_pth_holding_an_arbitrary_pickle_is_refused(checkpoints, tmp_path):
+    meta = write_meta(checkpoints["gqa_untied_theta500k"][0], tmp_path / "meta")
+    torch.save({"tok_embeddings.weight": NotATensor()}, meta / "consolidated.00.pth")
+    with pytest.raises(ValueError, match=r"refused to load .*consolidated\.00\.pth: it holds objects other than tensors"):
+        load_llama(str(meta))
+
+
+def test_a_pth_holding_plain_data_instead_of_a_tensor_names_it(checkpoints, tmp_path):
+    meta = write_meta(checkpoints["gqa_untied_theta500k"][0], tmp_path / "meta")
+    sd = torch.load(meta / "consolidated.00.pth", weights_only=True)
+    torch.save({**sd, "norm.weight": "a string"}, meta / "consolidated.00.pth")
+    with pytest.raises(ValueError, match=r"consolidated\.00\.pth: norm\.weight is not a tensor"):
+        load_llama(str(meta))
+
+
+# --- CoMeT on a pretrained model -----------------------------------------------------------------------
+
+def test_loaded_model_without_memories_equals_the_plain_pretrained_decoder(checkpoints):
+    path = str(checkpoints["gqa_untied_theta500k"][0])
+    plain = load_llama(path)
+    no_memories = load_llama(path, chunk_size=64, n_global=0, temp_budget=0)
+    x = ids(64)  # one chunk
+    with torch.no_grad():
+        torch.testing.assert_close(no_memories(x)[0], plain(x)[0], rtol=0, atol=1e-5)
+
+
+def test_with_a_frozen_base_only_memories_and_new_embeddings_get_gradients(checkpoints):
+    model = load_llama(str(checkpoints["gqa_untied_theta500k"][0]), chunk_size=16, n_global=4, stride=4,
+                       temp_budget=8).train()
+    trainable = set(freeze_base(model))
+    x = ids(40)
+    model(x, targets=x)[1].backward()
+    assert {n for n, p in model.named_parameters() if p.grad is not None} == trainable
+    # every one of them learns (the adapters' down-projections only once W_up has left zero, S5)
+    assert all(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n in trainable and "down" not in n)
+    assert trainable == {n for n, _ in model.named_parameters() if n.startswith("memories.")} | {
+        "compression_emb", "readout_emb"}
+
+
+def test_new_compression_and_readout_embeddings_start_at_the_mean_token_embedding(checkpoints):
+    model = load_llama(str(checkpoints["mha_tied"][0]), chunk_size=16, n_global=4, stride=4, temp_budget=8)
+    mean = model.tok_embeddings.weight.mean(0)
+    torch.testing.assert_close(model.compression_emb[0], mean)
+    spread = (model.readout_emb - mean).norm(dim=-1)
+    assert (spread > 0).all() and (spread < 0.2 * model.tok_embeddings.weight.norm(dim=-1).mean()).all()
+
+
+# --- tokenizers ----------------------------------------------------------------------------------------
+
+def write_llama3_tokenizer(path: Path) -> Path:
+    """A tokenizer.model in Llama 3's format: byte ranks plus a few merges."""
+    ranks = [bytes([i]) for i in range(256)] + [b"th", b"the", b" the", b"12", b"123"]
+    path.write_text("".join(f"{base64.b64encode(t).decode()} {i}\n" for i, t in enumerate(ranks)))
+    return path
+
+
+def test_llama3_tokenizer_has_llama3_specials_after_the_ranks_and_splits_digits_by_three(tmp_path):
+    (tmp_path / "original").mkdir()
+    write_llama3_tokenizer(tmp_path / "original" / "tokenizer.model")
+    enc = data.get_tokenizer(str(tmp_path))  # found in original/
+    assert enc.encode_single_token("<|begin_of_text|>") == 261 and enc.encode_single_token("<|eot_id|>") == 270
+    assert enc.n_vocab == 261 + 256
+    assert [enc.decode([t]) for t in enc.encode_ordinary("1234567")] == ["123", "4", "5", "6", "7"]
+    text = "the theme: Über 12 \n\n  café"
+    assert enc.decode(enc.encode_ordinary(text)) == text
+
+
+def test_llama2_sentencepiece_tokenizer_is_read_through_sentencepiece(tmp_path):
+    import sentencepiece
+    text = ["The grass is green. The sky is blue.", "The pass key is 12345. Remember it."] * 50
+    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(text), model_prefix=str(tmp_path / "sp"),
+                                             vocab_size=28, minloglevel=2)
+    (tmp_path / "sp.model").rename(tmp_path / "tokenizer.model")
+    enc = data.get_tokenizer(str(tmp_path))
+    assert enc.n_vocab == 28 and enc.decode(enc.encode_ordinary("The sky is green.")) == "The sky is green."
+
+
+def test_a_directory_without_a_tokenizer_says_what_to_pass(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no tokenizer.model .* pass --tokenizer=bytes"):
+        data.get_tokenizer(str(tmp_path))
+
+
+# --- train.py and sample.py on a loaded checkpoint ------------------------------------------------------
+
+def test_train_puts_memories_on_a_frozen_pretrained_model_and_leaves_its_weights_alone(checkpoints, tmp_path):
+    path = checkpoints["gqa_untied_theta500k"][0]
+    cmd = [sys.executable, "train.py", "config/smoke.py", f"--init_from={path}", "--tokenizer=bytes",
+           "--freeze_base=True", "--max_iters=3", "--eval_interval=0", f"--out_dir={tmp_path}"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ckpt["model_args"]["n_embd"] == 64 and ckpt["model_args"]["chunk_size"] == 16  # loaded + smoke's memories
+    hf = load_file(path / "model.safetensors")
+    assert torch.equal(ckpt["model"]["layers.1.feed_forward.w2.weight"], hf["model.layers.1.mlp.down_proj.weight"])
+    n_memory = sum(1 for name in ckpt["model"] if name.startswith(("memories.", "compression_emb", "readout_emb")))
+    assert len(ckpt["optimizer"]["state"]) == n_memory  # the optimizer holds the memories only
+
+
+def test_sample_generates_from_a_llama_directory_with_and_without_memories(checkpoints, tmp_path):
+    path = copy_checkpoint(checkpoints["gqa_untied_theta500k"][0], tmp_path / "ckpt")
+    write_llama3_tokenizer(path / "tokenizer.model")
+    for extra in ([], ["--chunk_size=16"]):
+        r = subprocess.run([sys.executable, "sample.py", f"--init_from={path}", "--prompt=the theme 123",
+                            "--max_new_tokens=5", *extra], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0 and "=> " in r.stdout and "5 tokens generated" in r.stdout, r.stderr[-2000:]
