@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import pickle
 import queue
 import re
 import time
@@ -49,17 +50,17 @@ class PipelineError(RuntimeError):
 
 class _Send(torch.autograd.Function):
     """Forward: send x to the next rank. Backward: receive dLoss/dx from it. The returned zero is
-    added to the loss so that backward reaches this node."""
+    added to this rank's outputs, so that backward reaches this node."""
 
     @staticmethod
     def forward(ctx, x: Tensor, pipe: Pipeline, layer: int) -> Tensor:
-        ctx.pipe, ctx.layer, ctx.shape = pipe, layer, x.shape
+        ctx.pipe, ctx.layer, ctx.shape, ctx.dtype = pipe, layer, x.shape, x.dtype
         pipe._send(x.detach(), pipe.rank + 1, layer, "send layer-{l} memories to rank {p}")
         return x.new_zeros(())
 
     @staticmethod
     def backward(ctx, _):
-        grad = ctx.pipe._receive(ctx.shape, ctx.pipe.rank + 1, ctx.layer,
+        grad = ctx.pipe._receive(ctx.shape, ctx.dtype, ctx.pipe.rank + 1, ctx.layer,
                                  "receive the gradient of its layer-{l} memories from rank {p}")
         return grad, None, None
 
@@ -71,7 +72,7 @@ class _Recv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, anchor: Tensor, pipe: Pipeline, layer: int, shape: tuple[int, ...]) -> Tensor:
         ctx.pipe, ctx.layer = pipe, layer
-        return pipe._receive(shape, pipe.rank - 1, layer, "receive layer-{l} memories from rank {p}")
+        return pipe._receive(shape, anchor.dtype, pipe.rank - 1, layer, "receive layer-{l} memories from rank {p}")
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -81,17 +82,17 @@ class _Recv(torch.autograd.Function):
 
 
 class Pipeline:
-    """This process's place in the pipeline (rank, world, schedule, timeout) and the messages of the
-    current step. Created after `dist.init_process_group`; see `from_env` and `launch`."""
+    """This process's place in the pipeline (rank, world, schedule, timeout) and its sends in flight.
+    Created after `dist.init_process_group`; see `from_env` and `launch`.
+    NOTE: messages carry no tags: between two ranks they match in the order they were posted, which is
+    what NCCL requires, so the gloo tests check that both sides post in the same order."""
 
-    def __init__(self, schedule: str = "wavefront", timeout: float = 60.0, device: str = "cpu",
-                 dtype: torch.dtype = torch.float32):
+    def __init__(self, schedule: str = "wavefront", timeout: float = 60.0, device: str = "cpu"):
         if schedule not in ("wavefront", "naive"):
             raise ValueError(f"pipeline schedule {schedule!r} must be 'wavefront' or 'naive'")
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.schedule, self.timeout, self.device, self.dtype = schedule, timeout, device, dtype
-        self.pending: list = []  # sends in flight (work, buffer, what, peer, layer), finished by `backward`
-        self.tied: list[Tensor] = []  # the zeros _Send returned, added to the loss
+        self.schedule, self.timeout, self.device = schedule, timeout, device
+        self.pending: list = []  # sends in flight (work, buffer, what, peer, layer), finished by `all_reduce`
         self.wait_s = 0.0  # time this rank spent blocked on a peer (for utilisation)
 
     @staticmethod
@@ -100,10 +101,13 @@ class Pipeline:
         if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
             raise ValueError("pipeline=True needs torchrun, e.g. "
                              "torchrun --standalone --nproc_per_node=2 train.py ... --pipeline=True")
-        if device.startswith("cuda"):
+        cuda = torch.device(device).type == "cuda"
+        if cuda:
             device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=timedelta(seconds=timeout))
+        # the group's own timeout is longer, so that our waits (with their messages) expire first;
+        # NOTE: the NCCL path's timeouts and messages are untested here (no GPUs on the dev box)
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=2 * timeout + 30))
         return Pipeline(schedule, timeout, device)
 
     def _fail(self, what: str, peer: int, layer: int | None, err: Exception | None) -> PipelineError:
@@ -111,13 +115,13 @@ class Pipeline:
         fact = re.sub(r"^\[[^\]]*\]\s*", "", str(err or "").strip()).split(". ")[0].splitlines()
         why = f" ({fact[0][:160]})" if fact and fact[0] else ""
         who = f"rank {peer}" if peer >= 0 else "another rank"
-        return PipelineError(f"pipeline rank {self.rank}: {what.format(l=layer, p=peer)} failed within "
-                             f"{self.timeout:g}s{why}; {who} died, raised or is stuck, so every rank stops")
+        return PipelineError(f"pipeline rank {self.rank}: {what.format(l=layer, p=peer)} failed (timeout "
+                             f"{self.timeout:g}s){why}; {who} died, raised or is stuck, so every rank stops")
 
-    def _wait(self, work, what: str, peer: int, layer: int | None) -> None:
+    def _wait(self, work, what: str, peer: int, layer: int | None, timeout: float | None = None) -> None:
         t0 = time.perf_counter()
         try:
-            ok = work.wait(timedelta(seconds=self.timeout))
+            ok = work.wait(timedelta(seconds=timeout or self.timeout))
         except Exception as e:  # gloo: timeout or connection closed by a dead peer
             raise self._fail(what, peer, layer, e) from None
         if ok is False:
@@ -128,15 +132,15 @@ class Pipeline:
         """Start sending; `finish_sends` waits for it (and keeps the buffer alive until then)."""
         buf = buf.contiguous()
         try:
-            work = dist.isend(buf, peer, tag=layer)
+            work = dist.isend(buf, peer)
         except Exception as e:
             raise self._fail(what, peer, layer, e) from None
         self.pending.append((work, buf, what, peer, layer))
 
-    def _receive(self, shape, peer: int, layer: int, what: str) -> Tensor:
-        buf = torch.empty(shape, device=self.device, dtype=self.dtype)
+    def _receive(self, shape, dtype, peer: int, layer: int, what: str) -> Tensor:
+        buf = torch.empty(shape, device=self.device, dtype=dtype)
         try:
-            work = dist.irecv(buf, peer, tag=layer)
+            work = dist.irecv(buf, peer)
         except Exception as e:
             raise self._fail(what, peer, layer, e) from None
         self._wait(work, what, peer, layer)
@@ -147,24 +151,27 @@ class Pipeline:
             self._wait(work, what, peer, layer)
         self.pending.clear()
 
-    def send_memory(self, mem: MemoryState, layer: int) -> None:
-        """Layer `layer`'s memories after this rank's last chunk, to the next rank."""
-        packed = mem.pack().to(self.dtype)  # (B, 2*n_global + n_temp, C)
+    def send_memory(self, mem: MemoryState, layer: int, dtype: torch.dtype) -> Tensor | None:
+        """Layer `layer`'s memories after this rank's last chunk, to the next rank. Returns a zero that
+        the caller adds to its outputs (backward then receives the memories' gradient), or None."""
+        packed = mem.pack().to(dtype)  # (B, 2*n_global + n_temp, C)
         if packed.numel():  # no memories at all (n_global = temp_budget = 0): nothing to say
-            self.tied.append(_Send.apply(packed, self, layer))
+            return _Send.apply(packed, self, layer)
+        return None
 
-    def recv_memory(self, layer: int, shape: tuple[int, int, int], n_global: int) -> MemoryState:
+    def recv_memory(self, layer: int, shape: tuple[int, int, int], n_global: int, dtype: torch.dtype) -> MemoryState:
         """Layer `layer`'s memories before this rank's first chunk, from the previous rank."""
         if shape[1] == 0:
-            return MemoryState.unpack(torch.zeros(shape, device=self.device, dtype=self.dtype), 0)
-        anchor = torch.empty(0, device=self.device, requires_grad=torch.is_grad_enabled())
+            return MemoryState.unpack(torch.zeros(shape, device=self.device, dtype=dtype), 0)
+        anchor = torch.empty(0, device=self.device, dtype=dtype, requires_grad=torch.is_grad_enabled())
         return MemoryState.unpack(_Recv.apply(anchor, self, layer, shape), n_global)
 
     # --- one training step: forward, then backward + all-reduce ----------------------------------------
 
     def forward(self, model: Transformer, idx: Tensor, bptt_chunks: int = 0) -> tuple[Tensor, slice]:
         """S7: idx (B, N) is the whole sequence (every rank gets it). Returns the logits of this rank's
-        tokens (B, n, V) and which tokens they are (idx[:, span]). Same maths as `model(idx)`."""
+        tokens (B, n, V) and which tokens they are (idx[:, span]). Same maths as `model(idx)`; then
+        `loss.backward()` runs the wavefront in reverse and `all_reduce` sums the weight gradients."""
         cfg, B, N = model.config, idx.size(0), idx.size(1)
         if not cfg.comet:
             raise ValueError("the pipeline splits a sequence by chunks: it needs chunk_size > 0")
@@ -175,16 +182,17 @@ class Pipeline:
         hs = [model.embed_chunk(x, lay) for x, lay in zip(chunks, layouts)]  # (B, L_chunk, C) each
         n_g, n_t = model.memory_slots(mine.start)  # the FIFO may still be filling
         shape = (B, 2 * n_g + n_t, cfg.n_embd)
+        wire = model.tok_embeddings.weight.dtype  # what memories travel as (every rank has the same)
         first, last = self.rank == 0, self.rank == self.world - 1
         # naive context parallelism: wait for every layer's memories up front, send all at the end
         naive = self.schedule == "naive"
-        incoming = [self.recv_memory(l, shape, n_g) for l in range(cfg.n_layer)] if naive and not first else None
-        outgoing = []
+        incoming = [self.recv_memory(l, shape, n_g, wire) for l in range(cfg.n_layer)] if naive and not first else None
+        outgoing, sent = [], []
         for l in range(cfg.n_layer):  # layer-major: the wavefront
             if first:
                 mem = MemoryState.empty(B, cfg.n_embd, idx.device, hs[0].dtype)
             else:
-                mem = incoming[l] if naive else self.recv_memory(l, shape, n_g)
+                mem = incoming[l] if naive else self.recv_memory(l, shape, n_g, wire)
             for i, (c, lay) in enumerate(zip(mine, layouts)):
                 if bptt_chunks and c and c % bptt_chunks == 0:
                     mem = mem.detach()  # truncated BPTT, exactly where model.forward cuts
@@ -195,21 +203,19 @@ class Pipeline:
                 if naive:
                     outgoing.append((mem, l))
                 else:
-                    self.send_memory(mem, l)
-        for mem, l in outgoing:
-            self.send_memory(mem, l)
+                    sent.append(self.send_memory(mem, l, wire))
+        sent += [self.send_memory(mem, l, wire) for mem, l in outgoing]
         h = torch.cat([h[:, lay.tokens] for h, lay in zip(hs, layouts)], 1)  # (B, n, C) real tokens only
+        h = h + sum(z for z in sent if z is not None)  # + 0: ties the sends into the graph for backward
         span = slice(mine.start * cs, min(N, mine.stop * cs))
         return model.output(model.norm(h)), span
 
-    def backward(self, model: Transformer, loss: Tensor, flag: float = 0.0) -> tuple[float, float]:
-        """Backward through the wavefront, then one all-reduce of the weight gradients (sum), of the
-        loss and of `flag` (e.g. 'stop requested'). `loss` must be this rank's share of the total
-        loss (its tokens' sum / the whole batch's count). Returns (total loss, sum of flags)."""
-        (loss + sum(self.tied)).backward()
-        self.tied.clear()
+    def all_reduce(self, model: Transformer, loss: Tensor, flag: float = 0.0) -> tuple[float, float]:
+        """After `loss.backward()`: one all-reduce (sum) of the trainable weights' gradients, of the loss
+        and of `flag` (e.g. 'stop requested'). `loss` must be this rank's share of the total loss (its
+        tokens' sum / the whole batch's count). Returns (total loss, sum of flags)."""
         self.finish_sends()
-        params = list(model.parameters())
+        params = [p for p in model.parameters() if p.requires_grad]
         parts = [p.grad.flatten() if p.grad is not None else p.new_zeros(p.numel()) for p in params]
         has = torch.tensor([p.grad is not None for p in params], dtype=parts[0].dtype, device=parts[0].device)
         extra = torch.stack([loss.detach().to(has), has.new_tensor(flag)])
@@ -220,6 +226,10 @@ class Pipeline:
         for p, g, n in zip(params, grads, flat[-2 - len(params):-2]):
             p.grad = g.view_as(p).to(p.dtype) if n > 0 else None  # unused on every rank: None, as in one process
         return flat[-2].item(), flat[-1].item()
+
+    def barrier(self, what: str, timeout: float) -> None:
+        """Wait (up to `timeout` s) until every rank gets here, e.g. while rank 0 writes a checkpoint."""
+        self._wait(dist.barrier(async_op=True), what, peer=-1, layer=None, timeout=timeout)
 
     def broadcast_parameters(self, model: Transformer) -> None:
         """Make every rank start from rank 0's weights (one message)."""
@@ -245,11 +255,11 @@ def _rank_main(rank: int, world: int, port: int, timeout: float, schedule: str, 
     store = dist.TCPStore("127.0.0.1", port, world + 1, is_master=False, timeout=timedelta(seconds=timeout))
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timedelta(seconds=timeout))
     t0 = time.monotonic()
-    try:
+    try:  # plain pickle: tensors by value (the queue's own pickler shares memory with a rank about to exit)
         value = fn(Pipeline(schedule, timeout), *args)
-        results.put((rank, "ok", value, time.monotonic() - t0))
+        results.put((rank, "ok", pickle.dumps(value), time.monotonic() - t0))
     except PipelineError as e:
-        results.put((rank, "error", str(e), time.monotonic() - t0))
+        results.put((rank, "error", pickle.dumps(str(e)), time.monotonic() - t0))
         raise SystemExit(1)
     finally:
         dist.destroy_process_group()
@@ -258,7 +268,8 @@ def _rank_main(rank: int, world: int, port: int, timeout: float, schedule: str, 
 def launch(fn, world: int, *args, schedule: str = "wavefront", timeout: float = 30.0,
            deadline: float | None = None) -> list[RankResult]:
     """Run fn(pipe, *args) on `world` local gloo processes (fn must be importable: spawn pickles it by
-    name); ranks still running `deadline` seconds after the start are killed. One result per rank."""
+    name). Ranks still running `deadline` seconds after the start, or a timeout after another rank
+    reported an error, are killed. One result per rank."""
     import torch.multiprocessing as mp
     ctx = mp.get_context("spawn")
     # the rendezvous store lives here, on a port the OS picks (port 0: no collisions between runs)
@@ -272,8 +283,10 @@ def launch(fn, world: int, *args, schedule: str = "wavefront", timeout: float = 
     end = time.monotonic() + (deadline if deadline is not None else 10 * timeout + 60)
     while len(out) < world and time.monotonic() < end and any(p.is_alive() for p in procs):
         try:
-            rank, *report = results.get(timeout=0.1)
-            out[rank] = report
+            rank, status, value, seconds = results.get(timeout=0.1)
+            out[rank] = status, pickle.loads(value), seconds
+            if status == "error":  # the others have one timeout to report too
+                end = min(end, time.monotonic() + timeout + 5)
         except queue.Empty:
             pass
     for p in procs:
@@ -284,8 +297,8 @@ def launch(fn, world: int, *args, schedule: str = "wavefront", timeout: float = 
             p.kill()
             p.join()
     while not results.empty():  # anything that arrived after the last poll
-        rank, *report = results.get()
-        out[rank] = report
+        rank, status, value, seconds = results.get()
+        out[rank] = status, pickle.loads(value), seconds
     return [RankResult(codes[r], *out.get(r, ("died", None, math.nan))) for r in range(world)]
 
 
@@ -328,7 +341,8 @@ def _timed_steps(pipe: Pipeline, cfg, batch: int, n_tokens: int, steps: int) -> 
         pipe.wait_s, t0 = 0.0, time.perf_counter()
         logits, span = pipe.forward(model, idx)
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), idx[:, span].flatten(), reduction="sum")
-        pipe.backward(model, loss / idx.numel())
+        (loss / idx.numel()).backward()
+        pipe.all_reduce(model, loss / idx.numel())
         model.zero_grad(set_to_none=True)
         times.append((time.perf_counter() - t0, pipe.wait_s))
     step_s, wait_s = min(times[1:])  # the fastest step, and how long this rank waited in it

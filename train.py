@@ -138,10 +138,10 @@ def train_step(model, pipe, autocast, x, y, answer, stop: bool) -> tuple[float, 
         else:  # this rank's tokens; its loss share is their sum over the whole batch's counts
             logits, span = pipe.forward(model, x, bptt_chunks)
             loss = passkey_loss(logits, y[:, span], answer[:, span], whole=answer)
+    loss.backward()  # over the pipeline: the wavefront in reverse, memory gradients sent back (S7)
     if pipe is None:
-        loss.backward()
         return loss.item(), float(stop)
-    return pipe.backward(model, loss, flag=float(stop))  # + all-reduce of gradients, loss and stop
+    return pipe.all_reduce(model, loss, flag=float(stop))  # gradients, loss and stop requests of every rank
 
 
 def evaluate(model, enc) -> float:
@@ -250,8 +250,9 @@ def main() -> None:
         if dev == "cpu" and not threads:
             torch.set_num_threads(1)  # one core per rank: oversubscribed cores slow gloo runs badly
     master = pipe is None or pipe.rank == 0  # logs, prints and writes checkpoints
-    use_bf16 = dtype == "bfloat16" or (dtype == "auto" and dev == "cuda" and torch.cuda.is_bf16_supported())
-    autocast = torch.autocast(dev, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+    cuda = torch.device(dev).type == "cuda"  # dev may be cuda:N (a pipeline rank)
+    use_bf16 = dtype == "bfloat16" or (dtype == "auto" and cuda and torch.cuda.is_bf16_supported())
+    autocast = torch.autocast(torch.device(dev).type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -259,7 +260,7 @@ def main() -> None:
         model = build_model(config, enc, ckpt, dev, verbose=master)
     except (OSError, TypeError, ValueError) as e:
         raise SystemExit(f"error: {e}")
-    optimizer = make_optimizer(model, fused=dev == "cuda")
+    optimizer = make_optimizer(model, fused=cuda)
     iter_num, acc, log_path = 0, None, os.path.join(out_dir, "log.jsonl")
     if master:
         os.makedirs(out_dir, exist_ok=True)
@@ -293,46 +294,50 @@ def main() -> None:
     t0, n_tok = time.perf_counter(), 0
     bar = tqdm(total=max_iters, initial=iter_num, unit="it", dynamic_ncols=True, disable=not master)
     model.train()
-    with open(log_path, "a") if master else contextlib.nullcontext() as log:
-        for it in range(iter_num, max_iters):
-            lr_now = get_lr(it)
-            for group in optimizer.param_groups:
-                group["lr"] = lr_now * group["lr_mult"]
-            x, y, answer = get_batch(enc, it, dev)
-            optimizer.zero_grad(set_to_none=True)
-            try:
+    try:
+        with open(log_path, "a") if master else contextlib.nullcontext() as log:
+            for it in range(iter_num, max_iters):
+                lr_now = get_lr(it)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_now * group["lr_mult"]
+                x, y, answer = get_batch(enc, it, dev)
+                optimizer.zero_grad(set_to_none=True)
                 loss, stops = train_step(model, pipe, autocast, x, y, answer, bool(stop))
-            except PipelineError as e:
-                raise SystemExit(f"error: {e}")
-            if stops and not stop:
-                stop.append(True)  # another rank was interrupted: stop together
-            if grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            optimizer.step()
-            n_tok += x.numel()
-            record = dict(iter=it, loss=loss, lr=lr_now, len=x.size(1) + 1)
-            done = it + 1 == max_iters
-            if (eval_interval and (it + 1) % eval_interval == 0) or done:
-                record["passkey_acc"] = acc = evaluate(model, enc)  # every rank: no one waits for rank 0
-            if not master:
-                continue
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            if (ckpt_interval and (it + 1) % ckpt_interval == 0) or done or stop:
-                checkpoint(it + 1, acc)
-            tok_s = n_tok / (time.perf_counter() - t0)  # evaluations included: what a run really gets
-            bar.set_postfix(loss=f"{record['loss']:.3f}", len=record["len"], tok_s=f"{tok_s:,.0f}",
-                            acc="-" if acc is None else f"{acc:.0%}")
-            bar.update()
-            if stop:
-                bar.write(f"interrupted: checkpoint at iteration {it + 1} in {ckpt_path}; "
-                          "continue with --init_from=resume")
-                break
+                # ranks stop together, on what they all-reduced (a Ctrl-C during the step counts next step)
+                halt = stops > 0 if pipe else bool(stop)
+                if grad_clip:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+                optimizer.step()
+                n_tok += x.numel()
+                record = dict(iter=it, loss=loss, lr=lr_now, len=x.size(1) + 1)
+                done = it + 1 == max_iters
+                if (eval_interval and (it + 1) % eval_interval == 0) or done:
+                    record["passkey_acc"] = acc = evaluate(model, enc)  # every rank: no one waits for rank 0
+                save = (ckpt_interval and (it + 1) % ckpt_interval == 0) or done or halt
+                if master:
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+                    if save:
+                        checkpoint(it + 1, acc)
+                    tok_s = n_tok / (time.perf_counter() - t0)  # evaluations included: what a run really gets
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", len=record["len"], tok_s=f"{tok_s:,.0f}",
+                                    acc="-" if acc is None else f"{acc:.0%}")
+                    bar.update()
+                if pipe and save:  # the others wait for rank 0's checkpoint (maybe large) without a short timeout
+                    pipe.barrier("wait for rank 0 to write its checkpoint", max(600.0, pipeline_timeout))
+                if halt:
+                    if master:
+                        bar.write(f"interrupted: checkpoint at iteration {it + 1} in {ckpt_path}; "
+                                  "continue with --init_from=resume")
+                    break
+    except PipelineError as e:  # a rank died, raised or hung: all stop
+        raise SystemExit(f"error: {e}")
     bar.close()
     if pipe:
         torch.distributed.destroy_process_group()
     if master:
         print(f"done: {ckpt_path}, passkey accuracy at {max_len} tokens: {acc}")
+
 
 if __name__ == "__main__":
     main()

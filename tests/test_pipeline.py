@@ -21,11 +21,13 @@ TIMEOUT = 20.0  # seconds any rank waits for another in these tests
 # tokens, a FIFO of 3 slots (full after 2 chunks) unless overridden.
 CASES = {
     "even": (2, 64, {}, 0, "wavefront"),            # 8 chunks: 4 + 4
-    "naive": (2, 64, {}, 0, "naive"),               # the same, naive context parallelism
+    "naive": (3, 64, {}, 0, "naive"),               # naive context parallelism: 2 + 3 + 3
     "uneven": (3, 75, {}, 0, "wavefront"),          # 10 chunks: 3 + 3 + 4, the last one open (partial)
     "fifo_filling": (3, 40, dict(temp_budget=12), 0, "wavefront"),  # 5 chunks: 1 + 2 + 2, FIFO never full
     "bptt_cut_at_a_rank": (3, 75, {}, 2, "wavefront"),  # ranks start at chunks 0, 3, 6: cut at 6 only
     "global_memory_only": (2, 48, dict(temp_budget=0), 0, "wavefront"),
+    "temporary_memory_only": (2, 48, dict(n_global=0), 0, "wavefront"),
+    "no_memories": (2, 48, dict(n_global=0, temp_budget=0), 0, "wavefront"),  # nothing to send
 }
 
 
@@ -42,7 +44,9 @@ def pipelined_step(pipe, n_tokens, overrides, bptt_chunks):
     idx, targets = batch(n_tokens)
     logits, span = pipe.forward(model, idx, bptt_chunks)
     loss = F.cross_entropy(logits.flatten(0, 1), targets[:, span].flatten(), ignore_index=-1, reduction="sum")
-    total, _ = pipe.backward(model, loss / (targets != -1).sum())
+    share = loss / (targets != -1).sum()
+    share.backward()
+    total, _ = pipe.all_reduce(model, share)
     return total, {n: p.grad for n, p in model.named_parameters()}
 
 
@@ -113,7 +117,8 @@ def failing_step(pipe, how):
     model.layer_step = layer_step
     idx, targets = batch(72)
     logits, span = pipe.forward(model, idx)
-    pipe.backward(model, logits.sum())
+    logits.sum().backward()
+    pipe.all_reduce(model, logits.sum())
 
 
 @pytest.mark.parametrize("how", ["killed", "hangs", "raises"])
@@ -183,3 +188,30 @@ def test_torchrun_with_fewer_chunks_than_ranks_stops_with_one_clear_error(tmp_pa
 def test_pipeline_without_torchrun_says_how_to_launch(tmp_path):
     r = train(tmp_path, "--pipeline=True")
     assert r.returncode != 0 and "needs torchrun" in r.stderr and "Traceback" not in r.stderr
+
+
+def rank_pid(launcher_pid: int, rank: int) -> int | None:
+    """The pid of torchrun's worker with RANK=rank (Linux /proc), or None while it has not started."""
+    for child in Path(f"/proc/{launcher_pid}/task/{launcher_pid}/children").read_text().split():
+        try:
+            env = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env:
+            return int(child)
+    return None
+
+
+def test_ctrl_c_on_one_rank_stops_every_rank_after_the_step_with_a_checkpoint(tmp_path):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd = [*launcher, "train.py", "config/smoke.py", f"--out_dir={tmp_path}", "--max_iters=100000",
+           "--eval_interval=0", "--ckpt_interval=0", "--pipeline=True"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log, deadline = tmp_path / "log.jsonl", time.time() + 120
+    while (not log.exists() or len(log.read_text().splitlines()) < 5) and time.time() < deadline:
+        time.sleep(0.1)
+    os.kill(rank_pid(proc.pid, 1), signal.SIGINT)  # only rank 1 sees it; rank 0 writes the checkpoint
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "interrupted: checkpoint at iteration" in out, err[-3000:]
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ckpt["iter_num"] == len(log.read_text().splitlines()) >= 5
