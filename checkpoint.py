@@ -51,18 +51,20 @@ def read_checkpoint(path: str, device: str = "cpu") -> dict:
     """The checkpoint dict, or one clear error: missing file, corrupt file, unsafe pickle, missing keys."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path} (train one with `python train.py`)")
-    ckpt = torch_load(path, device)
+    ckpt = torch_load(path, device, mmap=device == "cpu")  # tensors are read from the file as they are used
     missing = [k for k in REQUIRED if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise ValueError(f"{path} is not a nanocomet checkpoint: missing {', '.join(missing)}")
     return ckpt
 
 
-def load_model(path: str, device: str = "cpu") -> tuple[Transformer, dict]:
-    """Rebuild the model a checkpoint was trained with and load its weights; returns (model in eval mode, ckpt)."""
-    ckpt = read_checkpoint(path, device)
+def load_model(path: str, device: str = "cpu", ckpt: dict | None = None) -> tuple[Transformer, dict]:
+    """Rebuild the model a checkpoint was trained with and load its weights; returns (model in eval mode, ckpt).
+    Built on the meta device and given the checkpoint's (memory-mapped) tensors: one copy, however large."""
+    ckpt = ckpt if ckpt is not None else read_checkpoint(path)
     try:
-        model = Transformer(ModelConfig(**ckpt["model_args"]), verbose=False)
+        with torch.device("meta"):
+            model = Transformer(ModelConfig(**ckpt["model_args"]), verbose=False)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: bad model_args: {e}") from None
     expected, weights = model.state_dict(), ckpt["model"]
@@ -75,7 +77,10 @@ def load_model(path: str, device: str = "cpu") -> tuple[Transformer, dict]:
     extra = sorted(set(weights) - set(expected))
     if extra:
         raise ValueError(f"{path}: unexpected tensors {', '.join(extra[:3])} for the model its model_args describe")
-    model.load_state_dict(weights)
+    model.load_state_dict(weights, assign=True)
+    if model.config.tie_embeddings:  # assign gave output.weight a Parameter of its own: one again
+        model.output.weight = model.tok_embeddings.weight
+    model.build_rope()
     return model.to(device).eval(), ckpt
 
 
@@ -92,7 +97,8 @@ def open_for_inference(cfg: dict):
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
     if cfg.get("init_from"):
-        dtype = {"auto": torch.bfloat16 if dev.startswith("cuda") else torch.float32,
+        bf16 = dev.startswith("cuda") and torch.cuda.is_bf16_supported()
+        dtype = {"auto": torch.bfloat16 if bf16 else torch.float32,
                  "float32": torch.float32, "bfloat16": torch.bfloat16}.get(cfg["dtype"])
         if dtype is None:
             raise ValueError(f"dtype={cfg['dtype']!r} must be auto, float32 or bfloat16")

@@ -72,7 +72,8 @@ def llama_tokenizer(path: str):
     with open(path, "rb") as f:
         data = f.read()
     try:
-        ranks = {base64.b64decode(tok, validate=True): int(rank) for tok, rank in (line.split() for line in data.splitlines() if line)}
+        lines = (line.split() for line in data.splitlines() if line)
+        ranks = {base64.b64decode(tok, validate=True): int(rank) for tok, rank in lines}
     except ValueError:  # not "base64 rank" lines: sentencepiece's protobuf (Llama 1/2)
         return _sentencepiece(path)
     specials = {s: len(ranks) + i for i, s in enumerate(LLAMA3_SPECIALS)}
@@ -85,14 +86,28 @@ class _SentencePiece:
 
     def __init__(self, processor, name: str):
         self.sp, self.name, self.n_vocab = processor, name, processor.get_piece_size()
+        self.bos = processor.bos_id()
+        self._unk = processor.id_to_piece(processor.unk_id())
+        self._skip = len(processor.encode(self._unk))
 
     def encode_ordinary(self, text: str) -> list[int]:
-        return self.sp.encode(text)  # no BOS: callers add what they need
+        """No BOS, and no "dummy prefix" space: sentencepiece would start every call with one, so text
+        encoded in pieces (as the passkey task does) would gain a space at every join. Encoding it
+        behind an <unk> piece, then dropping that, is how transformers' Llama tokenizer avoids it."""
+        return self.sp.encode(self._unk + text)[self._skip:]
 
     encode = encode_ordinary
 
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode(ids)
+
+
+def bos_id(enc) -> int | None:
+    """The begin-of-text token a Llama expects first (Llama 3: <|begin_of_text|>; Llama 2: sentencepiece's
+    BOS), or None for tokenizers without one (bytes, GPT-2)."""
+    if isinstance(enc, _SentencePiece):
+        return enc.bos if enc.bos >= 0 else None
+    return enc._special_tokens.get("<|begin_of_text|>")
 
 
 def _sentencepiece(path: str) -> _SentencePiece:

@@ -53,10 +53,12 @@ def read_config(path: str) -> tuple[dict, str]:
     hf, meta = os.path.join(path, "config.json"), os.path.join(path, "params.json")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no checkpoint directory at {path}")
-    if os.path.isfile(hf):
-        return _hf_config(hf), "hf"
-    if os.path.isfile(meta):
-        return _meta_config(meta), "meta"
+    file, layout = (hf, "hf") if os.path.isfile(hf) else (meta, "meta") if os.path.isfile(meta) else (None, None)
+    if file:
+        try:
+            return (_hf_config if layout == "hf" else _meta_config)(file), layout
+        except KeyError as e:
+            raise ValueError(f"{file}: missing key {e}") from None
     raise FileNotFoundError(f"{path}: no config.json (Hugging Face layout) or params.json (Meta layout)")
 
 
@@ -109,9 +111,9 @@ def _meta_config(file: str) -> dict:
                 block_size=c.get("max_seq_len", 8192))
     if c.get("vocab_size", -1) > 0:  # Llama 2 writes -1: then the embedding's shape tells
         args["vocab_size"] = c["vocab_size"]
-    if c.get("use_scaled_rope"):  # Llama 3.1's constants; 3.2 (1B/3B) uses factor 32, stated in newer files
-        args.update(rope_factor=float(c.get("rope_scaling_factor") or 8.0), rope_low_freq=1.0,
-                    rope_high_freq=float(c.get("rope_high_freq_factor") or 4.0), rope_original_context=8192)
+    if c.get("use_scaled_rope"):  # NOTE: Meta's code hard-codes 3.1's factor 8 for every 3.x model, while HF's
+        # configs of 3.2 1B/3B say 32: pass rope_factor=32.0 to load_llama for those in this layout
+        args.update(rope_factor=8.0, rope_low_freq=1.0, rope_high_freq=4.0, rope_original_context=8192)
     return args
 
 
@@ -124,7 +126,10 @@ class _Tensors:
             from safetensors import safe_open
             index = os.path.join(path, "model.safetensors.index.json")
             if os.path.isfile(index):
-                self.files = {k: os.path.join(path, f) for k, f in _read_json(index)["weight_map"].items()}
+                weight_map = _read_json(index).get("weight_map")
+                if not isinstance(weight_map, dict):
+                    raise ValueError(f"{index}: no weight_map")
+                self.files = {k: os.path.join(path, f) for k, f in weight_map.items()}
             elif os.path.isfile(os.path.join(path, "model.safetensors")):
                 self.files = None
             else:
@@ -141,22 +146,27 @@ class _Tensors:
                     raise ValueError(f"cannot read {f} (corrupt or truncated?): {e}") from None
             if self.files is None:
                 self.files = {k: names[0] for k in self.handles[names[0]].keys()}
-            self.shards = None
+            self.shards, self.source = None, index if os.path.isfile(index) else names[0]
         else:
             names = sorted(glob.glob(os.path.join(path, "consolidated.*.pth")))
             if not names:
                 raise FileNotFoundError(f"{path}: no consolidated.*.pth next to params.json")
             self.shards = [(f, torch_load(f, mmap=True)) for f in names]  # memory-mapped, read on use
             for f, sd in self.shards:
-                bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)] if isinstance(sd, dict) else ["(top level)"]
+                bad = ([k for k, v in sd.items() if not isinstance(v, torch.Tensor)] if isinstance(sd, dict)
+                       else ["(top level)"])
                 if bad:
                     raise ValueError(f"{f}: {bad[0]} is not a tensor (expected a dict of tensors)")
             self.files = {k: names[0] for k in self.shards[0][1]}
+            self.source = names[0]
 
     def get(self, name: str, shape: torch.Size) -> torch.Tensor:
         """The whole tensor `name`; Meta's model-parallel shards are joined along the dim that gives `shape`."""
         if self.shards is None:
-            return self.handles[self.files[name]].get_tensor(name)
+            try:
+                return self.handles[self.files[name]].get_tensor(name)
+            except Exception as e:  # SafetensorError: listed in the index, absent from the file
+                raise ValueError(f"{self.files[name]}: cannot read tensor {name} ({e})") from None
         parts = [sd[name] for _, sd in self.shards]
         if len(parts) == 1 or parts[0].shape == shape:  # replicated (norms) or not sharded
             return parts[0]
@@ -167,8 +177,11 @@ class _Tensors:
 
     def shape(self, name: str) -> tuple[int, ...]:
         if self.shards is None:
-            return tuple(self.handles[self.files[name]].get_slice(name).get_shape())
-        return tuple(self.shards[0][1][name].shape)
+            try:
+                return tuple(self.handles[self.files[name]].get_slice(name).get_shape())
+            except Exception as e:
+                raise ValueError(f"{self.files[name]}: cannot read tensor {name} ({e})") from None
+        return tuple(self.shards[0][1][name].shape)  # a model-parallel shard: get() joins and checks them
 
 
 def load_llama(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu", **overrides) -> Transformer:
@@ -200,7 +213,10 @@ def load_llama(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu
             continue
         key = keys[name]
         if key not in tensors.files:
-            raise ValueError(f"{path}: tensor {key} is missing from {', '.join(sorted(set(tensors.files.values())))}")
+            raise ValueError(f"{tensors.source}: tensor {key} is missing")
+        if tensors.shards is None and tensors.shape(key) != tuple(p.shape):  # checked before reading it
+            raise ValueError(f"{tensors.files[key]}: tensor {key} has shape {tensors.shape(key)}, but the config "
+                             f"says {tuple(p.shape)}")
         t = tensors.get(key, p.shape)
         if tuple(t.shape) != tuple(p.shape):
             raise ValueError(f"{tensors.files[key]}: tensor {key} has shape {tuple(t.shape)}, but the config "
@@ -209,7 +225,8 @@ def load_llama(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu
             t = meta_to_hf_rotary(t, cfg.n_head if name.endswith("wq.weight") else cfg.n_kv_head)
         _set_param(model, name, t.to(device=device, dtype=dtype))
         used.add(key)
-    extra = sorted(k for k in tensors.files if k not in used and not k.endswith("rotary_emb.inv_freq")
+    # RoPE tables some checkpoints carry (HF's inv_freq, Meta's Llama 1/2 rope.freqs) are recomputed here
+    extra = sorted(k for k in tensors.files if k not in used and not k.endswith(("rotary_emb.inv_freq", "rope.freqs"))
                    and not (cfg.tie_embeddings and k == keys["output.weight"]))
     if extra:
         raise ValueError(f"{tensors.files[extra[0]]}: unexpected tensor {extra[0]} for a Llama of this config")
@@ -233,12 +250,12 @@ def _add_memories(model: Transformer, device, dtype) -> None:
         _set_param(model, name, torch.empty(p.shape, device=device, dtype=dtype))
     model.init_weights(new)
     with torch.no_grad():
-        emb = model.tok_embeddings.weight.float()
-        mean = emb.mean(0)  # a "typical" token: inputs of the size the pretrained layers expect
+        emb = model.tok_embeddings.weight
+        mean = emb.mean(0, dtype=torch.float32)  # a token-like input, in the embeddings' own region
         if "compression_emb" in new:
             model.compression_emb.copy_(mean.expand_as(model.compression_emb))
         if "readout_emb" in new:
-            noise = torch.randn(model.readout_emb.shape, device=emb.device) * emb.std(0) * 0.1
+            noise = torch.randn(model.readout_emb.shape, device=emb.device) * emb.std(0).float() * 0.1
             model.readout_emb.copy_(mean + noise)
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention.bias import causal_lower_right
 
 from memory import LayerMemory, MemoryState
 
@@ -142,30 +143,45 @@ class Attention(nn.Module):
     def _heads(self, x: Tensor, n: int) -> Tensor:
         return x.view(x.size(0), x.size(1), n, self.head_dim).transpose(1, 2)  # (B, n, T, hs)
 
-    def kv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-        """Rotated keys and values (B, n_kv, T, hs) of rows x (B, T, C) at the positions of cos/sin."""
-        return apply_rope(self._heads(self.wk(x), self.n_kv_head), cos, sin), self._heads(self.wv(x), self.n_kv_head)
-
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], past: tuple[Tensor, Tensor] | None = None):
-        """x (B, T, C): rows that follow the `past` keys/values (B, n_kv, S0, hs) of the same sequence.
-        Their positions are S0..S0+T-1: the cache length is the only position counter."""
-        B, T, C = x.shape
-        start = 0 if past is None else past[0].size(2)
-        cos, sin = rope[0][start:start + T], rope[1][start:start + T]
-        q = apply_rope(self._heads(self.wq(x), self.n_head), cos, sin)  # (B, nh, T, hs)
-        k, v = self.kv(x, cos, sin)                                     # (B, n_kv, T, hs)
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], past: tuple[Tensor, Tensor] | None = None,
+                n_prefix: int = 0):
+        """x (B, n_prefix + T, C): normed rows. The first n_prefix are memory rows [G; T] (S2), of which
+        only keys and values are needed; the T rows after them (or after the `past` keys/values
+        (B, n_kv, S0, hs) of the same sequence) also query. Positions count keys: S0, S0+1, ..."""
+        B, L, C = x.shape
+        T, S0 = L - n_prefix, 0 if past is None else past[0].size(2)
+        cos, sin = rope[0][S0:S0 + L], rope[1][S0:S0 + L]
+        q = apply_rope(self._heads(self.wq(x[:, n_prefix:]), self.n_head), cos[n_prefix:], sin[n_prefix:])
+        k = apply_rope(self._heads(self.wk(x), self.n_kv_head), cos, sin)  # (B, n_kv, L, hs)
+        v = self._heads(self.wv(x), self.n_kv_head)
         if past is not None:
-            k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)  # (B, n_kv, S0+T, hs)
+            k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)  # (B, n_kv, S0+L, hs)
         kv = (k, v)
         if self.n_kv_head != self.n_head:  # GQA: each key/value head serves n_head/n_kv_head query heads
             k = k.repeat_interleave(self.n_head // self.n_kv_head, 1)
             v = v.repeat_interleave(self.n_head // self.n_kv_head, 1)
-        if start == 0 or T == 1:  # plain causal square, or one new row that sees everything
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=start == 0 and T > 1)
-        else:  # new rows after a prefix: causal, aligned to the bottom right (is_causal aligns top left)
-            mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        before = S0 + n_prefix  # keys in front of the first query row
+        if before == 0 or T == 1:  # plain causal square, or one new row that sees everything
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=before == 0 and T > 1)
+        else:  # causal, aligned to the bottom right (is_causal aligns top left)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=_lower_right_causal(T, before + T, x.device))
         return self.wo(y.transpose(1, 2).reshape(B, T, C)), kv
+
+
+def _lower_right_causal(T: int, S: int, device: torch.device):
+    """Mask for T queries after S-T earlier keys: query i sees keys 0..S-T+i. On CUDA a CausalBias, which
+    flash/efficient kernels apply without a (T, S) tensor; on CPU a bool mask (faster there), kept when
+    small, as CoMeT's chunks use only a few shapes."""
+    if device.type == "cuda":
+        return causal_lower_right(T, S)
+    if T * S <= 1 << 20:
+        return _bool_mask(T, S, device)
+    return torch.ones(T, S, dtype=torch.bool, device=device).tril(S - T)
+
+
+@functools.lru_cache(maxsize=32)
+def _bool_mask(T: int, S: int, device: torch.device) -> Tensor:
+    return torch.ones(T, S, dtype=torch.bool, device=device).tril(S - T)
 
 
 class FeedForward(nn.Module):
@@ -189,17 +205,15 @@ class Block(nn.Module):
         self.ffn_norm = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], past: tuple[Tensor, Tensor] | None = None):
-        """x (B, T, C) -> (x, (k, v) of past + these rows)."""
-        a, kv = self.attention(self.attention_norm(x), rope, past)
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], past: tuple[Tensor, Tensor] | None = None,
+                prefix: Tensor | None = None):
+        """x (B, T, C) -> (x, (k, v) of past + prefix + these rows). prefix (B, n, C): memory rows [G; T]
+        in front of x (S2). Their own outputs would be overwritten at the next layer, so they only give
+        keys and values (one projection together with x's rows)."""
+        rows = x if prefix is None else torch.cat([prefix, x], 1)
+        a, kv = self.attention(self.attention_norm(rows), rope, past, rows.size(1) - x.size(1))
         x = x + a
         return x + self.feed_forward(self.ffn_norm(x)), kv
-
-    def prefix_kv(self, prefix: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-        """Keys/values of memory rows [G; T] (B, n, C) at positions 0..n-1 (S2). Their own outputs
-        would be overwritten at the next layer, so only what the chunk attends to is computed."""
-        n = prefix.size(1)
-        return self.attention.kv(self.attention_norm(prefix), rope[0][:n], rope[1][:n])
 
 
 # --- S2: the extended chunk -------------------------------------------------------------------------
@@ -348,10 +362,8 @@ class Transformer(nn.Module):
         `past` holds the keys/values of earlier rows of an open chunk (generation); without it the rows
         start right after the memory prefix. Returns (layer output, keys/values, memory for the next
         chunk); the memory only changes when the layout is closed."""
-        block = self.layers[l]
-        if past is None and mem.prefix_len:
-            past = block.prefix_kv(mem.prefix(), self.rope)  # S2: inject this layer's G and T
-        h, kv = block(h, self.rope, past)
+        prefix = mem.prefix() if past is None and mem.prefix_len else None  # S2: inject this layer's G and T
+        h, kv = self.layers[l](h, self.rope, past, prefix)
         if layout.closed:  # S3, S4: readout rows feed the global memory, compression rows the FIFO
             mem = self.memories[l](mem, h[:, layout.readout], h[:, layout.compression])
         return h, kv, mem

@@ -17,7 +17,7 @@ from tqdm import tqdm
 ckpt = "out/ckpt.pt"      # checkpoint written by train.py
 init_from = ""            # instead: a Llama checkpoint directory (Hugging Face or Meta layout)
 chunk_size = 0            # with init_from: 0 = the pretrained decoder as it is; > 0 = CoMeT, memories untrained
-tokenizer = "auto"        # with init_from: auto = the checkpoint's tokenizer.model; or bytes, a file, ...
+tokenizer = "auto"        # with init_from: auto = its tokenizer.model; or bytes, a file, ...
 dtype = "auto"            # with init_from: auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16
 prompt = "The grass is green. The sky is blue. The pass key is 12345. Remember it. What is the pass key? The pass key is"
 prompt_file = ""          # read the prompt from this file instead (any length)
@@ -34,6 +34,7 @@ threads = 0               # torch CPU threads; 0 = torch's default
 def main() -> None:
     from checkpoint import check_fits, open_for_inference
     from configurator import configure_or_exit, settings_of
+    from data import bos_id
     from eval_passkey import peak_memory_mib
 
     cfg = configure_or_exit(settings_of(globals()))
@@ -47,7 +48,8 @@ def main() -> None:
                 text = f.read()
         else:
             text = cfg["prompt"]
-        ids = torch.tensor([enc.encode_ordinary(text)], dtype=torch.long, device=dev)
+        bos = bos_id(enc) if cfg["init_from"] else None  # a pretrained Llama expects its begin-of-text token
+        ids = torch.tensor([[bos] * (bos is not None) + enc.encode_ordinary(text)], dtype=torch.long, device=dev)
         if ids.size(1) == 0:
             raise ValueError("the prompt is empty")
         check_fits(model, ids.size(1) + cfg["max_new_tokens"])

@@ -24,11 +24,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from checkpoint import read_checkpoint, save_checkpoint
+from checkpoint import load_model, read_checkpoint, save_checkpoint
 from configurator import configure_or_exit, pick_device, settings_of
 from data import get_tokenizer, passkey_batch
 from eval_passkey import passkey_cell
-from llama import freeze_base as freeze, load_llama
+import llama
 from model import ModelConfig, Transformer
 from pipeline import Pipeline, PipelineError, rank_chunks
 
@@ -158,22 +158,24 @@ def build_model(config: dict, enc, ckpt: dict | None, dev: str, verbose: bool) -
     """Resume: the checkpoint's model. Scratch: the settings' model. A Llama directory: its weights plus
     new memories (llama.py); the settings then record the loaded shape."""
     if ckpt is not None:
-        model = Transformer(ModelConfig(**ckpt["model_args"]), verbose=verbose)
+        model, _ = load_model(os.path.join(config["out_dir"], "ckpt.pt"), dev, ckpt)
+        model.train()
     elif config["init_from"] == "scratch":
         # a plain decoder (chunk_size=0) sees whole sequences: its RoPE table must cover max_len
         model = Transformer(ModelConfig(vocab_size=enc.n_vocab, block_size=max(config["max_len"], 1024),
                                         **{k: config[k] for k in MODEL_KEYS}), verbose=verbose)
     else:
         comet = {k: config[k] for k in ("chunk_size", "n_global", "stride", "temp_budget", "adapter_rank")}
-        model = load_llama(config["init_from"], device=dev, **comet)
+        model = llama.load_llama(config["init_from"], device=dev, **comet)
         config.update({k: getattr(model.config, k) for k in MODEL_KEYS})
         if verbose:
             base, mem = model.param_counts()
-            print(f"loaded {config['init_from']}: {base / 1e6:.1f}M parameters + {mem / 1e6:.2f}M new memory parameters")
+            print(f"loaded {config['init_from']}: {base / 1e6:.1f}M parameters + {mem / 1e6:.2f}M new memory "
+                  "parameters")
     if enc.n_vocab > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {enc.n_vocab} ids, the model's vocabulary only {model.config.vocab_size}")
     if config["freeze_base"]:
-        freeze(model)
+        llama.freeze_base(model)
     return model.to(dev)
 
 
@@ -190,6 +192,8 @@ def check_settings(config: dict) -> None:
         raise ValueError(f"device={config['device']!r} must be auto, cpu or cuda")
     if config["dtype"] not in ("auto", "float32", "bfloat16"):
         raise ValueError(f"dtype={config['dtype']!r} must be auto, float32 or bfloat16")
+    if config["freeze_base"] and not config["chunk_size"]:
+        raise ValueError("freeze_base=True trains only the memories: it needs chunk_size > 0")
     if config["pipeline"] and not config["chunk_size"]:
         raise ValueError("pipeline=True splits sequences by chunks: it needs chunk_size > 0")
     if config["pipeline_schedule"] not in ("wavefront", "naive"):
@@ -265,7 +269,6 @@ def main() -> None:
     if master:
         os.makedirs(out_dir, exist_ok=True)
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["rng"]["torch"])
         iter_num, acc = ckpt["iter_num"], ckpt.get("passkey_acc")

@@ -194,14 +194,14 @@ def test_rope_table_is_never_longer_than_one_extended_chunk(model):
 
 
 def test_chunk_rows_start_right_after_the_memory_prefix_of_that_chunk(model, monkeypatch):
-    # S2: position j of the extended chunk is j. The prefix [G; T] takes positions 0..n-1 (prefix_kv), so
+    # S2: position j of the extended chunk is j. The prefix [G; T] takes positions 0..n-1, so
     # the chunk's first row sits at n = n_global + current FIFO length: 0, 3+2, 3+3, 3+3 (2 slots/chunk, budget 3).
     attention, starts = model.layers[0].attention, []
     forward = attention.forward
 
-    def recording(x, rope, past=None):
-        starts.append(0 if past is None else past[0].size(2))
-        return forward(x, rope, past)
+    def recording(x, rope, past=None, n_prefix=0):
+        starts.append((0 if past is None else past[0].size(2)) + n_prefix)
+        return forward(x, rope, past, n_prefix)
 
     monkeypatch.setattr(attention, "forward", recording)
     model(tokens(4 * 8))

@@ -80,6 +80,7 @@ def test_resume_refuses_to_change_the_model_and_keeps_the_log_in_place(tmp_path)
     ("--stride=64", "stride=64 must be <= chunk_size=16"),
     ("--pipeline_schedule=zigzag", "pipeline_schedule='zigzag' must be wavefront or naive"),
     ("--pipeline=True --chunk_size=0", "pipeline=True splits sequences by chunks: it needs chunk_size > 0"),
+    ("--freeze_base=True --chunk_size=0", "freeze_base=True trains only the memories: it needs chunk_size > 0"),
 ])
 def test_bad_settings_stop_training_with_one_clear_line(tmp_path, bad, message):
     err = fail(train_cmd(tmp_path, *bad.split()))

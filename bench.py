@@ -1,0 +1,283 @@
+"""Speed and memory of CoMeT next to full attention, in one run; one JSON line per measurement.
+
+    python bench.py                                      # tiny shape on CPU, 8k to 1M tokens
+    python bench.py --shape=124m --device=cuda --lengths=8192,131072,1048576 --json=out/bench.jsonl
+
+Methods, all with the same base weights:
+  comet    streaming prefill through the memories (S6), batch 1, `piece` tokens per call
+  full     the plain decoder (full causal attention, SDPA) prefilling with a growing KV cache
+  ceiling  the plain decoder on back-to-back chunk-length inputs: what any chunked model can at best reach
+  train    one CoMeT training step (forward + backward + AdamW) on `train_len` tokens
+Peak memory is CUDA's max_memory_allocated, or on CPU the process's peak RSS since the measurement
+began (/proc/self/clear_refs resets it). A method that runs out of memory says so and stops there.
+"""
+from __future__ import annotations
+
+import json as jsonlib
+import math
+import os
+import time
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from configurator import configure_or_exit, pick_device, settings_of
+from model import ModelConfig, Transformer
+
+SHAPES = {  # "124m": GPT-2 small's size as a Llama (SwiGLU 8/3 d); CoMeT as SPEC S5's run, chunk 2048
+    "tiny": dict(vocab_size=259, n_layer=4, n_head=4, n_embd=128, ffn_hidden=320,
+                 chunk_size=64, n_global=16, stride=8, temp_budget=32),
+    "124m": dict(vocab_size=50304, n_layer=12, n_head=12, n_embd=768, ffn_hidden=2048,
+                 chunk_size=2048, n_global=512, stride=8, temp_budget=2048),
+}
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, for MFU
+# -----------------------------------------------------------------------------
+shape = "tiny"            # tiny (train.py's default model) | 124m
+lengths = "8192,65536,1048576"  # context lengths, comma-separated
+methods = "comet,full,ceiling,train"
+full_max = 0              # longest context for full attention; 0: 65536 on CPU (quadratic time), no limit on CUDA
+piece = 65536             # comet: tokens per stream() call
+full_piece = 4096         # full: tokens per prefill step
+train_len = 8192          # train: tokens per sequence
+batch = 1                 # train: sequences per step
+repeats = 3               # contexts up to 65536 are measured this many times; the fastest counts
+device = "auto"           # auto | cpu | cuda
+dtype = "auto"            # auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16
+compile = False           # torch.compile every decoder block
+threads = 0               # torch CPU threads; 0 = torch's default
+seed = 0
+json = ""                 # also append the lines to this file
+png = ""                  # plot tokens/s and peak memory against context length (needs matplotlib)
+# -----------------------------------------------------------------------------
+
+
+def block_flops(cfg: ModelConfig, rows: int, kv_rows: int, pairs: float) -> float:
+    """Forward FLOPs of one layer: `rows` full rows, `kv_rows` rows that only need keys and values
+    (CoMeT's memory prefix), `pairs` query-key pairs of attention."""
+    hs, d = cfg.head_dim, cfg.n_embd
+    qo, kv, ffn = 2 * d * cfg.n_head * hs, 2 * d * cfg.n_kv_head * hs, 3 * d * cfg.ffn_hidden
+    return 2 * (rows * (qo + kv + ffn) + kv_rows * kv) + 4 * pairs * cfg.n_head * hs
+
+
+def flops_per_token(cfg: ModelConfig, method: str, ctx: int) -> float:
+    """Forward FLOPs per real token (decoder layers; the output head only where every token needs it)."""
+    c, L = cfg.chunk_size, cfg.n_layer
+    if method == "full":
+        return L * block_flops(cfg, 1, 0, ctx / 2)
+    if method == "ceiling":
+        return L * block_flops(cfg, c, 0, c * (c + 1) / 2) / c
+    rows, prefix = c + cfg.n_compression + cfg.n_global, cfg.n_global + cfg.temp_budget  # S2, memories full
+    per_token = L * block_flops(cfg, rows, prefix, rows * prefix + rows * (rows + 1) / 2) / c
+    return per_token + (2 * cfg.n_embd * cfg.vocab_size if method == "train" else 0)
+
+
+def peak_reset(dev: str) -> None:
+    if dev.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # Linux: reset the peak RSS (VmHWM) to the current RSS
+
+
+def peak_mib(dev: str) -> float:
+    if dev.startswith("cuda"):
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() / 2**20
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+
+
+def random_tokens(cfg: ModelConfig, n: int, dev: str, gen: torch.Generator) -> torch.Tensor:
+    return torch.randint(cfg.vocab_size, (1, n), generator=gen).to(dev)
+
+
+@torch.no_grad()
+def run_comet(model: Transformer, ctx: int, dev: str, gen: torch.Generator) -> None:
+    state = model.new_stream(1)
+    for a in tqdm(range(0, ctx, piece), desc=f"comet {ctx:,}", leave=False, disable=ctx <= piece):
+        _, state = model.stream(random_tokens(model.config, min(piece, ctx - a), dev, gen), state)
+
+
+@torch.no_grad()
+def run_full(plain: Transformer, ctx: int, dev: str, gen: torch.Generator) -> None:
+    cache = [None] * plain.config.n_layer
+    for a in tqdm(range(0, ctx, full_piece), desc=f"full {ctx:,}", leave=False, disable=ctx <= 8 * full_piece):
+        h = plain.tok_embeddings(random_tokens(plain.config, min(full_piece, ctx - a), dev, gen))
+        for l, block in enumerate(plain.layers):
+            h, cache[l] = block(h, plain.rope, cache[l])  # keys/values of everything so far
+        plain.output(plain.norm(h[:, -1]))
+
+
+@torch.no_grad()
+def run_ceiling(plain: Transformer, ctx: int, dev: str, gen: torch.Generator, chunk: int) -> None:
+    for a in range(0, ctx, chunk):
+        h = plain.tok_embeddings(random_tokens(plain.config, min(chunk, ctx - a), dev, gen))
+        for block in plain.layers:
+            h, _ = block(h, plain.rope)
+        plain.output(plain.norm(h[:, -1]))
+
+
+def run_train(model: Transformer, optimizer, ctx: int, dev: str, gen: torch.Generator, autocast) -> None:
+    idx = torch.randint(model.config.vocab_size, (batch, ctx), generator=gen).to(dev)
+    with autocast:
+        _, loss = model(idx, targets=idx)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def measure(settings: dict, method: str, results) -> None:
+    """Every context of one method, in a fresh process: its peak memory owes nothing to another method."""
+    globals().update(settings)
+    dev = pick_device(device)
+    cuda = dev.startswith("cuda")
+    torch.set_num_threads(threads or torch.get_num_threads())
+    use_bf16 = dtype == "bfloat16" or (dtype == "auto" and cuda)
+    wdtype = torch.bfloat16 if use_bf16 else torch.float32
+    torch.manual_seed(seed)  # every process builds the same weights
+    cfg = ModelConfig(**SHAPES[shape])
+    model = Transformer(cfg, verbose=False)
+    longest_full = full_max or (10**12 if cuda else 65536)
+    if method in ("full", "ceiling"):  # the same base weights without memories
+        ctx_max = max(int(x) for x in lengths.split(","))
+        net = Transformer(replace(cfg, chunk_size=0, block_size=max(min(longest_full, ctx_max), cfg.chunk_size)),
+                          verbose=False)
+        net.load_state_dict({k: v for k, v in model.state_dict().items() if not model.is_memory_param(k)})
+        net = net.to(dev, wdtype)
+    else:  # inference in the benchmark dtype; training in fp32 weights + bf16 autocast on CUDA
+        net = model.to(dev) if method == "train" else model.to(dev, wdtype).eval()
+    if compile:
+        for block in net.layers:
+            block.compile(dynamic=True)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=cuda) if method == "train" else None
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and use_bf16)
+    peak_flops = next((v for k, v in PEAK_FLOPS.items() if cuda and k in torch.cuda.get_device_name()), None)
+    run = {"comet": lambda n, g: run_comet(net, n, dev, g), "full": lambda n, g: run_full(net, n, dev, g),
+           "ceiling": lambda n, g: run_ceiling(net, n, dev, g, cfg.chunk_size),
+           "train": lambda n, g: run_train(net, optimizer, n, dev, g, autocast)}[method]
+    stopped = ""
+    for i, ctx in enumerate([train_len] if method == "train" else [int(x) for x in lengths.split(",")]):
+        if stopped or (method == "full" and ctx > longest_full):
+            results.put(dict(method=method, ctx=ctx, status="skipped",
+                             note=stopped or f"beyond full_max={longest_full} (quadratic time)"))
+            continue
+        gen = torch.Generator().manual_seed(seed)
+        try:
+            if i == 0:  # first calls: allocator, kernels, optimizer state, compilation
+                run(ctx if method == "train" else min(ctx, 8 * cfg.chunk_size), gen)
+            best, peak = math.inf, 0.0
+            for _ in range(repeats if ctx <= 65536 else 1):
+                peak_reset(dev)
+                t0 = time.perf_counter()
+                run(ctx, gen)
+                if cuda:
+                    torch.cuda.synchronize()
+                best, peak = min(best, time.perf_counter() - t0), max(peak, peak_mib(dev))
+        except torch.cuda.OutOfMemoryError:  # the same class as torch.OutOfMemoryError on torch >= 2.5
+            stopped = f"out of memory at {ctx:,} tokens"
+            results.put(dict(method=method, ctx=ctx, status="oom", note=stopped))
+            torch.cuda.empty_cache()
+            continue
+        tokens = ctx * (batch if method == "train" else 1)
+        flops = flops_per_token(cfg, method, ctx) * (3 if method == "train" else 1)
+        results.put(dict(method=method, ctx=ctx, status="ok", seconds=round(best, 4),
+                         tokens_per_s=round(tokens / best, 1), peak_mib=round(peak, 1),
+                         mfu=round(flops * tokens / best / peak_flops, 4) if peak_flops else None))
+
+
+def main() -> None:
+    import multiprocessing as mp
+    import queue
+
+    settings = configure_or_exit(settings_of(globals()))
+    try:
+        if settings["shape"] not in SHAPES:
+            raise ValueError(f"shape={settings['shape']!r} must be one of {', '.join(SHAPES)}")
+        ctxs = [int(x) for x in settings["lengths"].split(",") if x]
+        todo = [m for m in settings["methods"].split(",") if m]
+        unknown = set(todo) - {"comet", "full", "ceiling", "train"}
+        if unknown or not ctxs or min(ctxs) <= 0 or min(settings[k] for k in (
+                "piece", "full_piece", "train_len", "batch", "repeats")) <= 0:
+            raise ValueError(f"need methods from comet,full,ceiling,train (got {','.join(sorted(unknown))}), "
+                             "positive lengths, piece, full_piece, train_len, batch and repeats")
+        if settings["dtype"] not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"dtype={settings['dtype']!r} must be auto, float32 or bfloat16")
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    cfg, dev = ModelConfig(**SHAPES[settings["shape"]]), pick_device(settings["device"])
+    bf16 = settings["dtype"] == "bfloat16" or (settings["dtype"] == "auto" and dev == "cuda")
+    wdtype = "bfloat16" if bf16 else "float32"
+    name = f"{settings['shape']} (L{cfg.n_layer} d{cfg.n_embd} V{cfg.vocab_size}, chunk {cfg.chunk_size})"
+    results, out = [], open(settings["json"], "a") if settings["json"] else None
+
+    def emit(**record) -> None:
+        line = jsonlib.dumps(dict(shape=name, device=dev, dtype=wdtype, **record))
+        print(line, flush=True)
+        results.append(record)
+        if out:
+            out.write(line + "\n")
+            out.flush()
+
+    # NOTE: measuring processes keep the memory they free (glibc): on a VM that reclaims freed pages,
+    # faulting them back in made identical full-attention runs differ by up to 5x
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(2**30))
+    os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", str(2**40))
+    ctx_ = mp.get_context("spawn")
+    for method in todo:
+        reports = ctx_.Queue()
+        proc = ctx_.Process(target=measure, args=(settings, method, reports))
+        proc.start()
+        while proc.is_alive() or not reports.empty():
+            try:
+                emit(**reports.get(timeout=0.2))
+            except queue.Empty:
+                pass
+        if proc.exitcode:  # e.g. killed by the kernel when the machine's memory ran out
+            emit(method=method, status="died", note=f"the measuring process exited with {proc.exitcode}")
+    summary(results, cfg, emit)
+    if out:
+        out.close()
+    if settings["png"]:
+        plot(results, name, settings["png"])
+
+
+def summary(results: list[dict], cfg: ModelConfig, emit) -> None:
+    """CoMeT prefill against the ceiling, raw and after adjusting for the rows CoMeT adds per chunk."""
+    speed = {(r["method"], r["ctx"]): r["tokens_per_s"] for r in results if r.get("status") == "ok"}
+    c = cfg.chunk_size
+    rows = c / (c + cfg.n_compression + cfg.n_global)  # share of a chunk's rows that are real tokens
+    work = flops_per_token(cfg, "ceiling", c) / flops_per_token(cfg, "comet", c)  # share of the FLOPs
+    for (method, ctx), tps in speed.items():
+        if method == "comet" and ("ceiling", ctx) in speed:
+            raw = tps / speed["ceiling", ctx]
+            emit(method="comet/ceiling", ctx=ctx, status="ok", raw=round(raw, 3), rows_factor=round(rows, 3),
+                 flops_factor=round(work, 3), adjusted_rows=round(raw / rows, 3), adjusted_flops=round(raw / work, 3))
+
+
+def plot(results: list[dict], name: str, path: str) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("error: --png needs matplotlib (pip install matplotlib)")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for method in ("comet", "full", "ceiling"):
+        rs = [r for r in results if r["method"] == method and r.get("status") == "ok"]
+        if rs:
+            axes[0].plot([r["ctx"] for r in rs], [r["tokens_per_s"] for r in rs], "o-", label=method)
+            axes[1].plot([r["ctx"] for r in rs], [r["peak_mib"] for r in rs], "o-", label=method)
+    for ax, label in zip(axes, ("tokens/s (prefill)", "peak memory (MiB)")):
+        ax.set(xscale="log", xlabel="context length (tokens)", ylabel=label)
+        ax.legend()
+    fig.suptitle(name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
