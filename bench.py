@@ -38,7 +38,7 @@ shape = "tiny"            # tiny (train.py's default model) | 124m
 lengths = "8192,65536,1048576"  # context lengths, comma-separated
 methods = "comet,full,ceiling,train"
 full_max = 0              # longest context for full attention; 0: 65536 on CPU (quadratic time), no limit on CUDA
-piece = 65536             # comet: tokens per stream() call
+piece = 8192              # comet: tokens per stream() call (any value gives the same result)
 full_piece = 4096         # full: tokens per prefill step
 train_len = 8192          # train: tokens per sequence
 batch = 1                 # train: sequences per step
@@ -95,10 +95,19 @@ def random_tokens(cfg: ModelConfig, n: int, dev: str, gen: torch.Generator) -> t
 
 
 @torch.no_grad()
-def run_comet(model: Transformer, ctx: int, dev: str, gen: torch.Generator) -> None:
-    state = model.new_stream(1)
+def run_comet(model: Transformer, ctx: int, dev: str, gen: torch.Generator, between=None) -> float:
+    """Stream ctx tokens; returns the seconds spent streaming. between(): called after every piece, untimed."""
+    state, seconds = model.new_stream(1), 0.0
     for a in tqdm(range(0, ctx, piece), desc=f"comet {ctx:,}", leave=False, disable=ctx <= piece):
-        _, state = model.stream(random_tokens(model.config, min(piece, ctx - a), dev, gen), state)
+        ids = random_tokens(model.config, min(piece, ctx - a), dev, gen)
+        t0 = time.perf_counter()
+        _, state = model.stream(ids, state)
+        if dev.startswith("cuda"):
+            torch.cuda.synchronize()
+        seconds += time.perf_counter() - t0
+        if between:
+            between()
+    return seconds
 
 
 @torch.no_grad()
@@ -158,6 +167,20 @@ def measure(settings: dict, method: str, results) -> None:
     run = {"comet": lambda n, g: run_comet(net, n, dev, g), "full": lambda n, g: run_full(net, n, dev, g),
            "ceiling": lambda n, g: run_ceiling(net, n, dev, g, cfg.chunk_size),
            "train": lambda n, g: run_train(net, optimizer, n, dev, g, autocast)}[method]
+    # comet: this machine's speed drifts by 2x within minutes, so next to every measurement (and between
+    # the pieces of a long one) CoMeT on a fresh 8,192-token stream and the ceiling on 8,192 tokens (its
+    # speed does not depend on the length) are timed too: the ratios to them are what the summary uses
+    near: dict[str, list[float]] = {"comet_8k": [], "ceiling": []}
+
+    def calibrate() -> None:
+        g, n = torch.Generator().manual_seed(seed), 8192
+        near["comet_8k"].append(n / run_comet(net, n, dev, g))
+        t0 = time.perf_counter()
+        run_ceiling(net, n, dev, g, cfg.chunk_size)  # the same weights: the CoMeT model's plain blocks
+        if cuda:
+            torch.cuda.synchronize()
+        near["ceiling"].append(n / (time.perf_counter() - t0))
+
     stopped = ""
     for i, ctx in enumerate([train_len] if method == "train" else [int(x) for x in lengths.split(",")]):
         if stopped or (method == "full" and ctx > longest_full):
@@ -169,13 +192,22 @@ def measure(settings: dict, method: str, results) -> None:
             if i == 0:  # first calls: allocator, kernels, optimizer state, compilation
                 run(ctx if method == "train" else min(ctx, 8 * cfg.chunk_size), gen)
             best, peak = math.inf, 0.0
+            near["comet_8k"].clear(), near["ceiling"].clear()
             for _ in range(repeats if ctx <= 65536 else 1):
+                if method == "comet":
+                    calibrate()
                 peak_reset(dev)
                 t0 = time.perf_counter()
-                run(ctx, gen)
-                if cuda:
-                    torch.cuda.synchronize()
-                best, peak = min(best, time.perf_counter() - t0), max(peak, peak_mib(dev))
+                if method == "comet":  # the machine's speed drifts: calibrate between the pieces too
+                    took = run_comet(net, ctx, dev, gen, between=calibrate if ctx > piece else None)
+                else:
+                    run(ctx, gen)
+                    if cuda:
+                        torch.cuda.synchronize()
+                    took = time.perf_counter() - t0
+                best, peak = min(best, took), max(peak, peak_mib(dev))
+                if method == "comet":
+                    calibrate()
         except torch.cuda.OutOfMemoryError:  # the same class as torch.OutOfMemoryError on torch >= 2.5
             stopped = f"out of memory at {ctx:,} tokens"
             results.put(dict(method=method, ctx=ctx, status="oom", note=stopped))
@@ -183,9 +215,12 @@ def measure(settings: dict, method: str, results) -> None:
             continue
         tokens = ctx * (batch if method == "train" else 1)
         flops = flops_per_token(cfg, method, ctx) * (3 if method == "train" else 1)
-        results.put(dict(method=method, ctx=ctx, status="ok", seconds=round(best, 4),
-                         tokens_per_s=round(tokens / best, 1), peak_mib=round(peak, 1),
-                         mfu=round(flops * tokens / best / peak_flops, 4) if peak_flops else None))
+        record = dict(method=method, ctx=ctx, status="ok", seconds=round(best, 4), tokens_per_s=round(tokens / best, 1),
+                      peak_mib=round(peak, 1), mfu=round(flops * tokens / best / peak_flops, 4) if peak_flops else None)
+        for key, speeds in near.items():  # medians: robust to a hiccup
+            if speeds:
+                record[f"{key}_tokens_per_s"] = round(sorted(speeds)[len(speeds) // 2], 1)
+        results.put(record)
 
 
 def main() -> None:
@@ -245,16 +280,18 @@ def main() -> None:
 
 
 def summary(results: list[dict], cfg: ModelConfig, emit) -> None:
-    """CoMeT prefill against the ceiling, raw and after adjusting for the rows CoMeT adds per chunk."""
-    speed = {(r["method"], r["ctx"]): r["tokens_per_s"] for r in results if r.get("status") == "ok"}
+    """For every CoMeT measurement, timed next to it: its speed over CoMeT's on a fresh 8,192-token stream
+    (constant time per token: ~1), and over the ceiling's, raw and adjusted for the rows (or FLOPs) that
+    CoMeT adds per chunk."""
     c = cfg.chunk_size
     rows = c / (c + cfg.n_compression + cfg.n_global)  # share of a chunk's rows that are real tokens
     work = flops_per_token(cfg, "ceiling", c) / flops_per_token(cfg, "comet", c)  # share of the FLOPs
-    for (method, ctx), tps in speed.items():
-        if method == "comet" and ("ceiling", ctx) in speed:
-            raw = tps / speed["ceiling", ctx]
-            emit(method="comet/ceiling", ctx=ctx, status="ok", raw=round(raw, 3), rows_factor=round(rows, 3),
-                 flops_factor=round(work, 3), adjusted_rows=round(raw / rows, 3), adjusted_flops=round(raw / work, 3))
+    for r in results:
+        if r["method"] == "comet" and r.get("status") == "ok":
+            raw = r["tokens_per_s"] / r["ceiling_tokens_per_s"]
+            emit(method="comet/ceiling", ctx=r["ctx"], status="ok", vs_comet_8k=round(r["tokens_per_s"] / r[
+                "comet_8k_tokens_per_s"], 3), raw=round(raw, 3), rows_factor=round(rows, 3), flops_factor=round(
+                work, 3), adjusted_rows=round(raw / rows, 3), adjusted_flops=round(raw / work, 3))
 
 
 def plot(results: list[dict], name: str, path: str) -> None:
