@@ -16,6 +16,7 @@ from __future__ import annotations
 import json as jsonlib
 import math
 import os
+import statistics
 import time
 from dataclasses import replace
 
@@ -32,7 +33,7 @@ SHAPES = {  # "124m": GPT-2 small's size as a Llama (SwiGLU 8/3 d); CoMeT as SPE
     "124m": dict(vocab_size=50304, n_layer=12, n_head=12, n_embd=768, ffn_hidden=2048,
                  chunk_size=2048, n_global=512, stride=8, temp_budget=2048),
 }
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, for MFU
+PEAK_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, for MFU
 # -----------------------------------------------------------------------------
 shape = "tiny"            # tiny (train.py's default model) | 124m
 lengths = "8192,65536,1048576"  # context lengths, comma-separated
@@ -62,24 +63,29 @@ def block_flops(cfg: ModelConfig, rows: int, kv_rows: int, pairs: float) -> floa
 
 
 def flops_per_token(cfg: ModelConfig, method: str, ctx: int) -> float:
-    """Forward FLOPs per real token (decoder layers; the output head only where every token needs it)."""
+    """Forward FLOPs per real token over a context of ctx tokens (decoder layers; the output head only where
+    every token needs it). CoMeT: chunk by chunk, with the memories as large as they are by then (S2)."""
     c, L = cfg.chunk_size, cfg.n_layer
     if method == "full":
         return L * block_flops(cfg, 1, 0, ctx / 2)
     if method == "ceiling":
         return L * block_flops(cfg, c, 0, c * (c + 1) / 2) / c
-    rows, prefix = c + cfg.n_compression + cfg.n_global, cfg.n_global + cfg.temp_budget  # S2, memories full
-    per_token = L * block_flops(cfg, rows, prefix, rows * prefix + rows * (rows + 1) / 2) / c
-    return per_token + (2 * cfg.n_embd * cfg.vocab_size if method == "train" else 0)
+    rows, n_chunks = c + cfg.n_compression + cfg.n_global, max(1, ctx // c)
+    # the prefix before chunk i: no global memory yet for the first, a FIFO still filling (= memory_slots(i))
+    prefixes = [(cfg.n_global if i else 0) + min(cfg.temp_budget, i * cfg.n_compression) for i in range(n_chunks)]
+    total = sum(block_flops(cfg, rows, p, rows * p + rows * (rows + 1) / 2) for p in prefixes)
+    return L * total / (n_chunks * c) + (2 * cfg.n_embd * cfg.vocab_size if method == "train" else 0)
 
 
-def peak_reset(dev: str) -> None:
+def peak_reset(dev: str) -> float:
+    """Start a peak-memory window; returns the memory in use now (MiB)."""
     if dev.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    else:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # Linux: reset the peak RSS (VmHWM) to the current RSS
+        return torch.cuda.memory_allocated() / 2**20
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # Linux: reset the peak RSS (VmHWM) to the current RSS
+    return peak_mib(dev)
 
 
 def peak_mib(dev: str) -> float:
@@ -95,16 +101,16 @@ def random_tokens(cfg: ModelConfig, n: int, dev: str, gen: torch.Generator) -> t
 
 
 @torch.no_grad()
-def run_comet(model: Transformer, ctx: int, dev: str, gen: torch.Generator, between=None) -> float:
-    """Stream ctx tokens; returns the seconds spent streaming. between(): called after every piece, untimed."""
-    state, seconds = model.new_stream(1), 0.0
+def run_comet(model: Transformer, ctx: int, dev: str, gen: torch.Generator, between=None) -> list[float]:
+    """Stream ctx tokens; returns the seconds of every piece. between(): called after every piece, untimed."""
+    state, seconds = model.new_stream(1), []
     for a in tqdm(range(0, ctx, piece), desc=f"comet {ctx:,}", leave=False, disable=ctx <= piece):
         ids = random_tokens(model.config, min(piece, ctx - a), dev, gen)
         t0 = time.perf_counter()
         _, state = model.stream(ids, state)
         if dev.startswith("cuda"):
             torch.cuda.synchronize()
-        seconds += time.perf_counter() - t0
+        seconds.append(time.perf_counter() - t0)
         if between:
             between()
     return seconds
@@ -152,34 +158,36 @@ def measure(settings: dict, method: str, results) -> None:
     longest_full = full_max or (10**12 if cuda else 65536)
     if method in ("full", "ceiling"):  # the same base weights without memories
         ctx_max = max(int(x) for x in lengths.split(","))
-        net = Transformer(replace(cfg, chunk_size=0, block_size=max(min(longest_full, ctx_max), cfg.chunk_size)),
-                          verbose=False)
+        longest = min(longest_full, ctx_max) if method == "full" else cfg.chunk_size  # the RoPE table it needs
+        net = Transformer(replace(cfg, chunk_size=0, block_size=max(longest, cfg.chunk_size)), verbose=False)
         net.load_state_dict({k: v for k, v in model.state_dict().items() if not model.is_memory_param(k)})
         net = net.to(dev, wdtype)
-    else:  # inference in the benchmark dtype; training in fp32 weights + bf16 autocast on CUDA
+        del model
+    else:  # inference in the benchmark dtype; training in fp32 weights (+ bf16 autocast)
         net = model.to(dev) if method == "train" else model.to(dev, wdtype).eval()
     if compile:
         for block in net.layers:
             block.compile(dynamic=True)
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=cuda) if method == "train" else None
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and use_bf16)
-    peak_flops = next((v for k, v in PEAK_FLOPS.items() if cuda and k in torch.cuda.get_device_name()), None)
+    autocast = torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=use_bf16)
+    name = torch.cuda.get_device_name() if cuda else ""
+    peak_flops = next((v for k, v in PEAK_FLOPS.items() if k in name), None) if use_bf16 else None
     run = {"comet": lambda n, g: run_comet(net, n, dev, g), "full": lambda n, g: run_full(net, n, dev, g),
            "ceiling": lambda n, g: run_ceiling(net, n, dev, g, cfg.chunk_size),
            "train": lambda n, g: run_train(net, optimizer, n, dev, g, autocast)}[method]
-    # comet: this machine's speed drifts by 2x within minutes, so next to every measurement (and between
-    # the pieces of a long one) CoMeT on a fresh 8,192-token stream and the ceiling on 8,192 tokens (its
-    # speed does not depend on the length) are timed too: the ratios to them are what the summary uses
-    near: dict[str, list[float]] = {"comet_8k": [], "ceiling": []}
+    # comet: this machine's speed drifts by 2x within minutes. So around every piece of every CoMeT run,
+    # CoMeT on a fresh 8,192-token stream and the ceiling on 8,192 tokens (its speed does not depend on
+    # the length) are timed too; each piece's speed is divided by the mean of the runs before and after it.
+    calib: list[tuple[float, float]] = []
 
     def calibrate() -> None:
         g, n = torch.Generator().manual_seed(seed), 8192
-        near["comet_8k"].append(n / run_comet(net, n, dev, g))
+        comet_8k = n / sum(run_comet(net, n, dev, g))
         t0 = time.perf_counter()
         run_ceiling(net, n, dev, g, cfg.chunk_size)  # the same weights: the CoMeT model's plain blocks
         if cuda:
             torch.cuda.synchronize()
-        near["ceiling"].append(n / (time.perf_counter() - t0))
+        calib.append((comet_8k, n / (time.perf_counter() - t0)))
 
     stopped = ""
     for i, ctx in enumerate([train_len] if method == "train" else [int(x) for x in lengths.split(",")]):
@@ -191,23 +199,26 @@ def measure(settings: dict, method: str, results) -> None:
         try:
             if i == 0:  # first calls: allocator, kernels, optimizer state, compilation
                 run(ctx if method == "train" else min(ctx, 8 * cfg.chunk_size), gen)
-            best, peak = math.inf, 0.0
-            near["comet_8k"].clear(), near["ceiling"].clear()
+            best, peak, start, paired = math.inf, 0.0, 0.0, {"vs_comet_8k": [], "vs_ceiling": []}
             for _ in range(repeats if ctx <= 65536 else 1):
                 if method == "comet":
+                    calib.clear()
                     calibrate()
-                peak_reset(dev)
+                start = max(start, peak_reset(dev))
                 t0 = time.perf_counter()
-                if method == "comet":  # the machine's speed drifts: calibrate between the pieces too
-                    took = run_comet(net, ctx, dev, gen, between=calibrate if ctx > piece else None)
+                if method == "comet":
+                    pieces = run_comet(net, ctx, dev, gen, between=calibrate)
+                    took = sum(pieces)
+                    for k, t in enumerate(pieces):  # piece k sits between calibrations k and k+1
+                        n = min(piece, ctx - k * piece)
+                        for j, key in enumerate(paired):
+                            paired[key].append(n / t / ((calib[k][j] + calib[k + 1][j]) / 2))
                 else:
                     run(ctx, gen)
                     if cuda:
                         torch.cuda.synchronize()
                     took = time.perf_counter() - t0
                 best, peak = min(best, took), max(peak, peak_mib(dev))
-                if method == "comet":
-                    calibrate()
         except torch.cuda.OutOfMemoryError:  # the same class as torch.OutOfMemoryError on torch >= 2.5
             stopped = f"out of memory at {ctx:,} tokens"
             results.put(dict(method=method, ctx=ctx, status="oom", note=stopped))
@@ -216,10 +227,11 @@ def measure(settings: dict, method: str, results) -> None:
         tokens = ctx * (batch if method == "train" else 1)
         flops = flops_per_token(cfg, method, ctx) * (3 if method == "train" else 1)
         record = dict(method=method, ctx=ctx, status="ok", seconds=round(best, 4), tokens_per_s=round(tokens / best, 1),
-                      peak_mib=round(peak, 1), mfu=round(flops * tokens / best / peak_flops, 4) if peak_flops else None)
-        for key, speeds in near.items():  # medians: robust to a hiccup
-            if speeds:
-                record[f"{key}_tokens_per_s"] = round(sorted(speeds)[len(speeds) // 2], 1)
+                      peak_mib=round(peak, 1), start_mib=round(start, 1),
+                      mfu=round(flops * tokens / best / peak_flops, 4) if peak_flops else None)
+        for key, ratios in paired.items():  # median and range over every piece of every repeat
+            if ratios:
+                record[key] = [round(x, 3) for x in (statistics.median(ratios), min(ratios), max(ratios))]
         results.put(record)
 
 
@@ -231,19 +243,27 @@ def main() -> None:
     try:
         if settings["shape"] not in SHAPES:
             raise ValueError(f"shape={settings['shape']!r} must be one of {', '.join(SHAPES)}")
-        ctxs = [int(x) for x in settings["lengths"].split(",") if x]
+        try:
+            ctxs = [int(x) for x in settings["lengths"].split(",") if x]
+        except ValueError:
+            raise ValueError(f"lengths={settings['lengths']!r} must be token counts, e.g. 8192,65536") from None
         todo = [m for m in settings["methods"].split(",") if m]
-        unknown = set(todo) - {"comet", "full", "ceiling", "train"}
-        if unknown or not ctxs or min(ctxs) <= 0 or min(settings[k] for k in (
-                "piece", "full_piece", "train_len", "batch", "repeats")) <= 0:
-            raise ValueError(f"need methods from comet,full,ceiling,train (got {','.join(sorted(unknown))}), "
-                             "positive lengths, piece, full_piece, train_len, batch and repeats")
+        unknown = sorted(set(todo) - {"comet", "full", "ceiling", "train"})
+        if unknown or not todo:
+            raise ValueError(f"methods: unknown {','.join(unknown) or '(none given)'}; use comet,full,ceiling,train")
+        for key in ("piece", "full_piece", "train_len", "batch", "repeats"):
+            if settings[key] <= 0:
+                raise ValueError(f"{key}={settings[key]} must be positive")
+        if not ctxs or min(ctxs) <= 0:
+            raise ValueError(f"lengths={settings['lengths']!r} must be positive token counts")
         if settings["dtype"] not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"dtype={settings['dtype']!r} must be auto, float32 or bfloat16")
+        if pick_device(settings["device"]).startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device={settings['device']!r}, but torch sees no CUDA device")
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     cfg, dev = ModelConfig(**SHAPES[settings["shape"]]), pick_device(settings["device"])
-    bf16 = settings["dtype"] == "bfloat16" or (settings["dtype"] == "auto" and dev == "cuda")
+    bf16 = settings["dtype"] == "bfloat16" or (settings["dtype"] == "auto" and dev.startswith("cuda"))
     wdtype = "bfloat16" if bf16 else "float32"
     name = f"{settings['shape']} (L{cfg.n_layer} d{cfg.n_embd} V{cfg.vocab_size}, chunk {cfg.chunk_size})"
     results, out = [], open(settings["json"], "a") if settings["json"] else None
@@ -260,38 +280,42 @@ def main() -> None:
     # faulting them back in made identical full-attention runs differ by up to 5x
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(2**30))
     os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", str(2**40))
-    ctx_ = mp.get_context("spawn")
+    ctx_, died = mp.get_context("spawn"), False
     for method in todo:
         reports = ctx_.Queue()
         proc = ctx_.Process(target=measure, args=(settings, method, reports))
         proc.start()
         while proc.is_alive() or not reports.empty():
             try:
-                emit(**reports.get(timeout=0.2))
+                emit(**reports.get(timeout=1.0))
             except queue.Empty:
                 pass
         if proc.exitcode:  # e.g. killed by the kernel when the machine's memory ran out
             emit(method=method, status="died", note=f"the measuring process exited with {proc.exitcode}")
+            died = True
     summary(results, cfg, emit)
     if out:
         out.close()
     if settings["png"]:
         plot(results, name, settings["png"])
+    if died:
+        raise SystemExit("error: a measuring process died (see its traceback above)")
 
 
 def summary(results: list[dict], cfg: ModelConfig, emit) -> None:
-    """For every CoMeT measurement, timed next to it: its speed over CoMeT's on a fresh 8,192-token stream
-    (constant time per token: ~1), and over the ceiling's, raw and adjusted for the rows (or FLOPs) that
-    CoMeT adds per chunk."""
+    """For every CoMeT measurement: its speed over CoMeT's on fresh 8,192-token streams timed around each
+    piece (constant time per token: ~1), and over the ceiling's, raw and adjusted for the rows (or FLOPs)
+    that CoMeT adds per chunk. Medians [and ranges] of the per-piece ratios."""
     c = cfg.chunk_size
     rows = c / (c + cfg.n_compression + cfg.n_global)  # share of a chunk's rows that are real tokens
-    work = flops_per_token(cfg, "ceiling", c) / flops_per_token(cfg, "comet", c)  # share of the FLOPs
     for r in results:
-        if r["method"] == "comet" and r.get("status") == "ok":
-            raw = r["tokens_per_s"] / r["ceiling_tokens_per_s"]
-            emit(method="comet/ceiling", ctx=r["ctx"], status="ok", vs_comet_8k=round(r["tokens_per_s"] / r[
-                "comet_8k_tokens_per_s"], 3), raw=round(raw, 3), rows_factor=round(rows, 3), flops_factor=round(
-                work, 3), adjusted_rows=round(raw / rows, 3), adjusted_flops=round(raw / work, 3))
+        if r["method"] != "comet" or r.get("status") != "ok":
+            continue
+        work = flops_per_token(cfg, "ceiling", r["ctx"]) / flops_per_token(cfg, "comet", r["ctx"])  # FLOP share
+        raw = r["vs_ceiling"]
+        emit(method="comet/ceiling", ctx=r["ctx"], status="ok", vs_comet_8k=r["vs_comet_8k"], raw=raw,
+             rows_factor=round(rows, 3), flops_factor=round(work, 3),
+             adjusted_rows=[round(x / rows, 3) for x in raw], adjusted_flops=[round(x / work, 3) for x in raw])
 
 
 def plot(results: list[dict], name: str, path: str) -> None:

@@ -249,3 +249,14 @@ def test_wrong_types_raise_type_error(bad):
 def test_plain_decoder_rejects_a_sequence_longer_than_block_size():
     with pytest.raises(ValueError, match="longer than block_size=16"):
         tiny_model(chunk_size=0, block_size=16)(tokens(17))
+
+
+def test_cpu_bool_mask_and_cudas_causal_bias_mean_the_same_lower_right_causal_attention():
+    from torch.nn.attention.bias import causal_lower_right
+
+    from model import _bool_mask
+    q, k, v = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 12, 8), torch.randn(1, 2, 12, 8)  # 7 keys before
+    bias = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(5, 12))
+    mask = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=_bool_mask(5, 12, q.device))
+    torch.testing.assert_close(bias, mask)
+    assert _bool_mask(5, 12, q.device)[0].sum() == 8  # the first query sees the 7 earlier keys and itself
