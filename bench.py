@@ -71,8 +71,7 @@ def flops_per_token(cfg: ModelConfig, method: str, ctx: int) -> float:
     if method == "ceiling":
         return L * block_flops(cfg, c, 0, c * (c + 1) / 2) / c
     rows, n_chunks = c + cfg.n_compression + cfg.n_global, max(1, ctx // c)
-    # the prefix before chunk i: no global memory yet for the first, a FIFO still filling (= memory_slots(i))
-    prefixes = [(cfg.n_global if i else 0) + min(cfg.temp_budget, i * cfg.n_compression) for i in range(n_chunks)]
+    prefixes = [sum(cfg.memory_slots(i)) for i in range(n_chunks)]  # [G; T] before chunk i: filling at first
     total = sum(block_flops(cfg, rows, p, rows * p + rows * (rows + 1) / 2) for p in prefixes)
     return L * total / (n_chunks * c) + (2 * cfg.n_embd * cfg.vocab_size if method == "train" else 0)
 

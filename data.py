@@ -50,7 +50,7 @@ def get_tokenizer(name: str = "bytes"):
             data = f.read()
         if name == "gpt2" and hashlib.sha256(data).hexdigest() != GPT2_SHA256:
             raise ValueError(f"tokenizer 'gpt2': cached file {path} is corrupt (sha256 mismatch); delete it")
-        ranks = {base64.b64decode(tok): int(rank) for tok, rank in (line.split() for line in data.splitlines() if line)}
+        ranks = _ranks(data)
         pattern, specials = GPT2_PATTERN, {"<|endoftext|>": len(ranks)}
     n = len(ranks) + len(specials)
     specials.update({s: n + i for i, s in enumerate(SPECIALS)})
@@ -72,13 +72,18 @@ def llama_tokenizer(path: str):
     with open(path, "rb") as f:
         data = f.read()
     try:
-        lines = (line.split() for line in data.splitlines() if line)
-        ranks = {base64.b64decode(tok, validate=True): int(rank) for tok, rank in lines}
+        ranks = _ranks(data)
     except ValueError:  # not "base64 rank" lines: sentencepiece's protobuf (Llama 1/2)
         return _sentencepiece(path)
     specials = {s: len(ranks) + i for i, s in enumerate(LLAMA3_SPECIALS)}
     return tiktoken.Encoding(name=os.path.basename(os.path.dirname(os.path.abspath(path))), pat_str=LLAMA3_PATTERN,
                              mergeable_ranks=ranks, special_tokens=specials)
+
+
+def _ranks(data: bytes) -> dict[bytes, int]:
+    """tiktoken's BPE file format: one "base64-token rank" line per token. ValueError if it is not that."""
+    return {base64.b64decode(tok, validate=True): int(rank)
+            for tok, rank in (line.split() for line in data.splitlines() if line)}
 
 
 class _SentencePiece:
@@ -107,7 +112,8 @@ def bos_id(enc) -> int | None:
     BOS), or None for tokenizers without one (bytes, GPT-2)."""
     if isinstance(enc, _SentencePiece):
         return enc.bos if enc.bos >= 0 else None
-    return enc._special_tokens.get("<|begin_of_text|>")
+    bos = "<|begin_of_text|>"
+    return enc.encode_single_token(bos) if bos in enc.special_tokens_set else None
 
 
 def _sentencepiece(path: str) -> _SentencePiece:

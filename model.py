@@ -84,6 +84,11 @@ class ModelConfig:
         """Compression tokens in one closed chunk (0 without a temporary memory)."""
         return math.ceil(self.chunk_size / self.stride) if self.comet and self.temp_budget else 0
 
+    def memory_slots(self, n_closed: int) -> tuple[int, int]:
+        """(global, temporary) slots of every layer's memory after `n_closed` closed chunks (S3, S4):
+        what a pipeline rank (S7) receives before its first chunk, known without looking at data."""
+        return (self.n_global if n_closed else 0), min(self.temp_budget, n_closed * self.n_compression)
+
     @property
     def max_positions(self) -> int:
         """Longest sequence one attention call sees: one extended chunk [G, T, X, R] (S2), or block_size."""
@@ -337,13 +342,6 @@ class Transformer(nn.Module):
         cfg = self.config
         stride = cfg.stride if cfg.comet and cfg.temp_budget else 0
         return chunk_layout(n_tokens, stride, cfg.n_global if cfg.comet else 0, closed, self.rope_cos.device)
-
-    def memory_slots(self, n_closed: int) -> tuple[int, int]:
-        """(global, temporary) slots of every layer's memory after `n_closed` closed chunks (S3, S4):
-        what a pipeline rank (S7) receives before its first chunk, known without looking at data."""
-        cfg = self.config
-        per_chunk = self.layout(cfg.chunk_size, closed=True).compression.numel()
-        return (cfg.n_global if n_closed else 0), min(cfg.temp_budget, n_closed * per_chunk)
 
     def embed_chunk(self, idx: Tensor, layout: ChunkLayout) -> Tensor:
         """Token ids (B, n) -> the chunk's input rows (B, L, C) with compression and readout tokens in place."""

@@ -180,7 +180,7 @@ class Pipeline:
         chunks = [idx[:, c * cs:(c + 1) * cs] for c in mine]
         layouts = [model.layout(x.size(1), closed=x.size(1) == cs) for x in chunks]
         hs = [model.embed_chunk(x, lay) for x, lay in zip(chunks, layouts)]  # (B, L_chunk, C) each
-        n_g, n_t = model.memory_slots(mine.start)  # the FIFO may still be filling
+        n_g, n_t = cfg.memory_slots(mine.start)  # the FIFO may still be filling
         shape = (B, 2 * n_g + n_t, cfg.n_embd)
         wire = model.tok_embeddings.weight.dtype  # what memories travel as (every rank has the same)
         first, last = self.rank == 0, self.rank == self.world - 1

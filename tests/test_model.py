@@ -163,7 +163,7 @@ def test_memory_slots_predict_the_memory_shapes_after_every_chunk(memory):
     state = model.empty_memory(2)
     for n_closed in range(7):  # the FIFO fills, then stays at its budget
         for mem in state:
-            assert (mem.global_memory.size(1), mem.temp_memory.size(1)) == model.memory_slots(n_closed)
+            assert (mem.global_memory.size(1), mem.temp_memory.size(1)) == model.config.memory_slots(n_closed)
             assert mem.gate_state.shape == mem.global_memory.shape
         _, state = model.forward_chunk(tokens(8), state)
 
