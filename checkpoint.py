@@ -1,7 +1,7 @@
 """Checkpoints: written atomically, read with weights_only=True, one loader for every script.
 
 A checkpoint is a dict of plain data and tensors: {model, optimizer, model_args, iter_num, config,
-rng}. Nothing in it needs arbitrary unpickling, so a file that does is refused.
+rng}, and ram_args for a RAM model (ram.py). Nothing in it needs arbitrary unpickling, so a file that does is refused.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import zipfile
 import torch
 
 from model import ModelConfig, Transformer
+from ram import RAM, RAMConfig
 
 REQUIRED = ("model", "model_args")
 
@@ -62,11 +63,19 @@ def load_model(path: str, device: str = "cpu", ckpt: dict | None = None) -> tupl
     """Rebuild the model a checkpoint was trained with and load its weights; returns (model in eval mode, ckpt).
     Built on the meta device and given the checkpoint's (memory-mapped) tensors: one copy, however large."""
     ckpt = ckpt if ckpt is not None else read_checkpoint(path)
+    args = {}
     try:
-        with torch.device("meta"):
-            model = Transformer(ModelConfig(**ckpt["model_args"]), verbose=False)
+        for key, kind in (("model_args", ModelConfig), ("ram_args", RAMConfig)):
+            args[key] = kind(**ckpt[key]) if key in ckpt else None
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{path}: bad model_args: {e}") from None
+        raise ValueError(f"{path}: bad {key}: {e}") from None
+    with torch.device("meta"):
+        if args["ram_args"] is None:
+            model = Transformer(args["model_args"], verbose=False)
+        elif args["model_args"].comet:
+            raise ValueError(f"{path}: bad model_args: a RAM checkpoint needs chunk_size=0")
+        else:
+            model = RAM(args["model_args"], args["ram_args"], verbose=False)
     expected, weights = model.state_dict(), ckpt["model"]
     for name, t in expected.items():
         if name not in weights:
@@ -78,9 +87,11 @@ def load_model(path: str, device: str = "cpu", ckpt: dict | None = None) -> tupl
     if extra:
         raise ValueError(f"{path}: unexpected tensors {', '.join(extra[:3])} for the model its model_args describe")
     model.load_state_dict(weights, assign=True)
-    if model.config.tie_embeddings:  # assign gave output.weight a Parameter of its own: one again
-        model.output.weight = model.tok_embeddings.weight
-    model.build_rope()
+    for net in model.modules():  # the model, or RAM's decoder (and encoder)
+        if isinstance(net, Transformer):
+            if net.config.tie_embeddings:  # assign gave output.weight a Parameter of its own: one again
+                net.output.weight = net.tok_embeddings.weight
+            net.build_rope()
     return model.to(device).eval(), ckpt
 
 
@@ -110,9 +121,20 @@ def open_for_inference(cfg: dict):
     return model, get_tokenizer(train.get("tokenizer", "bytes")), train, dev
 
 
-def check_fits(model: Transformer, n_tokens: int) -> None:
-    """A plain decoder (chunk_size=0) cannot stream past its block_size; CoMeT streams any length."""
-    cfg = model.config
-    if not cfg.comet and n_tokens > cfg.block_size:
-        raise ValueError(f"this checkpoint is a plain decoder (chunk_size=0): {n_tokens:,} tokens do not fit "
-                         f"its block_size={cfg.block_size:,}")
+def set_block_size(model, block_size: int) -> None:
+    """Let a plain decoder (or RAM's) read up to block_size positions, e.g. to test it beyond its training
+    length: RoPE has no weights, only a longer table; the positions beyond training were never seen."""
+    for net in model.modules():
+        if isinstance(net, Transformer):
+            net.config.block_size = block_size
+            net.build_rope(net.tok_embeddings.weight.device)
+
+
+def check_fits(model, n_tokens: int, rows: int | None = None) -> None:
+    """A plain decoder (chunk_size=0; RAM's too) cannot read past its block_size; CoMeT streams any length.
+    rows: what the decoder reads for n_tokens of input (RAM and truncate read fewer)."""
+    cfg, rows = model.config, n_tokens if rows is None else rows
+    if not cfg.comet and rows > cfg.block_size:
+        raise ValueError(f"this checkpoint is a plain decoder (chunk_size=0): {n_tokens:,} tokens need {rows:,} "
+                         f"positions, more than its block_size={cfg.block_size:,}; --block_size={rows} lets it "
+                         "try (positions beyond its training length were never trained)")

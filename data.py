@@ -134,67 +134,155 @@ def _gpt2_cache_path() -> str:
     return os.path.join(cache, hashlib.sha1(GPT2_URL.encode()).hexdigest())
 
 
-# --- S8: passkey retrieval --------------------------------------------------------------------------
+# --- S8: passkey retrieval, and a multi-fact question task for RAM (S9) -----------------------------
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 PASSKEY = "The pass key is {key}. Remember it. {key} is the pass key. "
 QUESTION = "What is the pass key? The pass key is"
+FACT = "{name}'s code is {key}. "
+FACT_QUESTION = "What is {name}'s code? {name}'s code is"
+# five letters each, so that with the byte tokenizer every question of a batch has the same length
+NAMES = ("Alice", "Bruno", "Carla", "Diego", "Elena", "Fiona", "Gavin", "Helen", "Irene", "James", "Karen",
+         "Laura", "Mason", "Nadia", "Oscar", "Paula", "Quinn", "Rosie", "Simon", "Tanya", "Wendy",
+         "Yusuf", "Zelda", "Amber", "Boris", "Chloe", "Daisy", "Ethan", "Felix", "Grace")
+TASKS = ("passkey", "facts")
 
 
 @dataclass(frozen=True)
 class Passkey:
-    """One passkey sequence of exactly `length` tokens: filler (from `phase` in its period) with the
-    passkey sentence at token `insert`, then the question, then the answer (" " + key) as its last tokens."""
-    filler: np.ndarray    # (period,) token ids of one filler period
-    phase: int            # filler starts at this offset of its period
-    sentence: np.ndarray  # passkey sentence tokens
+    """One task sequence of exactly `length` tokens: filler (from `phase` in its period) with sentences
+    hidden at token positions `inserts` (ascending), then the question, then the answer (" " + key) as
+    its last tokens. `target` is the sentence that holds the answer (the passkey task has just one)."""
+    filler: np.ndarray                # (period,) token ids of one filler period
+    phase: int                        # filler starts at this offset of its period
+    sentences: tuple[np.ndarray, ...]  # token ids of each hidden sentence, in order of position
+    inserts: tuple[int, ...]          # index of each sentence's first token in the sequence
+    target: int                       # the sentence the question asks about
     question: np.ndarray
-    answer: np.ndarray    # the tokens the model must produce
-    insert: int           # index of the passkey sentence's first token
+    answer: np.ndarray                # the tokens the model must produce
     length: int
 
     @property
+    def sentence(self) -> np.ndarray:
+        return self.sentences[self.target]
+
+    @property
+    def insert(self) -> int:
+        return self.inserts[self.target]
+
+    @property
+    def evidence(self) -> tuple[int, int]:
+        """Token span [start, end) of the sentence that holds the answer (RAM's positives, S9)."""
+        return self.insert, self.insert + len(self.sentence)
+
+    @property
     def n_context(self) -> int:
-        """Filler + passkey sentence: where the question starts."""
+        """Filler + hidden sentences: where the question starts."""
         return self.length - len(self.question) - len(self.answer)
 
     def tokens(self, a: int = 0, b: int | None = None) -> np.ndarray:
         """Token ids of positions a..b-1, built without materialising the rest of the sequence."""
         b = self.length if b is None else b
         i = np.arange(a, b)
-        n_sent, n_ctx = len(self.sentence), self.n_context
-        filler_i = self.phase + np.where(i < self.insert, i, i - n_sent)  # filler runs on around the sentence
+        starts, lens = np.array(self.inserts), np.array([len(s) for s in self.sentences])
+        before = np.concatenate([[0], np.cumsum(lens)])  # sentence tokens in front of sentence k
+        k = np.searchsorted(starts, i, side="right") - 1  # the last sentence starting at or before i; -1: none
+        kk = np.maximum(k, 0)
+        inside = (k >= 0) & (i < starts[kk] + lens[kk])
+        filler_i = self.phase + i - before[k + 1]  # filler runs on around the sentences (used where outside)
         out = self.filler[filler_i % len(self.filler)]
+        words = np.concatenate(self.sentences)
+        out = np.where(inside, words[np.clip(before[kk] + i - starts[kk], 0, len(words) - 1)], out)
+        n_ctx = self.n_context
         tail = np.concatenate([self.question, self.answer])
-        in_sent = (i >= self.insert) & (i < self.insert + n_sent)
-        out = np.where(in_sent, self.sentence[np.clip(i - self.insert, 0, n_sent - 1)], out)
         return np.where(i >= n_ctx, tail[np.clip(i - n_ctx, 0, len(tail) - 1)], out)
+
+
+def _encode(enc: tiktoken.Encoding, *texts: str) -> list[np.ndarray]:
+    return [np.array(enc.encode_ordinary(t), dtype=np.int64) for t in texts]
+
+
+def _hide(enc, length: int, depth: float, rng: random.Random, sentences: list[np.ndarray], depths: list[float],
+          question: np.ndarray, answer: np.ndarray, filler: str) -> Passkey:
+    """Place sentences[j] at relative depth depths[j] of the filler; sentences[0] holds the answer."""
+    if not 0 <= depth <= 1:
+        raise ValueError(f"depth={depth} must lie in [0, 1]")
+    (period,) = _encode(enc, filler)
+    n_filler = length - sum(map(len, sentences)) - len(question) - len(answer)
+    if n_filler < 0:
+        raise ValueError(f"length={length} is too short for this task: it needs at least {length - n_filler} tokens")
+    at = [round(d * n_filler) for d in depths]  # filler tokens in front of each sentence
+    order = sorted(range(len(sentences)), key=lambda j: (at[j], j))
+    inserts, total = [], 0
+    for j in order:  # sequence position = filler in front + sentences placed before it
+        inserts.append(at[j] + total)
+        total += len(sentences[j])
+    return Passkey(period, rng.randrange(len(period)), tuple(sentences[j] for j in order), tuple(inserts),
+                   order.index(0), question, answer, length)
 
 
 def make_passkey(enc: tiktoken.Encoding, length: int, depth: float, rng: random.Random, digits: int = 5,
                  filler: str = FILLER) -> Passkey:
-    """A passkey sequence of exactly `length` tokens with the sentence at relative depth 0..1 of the filler."""
-    if not 0 <= depth <= 1:
-        raise ValueError(f"depth={depth} must lie in [0, 1]")
+    """A passkey sequence of exactly `length` tokens with the sentence at relative depth 0..1 of the filler (S8)."""
     key = str(rng.randrange(10 ** (digits - 1), 10 ** digits))
-    parts = [np.array(enc.encode_ordinary(t), dtype=np.int64)
-             for t in (filler, PASSKEY.format(key=key), QUESTION, " " + key)]
-    n_filler = length - sum(len(p) for p in parts[1:])
-    if n_filler < 0:
-        raise ValueError(f"length={length} is too short for a passkey sequence: it needs at least "
-                         f"{length - n_filler} tokens")
-    return Passkey(parts[0], rng.randrange(len(parts[0])), *parts[1:], round(depth * n_filler), length)
+    sentence, question, answer = _encode(enc, PASSKEY.format(key=key), QUESTION, " " + key)
+    return _hide(enc, length, depth, rng, [sentence], [depth], question, answer, filler)
 
 
-def passkey_batch(enc: tiktoken.Encoding, batch: int, length: int, seed: int, digits: int = 5,
-                  depth: float | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(batch, length) token ids of passkey sequences and a bool mask of the same shape marking each row's
-    answer tokens. The same seed always gives the same batch. Without a depth, depths are uniform in
-    [0, 1] except that 10% sit exactly at 0 or 1: a uniform depth almost never puts the passkey sentence
-    right against the question, and a model trained so failed a third of the depth-100% evaluations."""
+def make_facts(enc: tiktoken.Encoding, length: int, depth: float, rng: random.Random, digits: int = 5,
+               n_facts: int = 4, filler: str = FILLER) -> Passkey:
+    """Several facts "Name's code is K." hidden in the filler; the question asks for one person's code.
+    The asked fact sits at relative depth `depth`, the others at uniform random depths; names and codes
+    are distinct, so only the matching name gives the answer."""
+    if not 1 <= n_facts <= len(NAMES):
+        raise ValueError(f"n_facts={n_facts} must lie in [1, {len(NAMES)}]")
+    names = rng.sample(NAMES, n_facts)
+    keys = [str(k) for k in rng.sample(range(10 ** (digits - 1), 10 ** digits), n_facts)]
+    sentences = _encode(enc, *(FACT.format(name=n, key=k) for n, k in zip(names, keys)))
+    question, answer = _encode(enc, FACT_QUESTION.format(name=names[0]), " " + keys[0])
+    depths = [depth] + [rng.random() for _ in names[1:]]
+    return _hide(enc, length, depth, rng, sentences, depths, question, answer, filler)
+
+
+def make_sample(task: str, enc: tiktoken.Encoding, length: int, depth: float, rng: random.Random,
+                digits: int = 5) -> Passkey:
+    """One sequence of `task` ("passkey" or "facts")."""
+    if task == "passkey":
+        return make_passkey(enc, length, depth, rng, digits)
+    if task == "facts":
+        return make_facts(enc, length, depth, rng, digits)
+    raise ValueError(f"task={task!r} must be one of {', '.join(TASKS)}")
+
+
+def sample_batch(enc: tiktoken.Encoding, batch: int, length: int, seed: int, digits: int = 5,
+                 depth: float | None = None, task: str = "passkey") -> list[Passkey]:
+    """`batch` sequences of `length` tokens; the same seed always gives the same ones. Without a depth,
+    depths are uniform in [0, 1] except that 10% sit exactly at 0 or 1: a uniform depth almost never puts
+    the passkey sentence right against the question, and a model trained so failed a third of the
+    depth-100% evaluations."""
     rng = random.Random(seed)
     depths = [depth if depth is not None else rng.choice((0.0, 1.0)) if rng.random() < 0.1 else rng.random()
               for _ in range(batch)]
-    samples = [make_passkey(enc, length, d, rng, digits) for d in depths]
+    return [make_sample(task, enc, length, d, rng, digits) for d in depths]
+
+
+def by_shape(samples: list[Passkey]) -> dict[tuple[int, int, int], list[Passkey]]:
+    """Samples grouped by (context, question, answer) token counts, which a BPE tokenizer may vary; a
+    group batches together."""
+    groups: dict = {}
+    for s in samples:
+        groups.setdefault((s.n_context, len(s.question), len(s.answer)), []).append(s)
+    return groups
+
+
+def stack(samples: list[Passkey]) -> tuple[np.ndarray, np.ndarray]:
+    """Sequences of one length -> (batch, length) token ids and a bool mask marking each row's answer tokens."""
+    length = samples[0].length
     answer = np.arange(length) >= np.array([[length - len(s.answer)] for s in samples])
     return np.stack([s.tokens() for s in samples]), answer
+
+
+def passkey_batch(enc: tiktoken.Encoding, batch: int, length: int, seed: int, digits: int = 5,
+                  depth: float | None = None, task: str = "passkey") -> tuple[np.ndarray, np.ndarray]:
+    """`stack` of `sample_batch`."""
+    return stack(sample_batch(enc, batch, length, seed, digits, depth, task))

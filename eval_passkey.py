@@ -2,12 +2,18 @@
 
     python eval_passkey.py --ckpt out/ckpt.pt --lengths 1024,65536,1048576 --depths 0,0.5,1 --trials 2 \
         --json out/passkey.json
+    python eval_passkey.py --ckpt out/ram/ckpt.pt --method ram --keep_ratio 0.125   # RAM (S9) at 8x
 
-Each trial is a fresh passkey sequence; the context is streamed through the memories (S6) in pieces,
-then the answer is decoded greedily. A trial counts when every answer token is right (exact match).
+Each trial is a fresh sequence of the task (passkey, or facts: several facts, one asked); the model
+reads the context by its method, then decodes the answer greedily. A trial counts when every answer
+token is right (exact match). Methods: comet streams the context through the memories (S6) in pieces
+(a chunk_size=0 checkpoint is then plain full attention); ram compresses it for the question (S9,
+ram.py); truncate gives a plain decoder (or a RAM checkpoint's decoder) only the last tokens of the
+context that fit RAM's budget.
 """
 from __future__ import annotations
 
+import dataclasses
 import json as jsonlib
 import os
 import random
@@ -18,12 +24,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data import make_passkey
+from data import TASKS, by_shape, make_sample
+import ram as ramlib
 
 # -----------------------------------------------------------------------------
 ckpt = "out/ckpt.pt"            # checkpoint written by train.py
+method = "auto"                 # auto (as trained) | comet | ram | truncate
+task = "auto"                   # auto (as trained) | passkey | facts
+keep_ratio = 0.0                # ram/truncate: share of the context read closely; 0 = as trained
+block_size = 0                  # plain decoders (full attention, RAM, truncate): longest input; 0 = as trained
 lengths = ""                    # comma-separated token counts; "" -> 1x, 4x, 16x the training length
-depths = "0,0.25,0.5,0.75,1"    # relative depths of the passkey sentence in the filler
+depths = "0,0.25,0.5,0.75,1"    # relative depths of the passkey sentence (asked fact) in the filler
 trials = 20                     # sequences per cell
 seed = 1234                     # trials are reproducible from it (and differ from training data)
 piece = 65536                   # tokens streamed per call; any value gives the same result
@@ -36,24 +47,33 @@ threads = 0                     # torch CPU threads; 0 = torch's default
 
 @torch.no_grad()
 def passkey_cell(model, enc, length: int, depth: float, trials: int, seed: int, digits: int = 5,
-                 piece: int = 65536) -> int:
-    """Number of `trials` passkey sequences of `length` tokens whose key the model retrieves exactly."""
+                 piece: int = 65536, task: str = "passkey", method: str = "comet",
+                 ram: ramlib.RAMConfig | None = None) -> int:
+    """Number of `trials` sequences of `length` tokens whose answer the model gives exactly.
+    ram: RAM's settings (segment, keep_ratio) for method ram (its keep_ratio) and truncate (the budget)."""
     rng = random.Random(seed)
-    samples = [make_passkey(enc, length, depth, rng, digits) for _ in range(trials)]
-    device = model.tok_embeddings.weight.device
+    samples = [make_sample(task, enc, length, depth, rng, digits) for _ in range(trials)]
+    device = next(model.parameters()).device
     correct = 0
-    for n_answer in sorted({len(s.answer) for s in samples}):  # a BPE key may take more or fewer tokens
-        group = [s for s in samples if len(s.answer) == n_answer]
+    for (n_context, _, n_answer), group in by_shape(samples).items():  # BPE may vary these token counts
+        answers = torch.from_numpy(np.stack([s.answer for s in group])).to(device)
+        if method == "ram":
+            ((query, context, _, _),) = ramlib.groups(group, model.ram.segment, device)
+            out = model.answer(query, context, n_answer, ram.keep_ratio if ram else None)
+            correct += int((out == answers).all(1).sum())
+            continue
+        if isinstance(model, ramlib.RAM):  # truncate: RAM's decoder alone, on the context's last tokens
+            model = model.decoder
         n_prompt = length - n_answer
+        start = n_context - ramlib.budget(n_context, ram or ramlib.RAMConfig()) if method == "truncate" else 0
         state = model.new_stream(len(group))
-        for a in range(0, n_prompt, piece):
+        for a in range(start, n_prompt, piece):
             b = min(a + piece, n_prompt)
             idx = torch.from_numpy(np.stack([s.tokens(a, b) for s in group])).to(device)
             if b < n_prompt:
                 _, state = model.stream(idx, state)
             else:
                 out, state = model.generate(idx, n_answer, temperature=0, state=state)
-        answers = torch.from_numpy(np.stack([s.answer for s in group])).to(device)
         correct += int((out == answers).all(1).sum())
     return correct
 
@@ -67,7 +87,7 @@ def peak_memory_mib(device: str) -> float:
 def ascii_heatmap(grid: np.ndarray, lens: list[int], deps: list[float], trials: int) -> str:
     """Rows = lengths, columns = depths, cells = accuracy in % with a shade for the eye."""
     shade = lambda a: "█" if a >= 95 else "▓" if a >= 75 else "▒" if a >= 50 else "░" if a > 0 else " "
-    lines = [f"passkey accuracy (%), {trials} trials per cell",
+    lines = [f"accuracy (%), {trials} trials per cell",
              "   length | " + " ".join(f"{d:>5.0%}" for d in deps) + " |  mean"]
     for n, row in zip(lens, grid):
         lines.append(f"{n:>9,} | " + " ".join(f"{shade(a)}{a:>4.0f}" for a in row) + f" | {row.mean():5.1f}")
@@ -96,32 +116,66 @@ def save_png(grid: np.ndarray, lens: list[int], deps: list[float], path: str) ->
     return True
 
 
+def decoder_rows(how: str, ram: ramlib.RAMConfig, enc, task: str, length: int, digits: int) -> int:
+    """Rows a plain decoder reads for a sequence of `length` tokens: all of them (comet), or the
+    compressed/truncated context + question + answer (ram, truncate)."""
+    if how == "comet":
+        return length
+    s = make_sample(task, enc, length, 0.5, random.Random(0), digits)
+    return ramlib.budget(s.n_context, ram) + len(s.question) + len(s.answer)
+
+
+def resolve(cfg: dict, model, train: dict) -> tuple[str, str]:
+    """(method, task): as asked, or as the checkpoint was trained; one clear error for a mismatch."""
+    trained = "ram" if isinstance(model, ramlib.RAM) else train.get("method", "comet")
+    how = trained if cfg["method"] == "auto" else cfg["method"]
+    what = train.get("task", "passkey") if cfg["task"] == "auto" else cfg["task"]
+    if how not in ("comet", "ram", "truncate") or what not in TASKS:
+        raise ValueError(f"method={how!r} must be comet, ram or truncate; task={what!r} one of {', '.join(TASKS)}")
+    if (how == "ram" and trained != "ram") or (how == "comet" and trained == "ram"):
+        raise ValueError(f"method={how} needs {'a RAM' if how == 'ram' else 'a CoMeT or plain decoder'} "
+                         f"checkpoint; {cfg['ckpt']} was trained with method={trained}")
+    if how == "truncate" and model.config.comet:  # a RAM checkpoint's decoder is a plain decoder
+        raise ValueError("method=truncate needs a plain decoder (chunk_size=0) or RAM checkpoint")
+    return how, what
+
+
 def main() -> None:
-    from checkpoint import check_fits, open_for_inference
+    from checkpoint import check_fits, open_for_inference, set_block_size
     from configurator import configure_or_exit, settings_of
 
     cfg = configure_or_exit(settings_of(globals()))
     try:
-        if cfg["trials"] <= 0 or cfg["piece"] <= 0:
-            raise ValueError(f"trials={cfg['trials']} and piece={cfg['piece']} must be positive")
+        if cfg["trials"] <= 0 or cfg["piece"] <= 0 or cfg["block_size"] < 0:
+            raise ValueError(f"trials={cfg['trials']} and piece={cfg['piece']} must be positive, block_size >= 0")
         model, enc, train, dev = open_for_inference(cfg)
+        how, what = resolve(cfg, model, train)
+        trained = model.ram if how == "ram" else ramlib.RAMConfig(segment=train.get("segment", 50),
+                                                                   keep_ratio=train.get("keep_ratio", 0.25))
+        ram = dataclasses.replace(trained, keep_ratio=cfg["keep_ratio"] or trained.keep_ratio)
+        if cfg["block_size"]:
+            if model.config.comet:
+                raise ValueError("block_size only applies to plain decoders: CoMeT reads any length")
+            set_block_size(model, cfg["block_size"])
         lens = [int(x) for x in cfg["lengths"].split(",")] if cfg["lengths"] else \
             [train.get("max_len", 512) * m for m in (1, 4, 16)]
         deps = [float(x) for x in cfg["depths"].split(",")]
-        for d in deps:
-            make_passkey(enc, min(lens), d, random.Random(0), train.get("digits", 5))  # bad depth, too short
-        check_fits(model, max(lens))
+        for d in deps:  # bad depth, too short
+            make_sample(what, enc, min(lens), d, random.Random(0), train.get("digits", 5))
+        check_fits(model, max(lens), decoder_rows(how, ram, enc, what, max(lens), train.get("digits", 5)))
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     digits = train.get("digits", 5)
-    print(f"evaluating {cfg['ckpt']} (trained to {train.get('max_len', '?')} tokens) on {dev}: "
-          f"{len(lens)} lengths x {len(deps)} depths x {cfg['trials']} trials")
+    reads = f", keep_ratio {ram.keep_ratio}" if how in ("ram", "truncate") else ""
+    print(f"evaluating {cfg['ckpt']} (trained to {train.get('max_len', '?')} tokens) on {dev}: {what} task, "
+          f"method {how}{reads}, {len(lens)} lengths x {len(deps)} depths x {cfg['trials']} trials")
     grid, cells, peaks = np.zeros((len(lens), len(deps))), [], {}
     bar = tqdm(total=sum(lens) * len(deps) * cfg["trials"], unit="tok", unit_scale=True)
     for i, n in enumerate(lens):
         t0 = time.perf_counter()
         for j, d in enumerate(deps):
-            c = passkey_cell(model, enc, n, d, cfg["trials"], cfg["seed"] + 1000 * i + j, digits, cfg["piece"])
+            c = passkey_cell(model, enc, n, d, cfg["trials"], cfg["seed"] + 1000 * i + j, digits, cfg["piece"],
+                             what, how, ram)
             grid[i, j] = 100 * c / cfg["trials"]
             cells.append(dict(length=n, depth=d, correct=c, trials=cfg["trials"], accuracy=grid[i, j] / 100))
             bar.update(n * cfg["trials"])
@@ -134,7 +188,8 @@ def main() -> None:
     if cfg["json"]:
         os.makedirs(os.path.dirname(os.path.abspath(cfg["json"])), exist_ok=True)
         with open(cfg["json"], "w") as f:
-            jsonlib.dump(dict(ckpt=cfg["ckpt"], device=dev, cells=cells,
+            jsonlib.dump(dict(ckpt=cfg["ckpt"], device=dev, task=what, method=how,
+                              keep_ratio=ram.keep_ratio if how in ("ram", "truncate") else None, cells=cells,
                               peak_memory_mib={str(k): v for k, v in peaks.items()}), f, indent=1)
         print(f"wrote {cfg['json']}")
     png_path = cfg["png"] or (os.path.splitext(cfg["json"])[0] + ".png" if cfg["json"] else "")

@@ -107,7 +107,7 @@ def _check_types(cfg) -> None:
             isinstance(v, (int, float)) and not isinstance(v, bool) if base == "float" else
             isinstance(v, int) and not isinstance(v, bool))
         if not ok:
-            raise TypeError(f"ModelConfig: {f.name} must be {kind}, got {v!r} ({type(v).__name__})")
+            raise TypeError(f"{type(cfg).__name__}: {f.name} must be {kind}, got {v!r} ({type(v).__name__})")
 
 
 # --- RoPE -------------------------------------------------------------------------------------------

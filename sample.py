@@ -43,6 +43,9 @@ def main() -> None:
         if cfg["piece"] <= 0 or cfg["top_k"] < 0 or cfg["temperature"] < 0 or cfg["max_new_tokens"] < 0:
             raise ValueError("piece must be positive; top_k, temperature and max_new_tokens must be >= 0")
         model, enc, _, dev = open_for_inference(cfg)
+        if not hasattr(model, "stream"):
+            raise ValueError(f"{cfg['ckpt']} is a RAM checkpoint (ram.py): it answers a question about a context "
+                             "given apart; evaluate it with eval_passkey.py --method ram")
         if cfg["prompt_file"]:
             with open(cfg["prompt_file"], encoding="utf-8") as f:
                 text = f.read()

@@ -1,4 +1,4 @@
-"""Train CoMeT on the passkey task (SPEC S8), nanoGPT style.
+"""Train CoMeT on the passkey task (SPEC S8), nanoGPT style; or, to compare, RAM (S9) or a baseline.
 
     python train.py                                  # the default job: tiny CoMeT, CPU, passkey
     python train.py config/NAME.py --batch_size=32   # config file, then overrides
@@ -26,11 +26,12 @@ from tqdm import tqdm
 
 from checkpoint import load_model, read_checkpoint, save_checkpoint
 from configurator import configure_or_exit, pick_device, settings_of
-from data import get_tokenizer, passkey_batch
+from data import TASKS, get_tokenizer, sample_batch, stack
 from eval_passkey import passkey_cell
 import llama
-from model import ModelConfig, Transformer
+from model import Block, ModelConfig, Transformer
 from pipeline import Pipeline, PipelineError, rank_chunks
+import ram as ramlib
 
 # -----------------------------------------------------------------------------
 # run
@@ -61,7 +62,16 @@ n_global = 16
 stride = 8
 temp_budget = 32
 adapter_rank = 8
+# RAM (S9) and its truncated baseline: method=ram|truncate, with chunk_size=0
+method = "comet"          # comet (chunk_size=0: full attention) | ram (S9) | truncate (sees only RAM's budget)
+segment = 50              # RAM: tokens per segment
+keep_ratio = 0.25         # RAM: share of the context read closely (0.25 ~ 4x compression); truncate: same budget
+ram_shared = True         # RAM: encoder and decoder share weights
+contrast_weight = 0.1     # RAM: lambda of the InfoNCE term. The paper's 1 kept this tiny model's answer at chance
+                          # for 1,200 steps: the InfoNCE gradient dominated the clipped step (docs/ram.md)
+temperature = 0.05        # RAM: InfoNCE temperature
 # data (S8)
+task = "passkey"          # passkey (S8) | facts (several facts hidden, the question asks for one)
 tokenizer = "auto"        # auto (bytes; a Llama's own) | bytes | gpt2 (if cached) | a .tiktoken file | tokenizer.model
 digits = 5                # passkey length
 min_len = 128             # shortest training sequence, tokens
@@ -84,6 +94,8 @@ bptt_chunks = 0           # truncate BPTT every k chunks; 0: through the whole s
 DEFAULTS = settings_of(globals())
 MODEL_KEYS = ("n_layer", "n_head", "n_kv_head", "n_embd", "ffn_hidden", "rope_theta", "tie_embeddings",
               "chunk_size", "n_global", "stride", "temp_budget", "adapter_rank")
+RAM_KEYS = {"segment": "segment", "keep_ratio": "keep_ratio", "ram_shared": "shared",
+            "contrast_weight": "contrast_weight", "temperature": "temperature"}  # setting -> RAMConfig field
 
 
 def get_lr(it: int) -> float:
@@ -96,14 +108,31 @@ def get_lr(it: int) -> float:
 
 
 def get_batch(enc, it: int, device: str):
-    """Iteration it's batch: inputs, targets and the answer mask over targets, all (B, L-1).
-    Curriculum: the length is uniform in [min_len, hi], hi ramping from min_len to max_len."""
+    """Iteration it's batch and its sequence length. comet: inputs, targets and the answer mask over
+    targets, all (B, L-1). truncate: the same with only the last `budget` context tokens. ram: (query, context, answer,
+    positives) tensors per shape (ram.groups). Curriculum: the length is uniform in [min_len, hi], hi
+    ramping from min_len to max_len."""
     rng = random.Random(seed * 1_000_003 + it)
     ramp = min(1.0, it / (curriculum * max_iters)) if curriculum else 1.0
     length = rng.randint(min_len, round(min_len + ramp * (max_len - min_len)))
-    tokens, answer = passkey_batch(enc, batch_size, length, rng.randrange(2**62), digits)
+    samples = sample_batch(enc, batch_size, length, rng.randrange(2**62), digits, task=task)
+    if method == "ram":
+        return ramlib.groups(samples, segment, device), length
+    tokens, answer = stack(samples)
+    if method == "truncate":  # the context's last tokens that fit RAM's budget, then question and answer
+        n_context = min(s.n_context for s in samples)  # rows with a shorter question/answer keep a few more
+        keep = length - n_context + ramlib.budget(n_context, ram_config())
+        tokens, answer = tokens[:, -keep:], answer[:, -keep:]
     tokens, answer = torch.from_numpy(tokens).to(device), torch.from_numpy(answer).to(device)
-    return tokens[:, :-1], tokens[:, 1:], answer[:, 1:]
+    return (tokens[:, :-1], tokens[:, 1:], answer[:, 1:]), length
+
+
+def ram_config_of(config: dict) -> ramlib.RAMConfig:
+    return ramlib.RAMConfig(**{field: config[key] for key, field in RAM_KEYS.items()})
+
+
+def ram_config() -> ramlib.RAMConfig:
+    return ram_config_of(globals())
 
 
 def passkey_loss(logits, targets, answer, whole=None):
@@ -128,27 +157,43 @@ def make_optimizer(model: Transformer, fused: bool) -> torch.optim.AdamW:
          for (mem, decay), ps in groups.items()], lr=lr, betas=(beta1, beta2), fused=fused)
 
 
-def train_step(model, pipe, autocast, x, y, answer, stop: bool) -> tuple[float, float]:
+def train_step(model, pipe, autocast, batch, stop: bool) -> tuple[float, float, dict]:
     """Forward + backward of one batch, in one process or over the pipeline's ranks (S7).
-    Returns (loss, number of ranks asking to stop)."""
+    Returns (loss, number of ranks asking to stop, RAM's loss terms for the log)."""
+    parts = {}
     with autocast:
-        if pipe is None:
+        if method == "ram":  # one term per shape of rows, weighted by its rows
+            n, loss = sum(g[0].size(0) for g in batch), 0.0
+            for g in batch:
+                term, terms = model.loss(*g, lm_weight=lm_weight)
+                loss = loss + term * (g[0].size(0) / n)
+                for k, v in terms.items():
+                    parts[k] = parts.get(k, 0.0) + v.item() * (g[0].size(0) / n)
+        elif pipe is None:
+            x, y, answer = batch
             logits, _ = model(x, bptt_chunks=bptt_chunks)
             loss = passkey_loss(logits, y, answer)
         else:  # this rank's tokens; its loss share is their sum over the whole batch's counts
+            x, y, answer = batch
             logits, span = pipe.forward(model, x, bptt_chunks)
             loss = passkey_loss(logits, y[:, span], answer[:, span], whole=answer)
     loss.backward()  # over the pipeline: the wavefront in reverse, memory gradients sent back (S7)
     if pipe is None:
-        return loss.item(), float(stop)
-    return pipe.all_reduce(model, loss, flag=float(stop))  # gradients, loss and stop requests of every rank
+        return loss.item(), float(stop), parts
+    return *pipe.all_reduce(model, loss, flag=float(stop)), parts  # gradients, loss, stop requests of every rank
+
+
+def batch_tokens(batch) -> int:
+    """Tokens in a batch: inputs (comet, truncate), or question + context + answer (ram)."""
+    return sum(t.numel() for g in batch for t in g[:3]) if method == "ram" else batch[0].numel()
 
 
 def evaluate(model, enc) -> float:
-    """Passkey exact-match accuracy at max_len over 5 depths (fixed trials, never seen in training)."""
+    """Exact-match accuracy on the task at max_len over 5 depths (fixed trials, never seen in training)."""
     model.eval()
     per_depth = max(1, eval_trials // 5)
-    correct = sum(passkey_cell(model, enc, max_len, d, per_depth, 10**9 + 10 * seed + k, digits)
+    correct = sum(passkey_cell(model, enc, max_len, d, per_depth, 10**9 + 10 * seed + k, digits, task=task,
+                               method=method, ram=ram_config())
                   for k, d in enumerate((0.0, 0.25, 0.5, 0.75, 1.0)))
     model.train()
     return correct / (5 * per_depth)
@@ -162,8 +207,9 @@ def build_model(config: dict, enc, ckpt: dict | None, dev: str, verbose: bool) -
         model.train()
     elif config["init_from"] == "scratch":
         # a plain decoder (chunk_size=0) sees whole sequences: its RoPE table must cover max_len
-        model = Transformer(ModelConfig(vocab_size=enc.n_vocab, block_size=max(config["max_len"], 1024),
-                                        **{k: config[k] for k in MODEL_KEYS}), verbose=verbose)
+        cfg = ModelConfig(vocab_size=enc.n_vocab, block_size=max(config["max_len"], 1024),
+                          **{k: config[k] for k in MODEL_KEYS})
+        model = ramlib.RAM(cfg, ram_config(), verbose) if config["method"] == "ram" else Transformer(cfg, verbose)
     else:
         comet = {k: config[k] for k in ("chunk_size", "n_global", "stride", "temp_budget", "adapter_rank")}
         model = llama.load_llama(config["init_from"], device=dev, **comet)
@@ -200,6 +246,17 @@ def check_settings(config: dict) -> None:
         raise ValueError(f"pipeline_schedule={config['pipeline_schedule']!r} must be wavefront or naive")
     if config["pipeline_timeout"] <= 0:
         raise ValueError(f"pipeline_timeout={config['pipeline_timeout']} must be positive")
+    if config["task"] not in TASKS:
+        raise ValueError(f"task={config['task']!r} must be one of {', '.join(TASKS)}")
+    if config["method"] not in ("comet", "ram", "truncate"):
+        raise ValueError(f"method={config['method']!r} must be comet, ram or truncate")
+    if config["method"] != "comet":
+        if config["chunk_size"]:
+            raise ValueError(f"method={config['method']} reads with a plain decoder: set chunk_size=0")
+        if config["pipeline"] or config["init_from"] not in ("scratch", "resume"):
+            raise ValueError(f"method={config['method']} trains from scratch in one process (no pipeline, "
+                             "no Llama init_from)")
+        ram_config_of(config)  # segment, keep_ratio, ...: one clear error now
 
 
 def resume_settings(ckpt: dict, out: str) -> dict:
@@ -209,9 +266,10 @@ def resume_settings(ckpt: dict, out: str) -> dict:
         raise ValueError(f"it is not a training checkpoint (missing {', '.join(missing)})")
     config = configure_or_exit({**DEFAULTS, **ckpt["config"]})
     saved = ckpt["config"]
-    changed = [k for k in (*MODEL_KEYS, "tokenizer") if config[k] != saved[k]]
+    ram_keys = {"ram": tuple(RAM_KEYS), "truncate": ("segment", "keep_ratio")}.get(saved.get("method"), ())
+    changed = [k for k in (*MODEL_KEYS, *ram_keys, "method", "tokenizer") if config[k] != saved.get(k, DEFAULTS[k])]
     if changed:
-        was = ", ".join(f"{k}={saved[k]!r}" for k in changed)
+        was = ", ".join(f"{k}={saved.get(k, DEFAULTS[k])!r}" for k in changed)
         raise ValueError(f"{', '.join(changed)} cannot change when resuming (the weights were trained with {was})")
     return {**config, "out_dir": out}  # it lives where it was found, wherever it was first written
 
@@ -239,7 +297,10 @@ def main() -> None:
     try:
         check_settings(config)
         enc = get_tokenizer(tokenizer)
-        passkey_batch(enc, 1, min_len, 0, digits)  # fail now if min_len is too short for the task
+        (sample,) = sample_batch(enc, 1, min_len, 0, digits, task=task)  # fail now if min_len is too short
+        if method == "ram" and segment + len(sample.question) > max(max_len, 1024):
+            raise ValueError(f"segment={segment} + the question's {len(sample.question)} tokens exceed the "
+                             f"decoder's {max(max_len, 1024)} positions: use a shorter segment")
     except (OSError, TypeError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     dev = pick_device(device)
@@ -284,13 +345,15 @@ def main() -> None:
     if pipe:
         pipe.broadcast_parameters(model)  # every rank holds rank 0's weights, whatever happened before
     if compile:
-        for block in model.layers:
-            block.compile(dynamic=True)
+        for block in model.modules():
+            if isinstance(block, Block):
+                block.compile(dynamic=True)
 
     def checkpoint(it: int, acc: float | None) -> None:
+        extra = dict(ram_args=asdict(model.ram)) if method == "ram" else {}
         save_checkpoint(dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
                              model_args=asdict(model.config), iter_num=it, config=config, passkey_acc=acc,
-                             rng=dict(torch=torch.get_rng_state())), ckpt_path)
+                             rng=dict(torch=torch.get_rng_state()), **extra), ckpt_path)
 
     stop = []  # Ctrl-C: finish the step, checkpoint, exit
     signal.signal(signal.SIGINT, lambda *_: stop.append(True))
@@ -303,16 +366,16 @@ def main() -> None:
                 lr_now = get_lr(it)
                 for group in optimizer.param_groups:
                     group["lr"] = lr_now * group["lr_mult"]
-                x, y, answer = get_batch(enc, it, dev)
+                batch, length = get_batch(enc, it, dev)
                 optimizer.zero_grad(set_to_none=True)
-                loss, stops = train_step(model, pipe, autocast, x, y, answer, bool(stop))
+                loss, stops, parts = train_step(model, pipe, autocast, batch, bool(stop))
                 # ranks stop together, on what they all-reduced (a Ctrl-C during the step counts next step)
                 halt = stops > 0 if pipe else bool(stop)
                 if grad_clip:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
                 optimizer.step()
-                n_tok += x.numel()
-                record = dict(iter=it, loss=loss, lr=lr_now, len=x.size(1) + 1)
+                n_tok += batch_tokens(batch)
+                record = dict(iter=it, loss=loss, lr=lr_now, len=length, **parts)
                 done = it + 1 == max_iters
                 if (eval_interval and (it + 1) % eval_interval == 0) or done:
                     record["passkey_acc"] = acc = evaluate(model, enc)  # every rank: no one waits for rank 0
@@ -339,7 +402,7 @@ def main() -> None:
     if pipe:
         torch.distributed.destroy_process_group()
     if master:
-        print(f"done: {ckpt_path}, passkey accuracy at {max_len} tokens: {acc}")
+        print(f"done: {ckpt_path}, {task} accuracy at {max_len} tokens: {acc}")
 
 
 if __name__ == "__main__":

@@ -77,7 +77,7 @@ def test_batch_answer_mask_marks_the_last_answer_tokens():
 
 
 def test_too_short_a_sequence_is_a_clear_error():
-    with pytest.raises(ValueError, match="too short for a passkey sequence: it needs at least"):
+    with pytest.raises(ValueError, match="too short for this task: it needs at least"):
         make_passkey(ENC, 50, 0.5, random.Random(0))
 
 
@@ -117,3 +117,27 @@ def test_bpe_tokenizer_from_a_local_rank_file(tmp_path):
     assert enc.encode_ordinary("hello hello") == [259, 32, 259]
     assert enc.decode(enc.encode_ordinary("hello, wörld")) == "hello, wörld"
     assert enc.encode_single_token("<|endoftext|>") == 260 and enc.encode_single_token("<|readout|>") == 263
+
+
+# --- the multi-fact question task (RAM's comparison, S9) ---------------------------------------------
+
+@pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
+def test_facts_task_hides_distinct_facts_and_asks_one_at_the_requested_depth(depth):
+    s = data.make_facts(ENC, 800, depth, random.Random(5), n_facts=4)
+    text = decode(s.tokens())
+    facts = [decode(f) for f in s.sentences]
+    assert len(set(f.split("'s")[0] for f in facts)) == 4 and len(set(f.split(" is ")[1] for f in facts)) == 4
+    assert all(text[i:i + len(f)] == f for i, f in zip(s.inserts, facts))
+    n_filler = s.n_context - sum(map(len, s.sentences))
+    filler_before = s.insert - sum(len(f) for f in s.sentences[:s.target])
+    assert filler_before == round(depth * n_filler)
+    name, key = facts[s.target].split("'s code is ")
+    assert decode(s.question) == data.FACT_QUESTION.format(name=name) and decode(s.answer) == " " + key[:-2]
+
+
+def test_facts_lazy_slices_equal_the_whole_sequence():
+    s = data.make_facts(ENC, 700, 0.3, random.Random(6), n_facts=6)
+    whole = s.tokens()
+    assert len(whole) == 700
+    for a, b in [(0, 700), (100, 350), (699, 700)] + [(i - 1, i + 2) for i in s.inserts]:
+        assert np.array_equal(s.tokens(a, b), whole[a:b])

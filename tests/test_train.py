@@ -99,7 +99,7 @@ def test_a_new_run_never_overwrites_an_existing_checkpoint(tmp_path):
 
 
 def test_too_short_min_len_is_one_clear_error(tmp_path):
-    assert "too short for a passkey sequence" in fail(train_cmd(tmp_path, "--min_len=50"))
+    assert "too short for this task" in fail(train_cmd(tmp_path, "--min_len=50"))
 
 
 @pytest.mark.slow

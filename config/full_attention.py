@@ -1,0 +1,5 @@
+# Baseline: the same tiny decoder and recipe as the default CoMeT job, without memories: plain causal
+# attention over the whole sequence (chunk_size=0). It cannot read past block_size, and positions beyond
+# its training length were never seen (eval_passkey.py --block_size=N lets it try).
+# python train.py config/full_attention.py --out_dir=out/full_attention
+chunk_size = 0

@@ -1,0 +1,11 @@
+# RAM (SPEC S9, ram.py) on the passkey task: the same tiny shape and recipe as the default CoMeT job,
+# read as 50-token segments of which a quarter are kept (4x), the rest skimmed to one vector each.
+# python train.py config/ram_passkey.py --out_dir=out/ram_passkey
+method = "ram"
+chunk_size = 0            # RAM's encoder and decoder are plain decoders
+task = "passkey"
+segment = 50
+keep_ratio = 0.25
+contrast_weight = 0.1     # as train.py's default (the paper's 1 stalled this tiny model: docs/ram.md)
+max_iters = 1500
+eval_interval = 300

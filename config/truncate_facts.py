@@ -1,0 +1,11 @@
+# The baseline RAM must beat (ram.py): a plain decoder that reads only the last tokens of the context that
+# fit RAM's budget at keep_ratio (k segments' tokens + one row per other segment), then the question.
+# python train.py config/truncate_facts.py --out_dir=out/truncate_facts
+method = "truncate"
+chunk_size = 0
+task = "facts"
+segment = 50
+keep_ratio = 0.25
+min_len = 256
+max_iters = 2000
+eval_interval = 200
