@@ -117,20 +117,17 @@ def run_comet(model: Transformer, ctx: int, dev: str, gen: torch.Generator, betw
 
 @torch.no_grad()
 def run_full(plain: Transformer, ctx: int, dev: str, gen: torch.Generator) -> None:
-    cache = [None] * plain.config.n_layer
+    cache = None
     for a in tqdm(range(0, ctx, full_piece), desc=f"full {ctx:,}", leave=False, disable=ctx <= 8 * full_piece):
         h = plain.tok_embeddings(random_tokens(plain.config, min(full_piece, ctx - a), dev, gen))
-        for l, block in enumerate(plain.layers):
-            h, cache[l] = block(h, plain.rope, cache[l])  # keys/values of everything so far
+        h, cache = plain.run_blocks(h, cache)  # keys/values of everything so far
         plain.output(plain.norm(h[:, -1]))
 
 
 @torch.no_grad()
 def run_ceiling(plain: Transformer, ctx: int, dev: str, gen: torch.Generator, chunk: int) -> None:
     for a in range(0, ctx, chunk):
-        h = plain.tok_embeddings(random_tokens(plain.config, min(chunk, ctx - a), dev, gen))
-        for block in plain.layers:
-            h, _ = block(h, plain.rope)
+        h, _ = plain.run_blocks(plain.tok_embeddings(random_tokens(plain.config, min(chunk, ctx - a), dev, gen)))
         plain.output(plain.norm(h[:, -1]))
 
 

@@ -130,7 +130,7 @@ def resolve(cfg: dict, model, train: dict) -> tuple[str, str]:
     trained = "ram" if isinstance(model, ramlib.RAM) else train.get("method", "comet")
     how = trained if cfg["method"] == "auto" else cfg["method"]
     what = train.get("task", "passkey") if cfg["task"] == "auto" else cfg["task"]
-    if how not in ("comet", "ram", "truncate") or what not in TASKS:
+    if how not in ramlib.METHODS or what not in TASKS:
         raise ValueError(f"method={how!r} must be comet, ram or truncate; task={what!r} one of {', '.join(TASKS)}")
     if (how == "ram" and trained != "ram") or (how == "comet" and trained == "ram"):
         raise ValueError(f"method={how} needs {'a RAM' if how == 'ram' else 'a CoMeT or plain decoder'} "

@@ -343,6 +343,16 @@ class Transformer(nn.Module):
         stride = cfg.stride if cfg.comet and cfg.temp_budget else 0
         return chunk_layout(n_tokens, stride, cfg.n_global if cfg.comet else 0, closed, self.rope_cos.device)
 
+    def run_blocks(self, h: Tensor, past: list | None = None) -> tuple[Tensor, list]:
+        """Plain decoder: rows h (B, T, C) through every block, after the rows whose keys/values `past`
+        holds (one (k, v) per layer), if given. Returns the last block's output (before the final norm)
+        and each layer's keys/values so far."""
+        cache = []
+        for l, block in enumerate(self.layers):
+            h, kv = block(h, self.rope, None if past is None else past[l])
+            cache.append(kv)
+        return h, cache
+
     def embed_chunk(self, idx: Tensor, layout: ChunkLayout) -> Tensor:
         """Token ids (B, n) -> the chunk's input rows (B, L, C) with compression and readout tokens in place."""
         B = idx.size(0)
@@ -391,9 +401,7 @@ class Transformer(nn.Module):
         if not cfg.comet:
             if N > cfg.block_size:
                 raise ValueError(f"sequence of {N} tokens is longer than block_size={cfg.block_size}")
-            h = self.tok_embeddings(idx)
-            for block in self.layers:
-                h, _ = block(h, self.rope)
+            h, _ = self.run_blocks(self.tok_embeddings(idx))
         else:
             memory, hs = self.empty_memory(idx.size(0)), []
             for i, start in enumerate(range(0, N, cfg.chunk_size)):

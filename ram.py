@@ -41,6 +41,9 @@ class RAMConfig:
             raise ValueError(f"RAMConfig: keep_ratio={self.keep_ratio} must lie in (0, 1]")
 
 
+METHODS = ("comet", "ram", "truncate")  # how a model reads a context: train.py and eval_passkey.py --method
+
+
 def n_keep(n_tokens: int, segment: int, keep_ratio: float) -> int:
     """Segments read closely: the kept tokens are keep_ratio of the context (the paper's k = L / (alpha L_seg)),
     at least one, at most all."""
@@ -131,11 +134,8 @@ class RAM(nn.Module):
     def hidden(net: Transformer, x: Tensor, past: list | None = None) -> tuple[Tensor, list]:
         """Input rows x (B, T, C) through every block of net, then its final norm: last-layer states
         (B, T, C) and each layer's keys/values (to continue the same rows later, `past`)."""
-        cache = []
-        for l, block in enumerate(net.layers):
-            x, kv = block(x, net.rope, None if past is None else past[l])
-            cache.append(kv)
-        return net.norm(x), cache
+        h, cache = net.run_blocks(x, past)
+        return net.norm(h), cache
 
     def encode(self, query: Tensor, context: Tensor,
                rows_per_pass: int = 4096) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -248,7 +248,7 @@ def check_settings(config: dict) -> None:
         raise ValueError(f"pipeline_timeout={config['pipeline_timeout']} must be positive")
     if config["task"] not in TASKS:
         raise ValueError(f"task={config['task']!r} must be one of {', '.join(TASKS)}")
-    if config["method"] not in ("comet", "ram", "truncate"):
+    if config["method"] not in ramlib.METHODS:
         raise ValueError(f"method={config['method']!r} must be comet, ram or truncate")
     if config["method"] != "comet":
         if config["chunk_size"]:
