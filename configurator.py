@@ -1,6 +1,6 @@
 """Script settings, nanoGPT style: defaults are module globals, then config files, then --key=value.
 
-    python train.py config/NAME.py --batch_size=32 --lr 1e-3
+    python train.py config/NAME.py --batch_size=32 --lr 1e-3 --compile   # a bare --flag sets a bool to True
 
 A config file is Python that assigns some of the settings. Unknown keys and wrong types are errors
 (one line, naming the key), so a typo never silently trains the wrong model.
@@ -66,6 +66,8 @@ def configure(defaults: dict, argv: list[str]) -> dict:
                     config[key] = _check(key, value, defaults, arg)
             continue
         key, eq, text = arg[2:].partition("=")
+        if not eq and isinstance(defaults.get(key), bool) and (not args or args[0].startswith("--")):
+            eq, text = "=", "true"  # a bare --flag
         if not eq:
             if not args:
                 raise ValueError(f"--{key}: missing value")

@@ -3,6 +3,7 @@
     python eval_passkey.py --ckpt out/ckpt.pt --lengths 1024,65536,1048576 --depths 0,0.5,1 --trials 2 \
         --json out/passkey.json
     python eval_passkey.py --ckpt out/ram/ckpt.pt --method ram --keep_ratio 0.125   # RAM (S9) at 8x
+    python eval_passkey.py --inspect --lengths 1024 --depths 0.3 --png docs/inspect  # inside the memories
 
 Each trial is a fresh sequence of the task (passkey, or facts: several facts, one asked); the model
 reads the context by its method, then decodes the answer greedily. A trial counts when every answer
@@ -40,6 +41,7 @@ seed = 1234                     # trials are reproducible from it (and differ fr
 piece = 65536                   # tokens streamed per call; any value gives the same result
 json = ""                       # write the results to this JSON file
 png = ""                        # heatmap PNG (needs matplotlib); "" -> next to --json if given
+inspect = False                 # instead: one sequence (first length and depth) through CoMeT, its memories shown
 device = "auto"                 # auto | cpu | cuda
 threads = 0                     # torch CPU threads; 0 = torch's default
 # -----------------------------------------------------------------------------
@@ -140,6 +142,24 @@ def resolve(cfg: dict, model, train: dict) -> tuple[str, str]:
     return how, what
 
 
+def inspect_one(model, enc, task: str, length: int, depth: float, seed: int, digits: int, prefix: str) -> None:
+    """Print what the memories do over one sequence (inspection.py) and save its figures at `prefix`_*.png."""
+    from inspection import ascii_view, record, save_figures
+    s = make_sample(task, enc, length, depth, random.Random(seed), digits)
+    ins = record(model, torch.from_numpy(s.tokens())[None].to(next(model.parameters()).device))
+    C, (a, b) = model.config.chunk_size, s.evidence
+    print(f"one {task} sequence of {length:,} tokens in chunks of {C}: the answer's sentence at tokens {a}-{b - 1} "
+          f"(chunk {a // C}{'' if a // C == (b - 1) // C else f'-{(b - 1) // C}'}), the question from token "
+          f"{s.n_context} (chunk {s.n_context // C}); * marks chunk {a // C}\n")
+    print(ascii_view(ins, a // C))
+    guess = ins.logits[0, -len(s.answer) - 1:-1].argmax(-1).tolist()  # teacher-forced, as training scores it
+    print(f"\nanswer (argmax at each answer position): {enc.decode(guess)!r}, expected {enc.decode(s.answer.tolist())!r}")
+    if prefix:
+        os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+        paths = save_figures(ins, prefix, a // C)
+        print("\n".join(f"wrote {p}" for p in paths) or "no PNG: matplotlib is not installed")
+
+
 def main() -> None:
     from checkpoint import check_fits, open_for_inference, set_block_size
     from configurator import configure_or_exit, settings_of
@@ -163,6 +183,11 @@ def main() -> None:
         for d in deps:  # bad depth, too short
             make_sample(what, enc, min(lens), d, random.Random(0), train.get("digits", 5))
         check_fits(model, max(lens), decoder_rows(how, ram, enc, what, max(lens), train.get("digits", 5)))
+        if cfg["inspect"]:
+            if how != "comet" or not model.config.comet:
+                raise ValueError(f"--inspect looks inside CoMeT's memories; {cfg['ckpt']} has none (method {how})")
+            return inspect_one(model, enc, what, lens[0], deps[0], cfg["seed"], train.get("digits", 5),
+                               cfg["png"] or "out/inspect")
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     digits = train.get("digits", 5)

@@ -69,22 +69,24 @@ class LowRankAdapter(nn.Module):
 
 
 class GlobalMemory(nn.Module):
-    """S3: a gated recurrence over the layer's readout outputs, one scalar gate per slot."""
+    """S3: a gated recurrence over the layer's readout outputs, one scalar gate per slot.
+    gated=False is the ablation without the gate: each chunk overwrites the memory (RMT-like)."""
 
-    def __init__(self, n_embd: int, rank: int, eps: float):
+    def __init__(self, n_embd: int, rank: int, eps: float, gated: bool = True):
         super().__init__()
         self.norm = nn.RMSNorm(n_embd, eps=eps)
-        self.gate = nn.Linear(2 * n_embd, 1, bias=False)  # W_g: [s_{t-1}; s~] -> one logit per slot
+        self.gate = nn.Linear(2 * n_embd, 1, bias=False) if gated else None  # W_g: [s_{t-1}; s~] -> a logit per slot
         self.adapter = LowRankAdapter(n_embd, rank)
 
     def forward(self, readout: Tensor, state: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """readout r_t (B, n_global, C), state s_{t-1} (B, 0 or n_global, C) -> (s_t, G_{t+1}, gate).
 
-        gate is (B, n_global, 1), or None on the first chunk, which has no previous state to keep.
+        gate is (B, n_global, 1), or None on the first chunk, which has no previous state to keep (and
+        without a gate).
         """
         candidate = self.norm(readout)  # S3: s~ = RMSNorm(r_t)
-        if state.size(1) == 0:
-            return candidate, self.adapter(candidate), None  # S3: first chunk, s_1 = s~
+        if state.size(1) == 0 or self.gate is None:
+            return candidate, self.adapter(candidate), None  # S3: first chunk, s_1 = s~ (ungated: every chunk)
         gate = torch.sigmoid(self.gate(torch.cat([state, candidate], -1)))  # S3: g = sigmoid(W_g [s; s~])
         state = gate * state + (1 - gate) * candidate  # S3: gated update, g keeps the old state
         return state, self.adapter(state), gate  # S3: G = RLA(s)
@@ -108,9 +110,9 @@ class TemporaryMemory(nn.Module):
 class LayerMemory(nn.Module):
     """Both memories of one layer; a memory whose size is 0 is absent (and has no parameters)."""
 
-    def __init__(self, n_embd: int, n_global: int, temp_budget: int, rank: int, eps: float):
+    def __init__(self, n_embd: int, n_global: int, temp_budget: int, rank: int, eps: float, gated: bool = True):
         super().__init__()
-        self.global_mem = GlobalMemory(n_embd, rank, eps) if n_global else None
+        self.global_mem = GlobalMemory(n_embd, rank, eps, gated) if n_global else None
         self.temp_mem = TemporaryMemory(n_embd, temp_budget, rank, eps) if temp_budget else None
 
     def forward(self, mem: MemoryState, readout: Tensor, compressed: Tensor) -> MemoryState:
@@ -123,13 +125,14 @@ class LayerMemory(nn.Module):
         return MemoryState(s, g, t)
 
 
-def memory_param_count(n_layer: int, n_embd: int, n_global: int, temp_budget: int, rank: int) -> int:
+def memory_param_count(n_layer: int, n_embd: int, n_global: int, temp_budget: int, rank: int,
+                       gated: bool = True) -> int:
     """S5: parameters CoMeT adds to a decoder.
 
     Per layer: global memory = RMSNorm (d) + W_g (2d) + adapter (2*d*r); temporary memory = RMSNorm (d)
     + adapter (2*d*r). Plus embeddings: one compression token (if the FIFO is on) and n_global readout
-    tokens. Both memories on: n_layer * (4d + 4*d*r) + (1 + n_global) * d.
+    tokens. Both memories on: n_layer * (4d + 4*d*r) + (1 + n_global) * d. Without the gate: 2d less per layer.
     """
     d = n_embd
-    per_layer = (3 * d + 2 * d * rank) * bool(n_global) + (d + 2 * d * rank) * bool(temp_budget)
+    per_layer = ((1 + 2 * gated) * d + 2 * d * rank) * bool(n_global) + (d + 2 * d * rank) * bool(temp_budget)
     return n_layer * per_layer + (int(bool(temp_budget)) + n_global) * d

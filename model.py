@@ -34,12 +34,14 @@ class ModelConfig:
     norm_eps: float = 1e-5         # RMSNorm epsilon
     tie_embeddings: bool = True    # output projection shares the token embedding matrix
     block_size: int = 1024         # plain decoder only: longest sequence (length of its RoPE table)
+    window: int = 0                # plain decoder only: a token attends to the last `window` positions; 0 = all
     # CoMeT (S2-S5). chunk_size=0: plain decoder. n_global=0 / temp_budget=0: that memory is off.
     chunk_size: int = 64           # real tokens per chunk
     n_global: int = 16             # global-memory slots = readout tokens per chunk (S3)
     stride: int = 8                # real tokens per compression token (S2)
     temp_budget: int = 32          # temporary-memory FIFO capacity in slots (S4)
     adapter_rank: int = 8          # rank of the memories' residual low-rank adapters (S3)
+    global_gate: bool = True       # False: the global memory is overwritten by each chunk (RMT-like ablation)
     init_std: float | None = None  # weight init std; None -> sqrt(2 / (5 * n_embd)) (small init, width-aware)
 
     def __post_init__(self):
@@ -49,7 +51,7 @@ class ModelConfig:
                      "block_size", "stride", "adapter_rank", "init_std"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"ModelConfig: {name}={getattr(self, name)} must be positive")
-        for name in ("chunk_size", "n_global", "temp_budget"):
+        for name in ("chunk_size", "n_global", "temp_budget", "window"):
             if getattr(self, name) < 0:
                 raise ValueError(f"ModelConfig: {name}={getattr(self, name)} must be >= 0 (0 turns it off)")
         if self.n_kv_head is None:
@@ -67,6 +69,8 @@ class ModelConfig:
         if self.rope_factor != 1 and self.rope_high_freq <= self.rope_low_freq:
             raise ValueError(f"ModelConfig: rope_high_freq={self.rope_high_freq} must exceed "
                              f"rope_low_freq={self.rope_low_freq}")
+        if self.chunk_size and self.window:
+            raise ValueError(f"ModelConfig: window={self.window} is a plain-decoder baseline: it needs chunk_size=0")
         if self.chunk_size and self.stride > self.chunk_size:
             raise ValueError(f"ModelConfig: stride={self.stride} must be <= chunk_size={self.chunk_size} "
                              "(one compression token per `stride` tokens of a chunk)")
@@ -140,6 +144,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.window = cfg.window
         self.wq = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=False)
         self.wk = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=False)
@@ -148,13 +153,13 @@ class Attention(nn.Module):
     def _heads(self, x: Tensor, n: int) -> Tensor:
         return x.view(x.size(0), x.size(1), n, self.head_dim).transpose(1, 2)  # (B, n, T, hs)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], past: tuple[Tensor, Tensor] | None = None,
-                n_prefix: int = 0):
+    def project(self, x: Tensor, rope: tuple[Tensor, Tensor], past: tuple[Tensor, Tensor] | None = None,
+                n_prefix: int = 0) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor]]:
         """x (B, n_prefix + T, C): normed rows. The first n_prefix are memory rows [G; T] (S2), of which
         only keys and values are needed; the T rows after them (or after the `past` keys/values
-        (B, n_kv, S0, hs) of the same sequence) also query. Positions count keys: S0, S0+1, ..."""
-        B, L, C = x.shape
-        T, S0 = L - n_prefix, 0 if past is None else past[0].size(2)
+        (B, n_kv, S0, hs) of the same sequence) also query. Positions count keys: S0, S0+1, ...
+        Returns q (B, nh, T, hs), k and v (B, nh, S, hs) with GQA heads repeated, and the cache (k, v)."""
+        S0, L = 0 if past is None else past[0].size(2), x.size(1)
         cos, sin = rope[0][S0:S0 + L], rope[1][S0:S0 + L]
         q = apply_rope(self._heads(self.wq(x[:, n_prefix:]), self.n_head), cos[n_prefix:], sin[n_prefix:])
         k = apply_rope(self._heads(self.wk(x), self.n_kv_head), cos, sin)  # (B, n_kv, L, hs)
@@ -165,12 +170,36 @@ class Attention(nn.Module):
         if self.n_kv_head != self.n_head:  # GQA: each key/value head serves n_head/n_kv_head query heads
             k = k.repeat_interleave(self.n_head // self.n_kv_head, 1)
             v = v.repeat_interleave(self.n_head // self.n_kv_head, 1)
-        before = S0 + n_prefix  # keys in front of the first query row
-        if before == 0 or T == 1:  # plain causal square, or one new row that sees everything
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=before == 0 and T > 1)
+        return q, k, v, kv
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], past: tuple[Tensor, Tensor] | None = None,
+                n_prefix: int = 0):
+        """Rows as in `project` -> (output of the T query rows (B, T, C), cache (k, v))."""
+        q, k, v, kv = self.project(x, rope, past, n_prefix)
+        B, T, S = q.size(0), q.size(2), k.size(2)
+        if self.window:  # the sliding-window baseline
+            y = sliding_window_attention(q, k, v, self.window)
+        elif S == T or T == 1:  # plain causal square, or one new row that sees everything
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=S == T and T > 1)
         else:  # causal, aligned to the bottom right (is_causal aligns top left)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=_lower_right_causal(T, before + T, x.device))
-        return self.wo(y.transpose(1, 2).reshape(B, T, C)), kv
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=_lower_right_causal(T, S, x.device))
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1)), kv
+
+
+def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int, block: int = 256) -> Tensor:
+    """Causal attention where the query at position p sees only keys p-window+1..p. q (B, nh, T, hs) are
+    the last T of the S keys. Queries go in blocks, each with just the keys its window reaches, so work
+    and memory grow with T * (block + window), not T * S."""
+    T, S = q.size(2), k.size(2)
+    out = []
+    for a in range(0, T, block):
+        b = min(a + block, T)
+        lo, hi = max(0, S - T + a - window + 1), S - T + b  # keys the block's first and last queries reach
+        qpos = torch.arange(S - T + a, hi, device=q.device)[:, None]
+        kpos = torch.arange(lo, hi, device=q.device)[None]
+        mask = (kpos <= qpos) & (kpos > qpos - window)  # (b - a, hi - lo)
+        out.append(F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, lo:hi], v[:, :, lo:hi], attn_mask=mask))
+    return torch.cat(out, 2)
 
 
 def _lower_right_causal(T: int, S: int, device: torch.device):
@@ -281,7 +310,7 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         if cfg.comet:  # S5: the parameters CoMeT adds
             self.memories = nn.ModuleList(
-                LayerMemory(cfg.n_embd, cfg.n_global, cfg.temp_budget, cfg.adapter_rank, cfg.norm_eps)
+                LayerMemory(cfg.n_embd, cfg.n_global, cfg.temp_budget, cfg.adapter_rank, cfg.norm_eps, cfg.global_gate)
                 for _ in range(cfg.n_layer))
             if cfg.temp_budget:
                 self.compression_emb = nn.Parameter(torch.empty(1, cfg.n_embd))

@@ -62,6 +62,8 @@ n_global = 16
 stride = 8
 temp_budget = 32
 adapter_rank = 8
+global_gate = True        # False: each chunk overwrites the global memory (ablation, RMT-like)
+window = 0                # chunk_size=0 only: tokens see the last `window` positions (sliding-window baseline)
 # RAM (S9) and its truncated baseline: method=ram|truncate, with chunk_size=0
 method = "comet"          # comet (chunk_size=0: full attention) | ram (S9) | truncate (sees only RAM's budget)
 segment = 50              # RAM: tokens per segment
@@ -93,7 +95,7 @@ bptt_chunks = 0           # truncate BPTT every k chunks; 0: through the whole s
 # -----------------------------------------------------------------------------
 DEFAULTS = settings_of(globals())
 MODEL_KEYS = ("n_layer", "n_head", "n_kv_head", "n_embd", "ffn_hidden", "rope_theta", "tie_embeddings",
-              "chunk_size", "n_global", "stride", "temp_budget", "adapter_rank")
+              "chunk_size", "n_global", "stride", "temp_budget", "adapter_rank", "global_gate", "window")
 RAM_KEYS = {"segment": "segment", "keep_ratio": "keep_ratio", "ram_shared": "shared",
             "contrast_weight": "contrast_weight", "temperature": "temperature"}  # setting -> RAMConfig field
 

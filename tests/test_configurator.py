@@ -16,6 +16,14 @@ def test_space_separated_values_work_too():
     assert cfg["lengths"] == "1024,65536,1048576" and cfg["batch_size"] == 8
 
 
+def test_a_bare_flag_sets_a_bool_to_true_and_takes_no_value():
+    assert configure(DEFAULTS, ["--compile", "--batch_size", "8"])["compile"] is True
+    assert configure(DEFAULTS, ["--batch_size", "8", "--compile"])["compile"] is True
+    assert configure(DEFAULTS, ["--compile", "false"])["compile"] is False  # a value still counts
+    with pytest.raises(ValueError, match="--lr: missing value"):  # only bools may go without a value
+        configure(DEFAULTS, ["--compile", "--lr"])
+
+
 def test_an_int_is_accepted_for_a_float_setting():
     assert configure(DEFAULTS, ["--lr=1"])["lr"] == 1.0
 

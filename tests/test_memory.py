@@ -70,6 +70,18 @@ def test_gated_update_follows_s3_written_out():
     torch.testing.assert_close(memory, state + mem.adapter.up(mem.adapter.down(state)))
 
 
+def test_without_the_gate_each_chunk_overwrites_the_global_memory():
+    torch.manual_seed(0)
+    mem = GlobalMemory(32, rank=4, eps=1e-5, gated=False)
+    assert mem.gate is None  # no W_g parameter
+    state, _, _ = mem(torch.randn(2, 6, 32), torch.zeros(2, 0, 32))
+    readout = torch.randn(2, 6, 32)
+    state, memory, gate = mem(readout, state)
+    assert gate is None
+    torch.testing.assert_close(state, mem.norm(readout))  # the old state is gone: s_t = s~_t (RMT-like)
+    torch.testing.assert_close(memory, mem.adapter(state))
+
+
 class SaturatedGate(torch.nn.Module):
     """Stands in for W_g: logit 50 -> sigmoid is exactly 1.0 in fp32."""
 
@@ -130,11 +142,12 @@ def test_memory_state_detach_and_to_return_new_states():
     assert all(t.dtype == torch.float64 for t in state.to(torch.float64).tensors())
 
 
-@pytest.mark.parametrize("n_global,temp_budget", [(3, 3), (3, 0), (0, 3), (0, 0)])
-def test_memory_parameter_count_matches_the_formula_of_s5(n_global, temp_budget):
-    model = Transformer(tiny_config(n_global=n_global, temp_budget=temp_budget), verbose=False)
+@pytest.mark.parametrize("n_global,temp_budget,gated", [(3, 3, True), (3, 0, True), (0, 3, True), (0, 0, True),
+                                                       (3, 3, False)])
+def test_memory_parameter_count_matches_the_formula_of_s5(n_global, temp_budget, gated):
+    model = Transformer(tiny_config(n_global=n_global, temp_budget=temp_budget, global_gate=gated), verbose=False)
     _, counted = model.param_counts()
-    assert counted == memory_param_count(2, 32, n_global, temp_budget, 4)
+    assert counted == memory_param_count(2, 32, n_global, temp_budget, 4, gated)
 
 
 def test_memory_parameter_count_of_the_calibration_model():

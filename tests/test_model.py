@@ -226,6 +226,8 @@ def test_same_seed_gives_the_same_model_and_loss():
     (dict(n_head=5), "n_head=5 must divide n_embd=32"),
     (dict(n_kv_head=3), "n_kv_head=3 must divide n_head=4"),
     (dict(n_embd=24, n_head=8, n_kv_head=8), "must be even for RoPE"),
+    (dict(window=-1), "window=-1 must be >= 0"),
+    (dict(window=4), "window=4 is a plain-decoder baseline: it needs chunk_size=0"),
 ])
 def test_bad_sizes_raise_one_clear_value_error(bad, message):
     with pytest.raises(ValueError, match=message):
@@ -260,3 +262,51 @@ def test_cpu_bool_mask_and_cudas_causal_bias_mean_the_same_lower_right_causal_at
     mask = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=_bool_mask(5, 12, q.device))
     torch.testing.assert_close(bias, mask)
     assert _bool_mask(5, 12, q.device)[0].sum() == 8  # the first query sees the 7 earlier keys and itself
+
+
+# --- the sliding-window baseline (a plain decoder whose tokens see only the last `window` positions) -------
+
+def band_attention(q, k, v, window):
+    """Reference: dense attention with the explicit (T, S) band mask."""
+    T, S = q.size(2), k.size(2)
+    p, j = torch.arange(S - T, S)[:, None], torch.arange(S)[None]
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=(j <= p) & (j > p - window))
+
+
+@pytest.mark.parametrize("T,S", [(600, 600), (300, 700), (1, 50)])  # whole sequence, after a cache, decoding
+def test_blockwise_sliding_window_attention_equals_the_dense_band_mask(T, S):
+    from model import sliding_window_attention
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 2, T, 8), torch.randn(1, 2, S, 8), torch.randn(1, 2, S, 8)
+    torch.testing.assert_close(sliding_window_attention(q, k, v, 48, block=256), band_attention(q, k, v, 48))
+
+
+def test_sliding_window_decoder_never_sees_tokens_beyond_its_window():
+    # One layer sees window-1 tokens back, so with 2 layers logit p depends on tokens p-2(window-1)..p only.
+    model = tiny_model(chunk_size=0, window=5)
+    idx = tokens(40)
+    changed = idx.clone()
+    changed[:, 10] = (idx[:, 10] + 1) % 32
+    a, b = model(idx)[0], model(changed)[0]
+    reach = 10 + 2 * (5 - 1)  # the last position token 10 can reach
+    torch.testing.assert_close(a[:, :10], b[:, :10], rtol=0, atol=0)  # causal
+    assert (a[:, reach] - b[:, reach]).abs().max() > 1e-4  # inside the window: it does matter
+    torch.testing.assert_close(a[:, reach + 1:], b[:, reach + 1:], rtol=0, atol=1e-6)  # beyond: never
+
+
+def test_sliding_window_wider_than_the_sequence_is_full_attention():
+    full = tiny_model(chunk_size=0)
+    wide = tiny_model(chunk_size=0, window=64)
+    idx = tokens(40)
+    torch.testing.assert_close(wide(idx)[0], full(idx)[0], rtol=0, atol=1e-6)
+
+
+def test_sliding_window_decoder_streams_with_its_cache_like_the_full_forward():
+    model = tiny_model(chunk_size=0, window=6, block_size=64)
+    idx = tokens(50)
+    full, _ = model(idx)
+    logits, state = model.stream(idx[:, :30], model.new_stream(2))
+    torch.testing.assert_close(logits, full[:, 29], rtol=0, atol=1e-5)
+    for p in range(30, 50):
+        logits, state = model.stream(idx[:, p:p + 1], state)
+        torch.testing.assert_close(logits, full[:, p], rtol=0, atol=1e-5)

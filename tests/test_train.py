@@ -103,7 +103,7 @@ def test_too_short_min_len_is_one_clear_error(tmp_path):
 
 
 @pytest.mark.slow
-def test_eval_passkey_and_sample_run_on_a_trained_checkpoint(tmp_path):
+def test_eval_passkey_its_inspection_and_sample_run_on_a_trained_checkpoint(tmp_path):
     run(train_cmd(tmp_path, "--max_iters=5", "--eval_interval=0"))
     ckpt = str(tmp_path / "ckpt.pt")
     out = run([sys.executable, "eval_passkey.py", f"--ckpt={ckpt}", "--lengths", "150,1000", "--depths", "0,1",
@@ -113,9 +113,33 @@ def test_eval_passkey_and_sample_run_on_a_trained_checkpoint(tmp_path):
     assert [(c["length"], c["depth"], c["trials"]) for c in cells] == [(150, 0, 3), (150, 1, 3), (1000, 0, 3),
                                                                         (1000, 1, 3)]
     assert all(0 <= c["correct"] <= 3 for c in cells)
+    out = run([sys.executable, "eval_passkey.py", f"--ckpt={ckpt}", "--inspect", "--lengths=200", "--depths=0.5",
+               "--threads=1", f"--png={tmp_path / 'look'}"])
+    assert "global-memory gate" in out and "FIFO" in out and "answer (argmax" in out
+    pngs = sorted(p.name for p in tmp_path.glob("look_*.png"))
+    assert pngs == ["look_attention.png", "look_fifo.png", "look_gates.png"] or "matplotlib is not installed" in out
     out = run([sys.executable, "sample.py", f"--ckpt={ckpt}", "--prompt=hello there", "--max_new_tokens=7",
                "--threads=1"])
     assert "7 tokens generated" in out and "peak memory" in out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["comet", "global_only", "temp_only", "no_gate", "sliding_window",
+                                     "full_attention"])
+def test_every_ablation_config_builds_and_trains_one_step(tmp_path, variant):
+    import torch
+    run([sys.executable, "train.py", f"config/{variant}.py", f"--out_dir={tmp_path}", "--max_iters=1",
+         "--eval_interval=0", "--batch_size=2", "--threads=1"])
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ckpt["iter_num"] == 1
+    args = {k: ckpt["model_args"][k] for k in ("chunk_size", "n_global", "temp_budget", "global_gate", "window")}
+    assert args == {"comet": dict(chunk_size=64, n_global=16, temp_budget=32, global_gate=True, window=0),
+                    "global_only": dict(chunk_size=64, n_global=16, temp_budget=0, global_gate=True, window=0),
+                    "temp_only": dict(chunk_size=64, n_global=0, temp_budget=32, global_gate=True, window=0),
+                    "no_gate": dict(chunk_size=64, n_global=16, temp_budget=32, global_gate=False, window=0),
+                    "sliding_window": dict(chunk_size=0, n_global=16, temp_budget=32, global_gate=True, window=48),
+                    "full_attention": dict(chunk_size=0, n_global=16, temp_budget=32, global_gate=True, window=0),
+                    }[variant]
 
 
 def test_pipeline_ranks_loss_shares_add_up_to_the_passkey_loss():

@@ -1,0 +1,4 @@
+# Ablation: CoMeT with the global memory only (S3), no temporary memory (S4): no compression tokens, no FIFO.
+# Everything else as config/comet.py.
+# python train.py config/global_only.py --out_dir=out/global_only
+temp_budget = 0

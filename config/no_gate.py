@@ -1,0 +1,4 @@
+# Ablation: the global memory without its gate (S3): each chunk's readouts overwrite it (s_t = RMSNorm(r_t)),
+# as a recurrent memory transformer (RMT) does. Everything else as config/comet.py.
+# python train.py config/no_gate.py --out_dir=out/no_gate
+global_gate = False

@@ -1,0 +1,4 @@
+# Ablation: CoMeT with the temporary memory only (S4), no global memory (S3): no readout tokens, and what
+# leaves the 32-slot FIFO (4 chunks of 8 compression tokens) is gone. Everything else as config/comet.py.
+# python train.py config/temp_only.py --out_dir=out/temp_only
+n_global = 0

@@ -1,0 +1,158 @@
+"""See inside CoMeT's memories: per layer and chunk, the global memory's gates (S3), what the FIFO
+temporary memory holds (S4), and how much attention a chunk's tokens give to G, T and their own chunk.
+
+    python eval_passkey.py --inspect --lengths 1024 --depths 0.3 --png docs/inspect   # ASCII + 3 PNGs
+
+`record` runs the ordinary chunked forward (`Transformer.forward_chunk`) with forward hooks: one reads
+each global memory's gate, one recomputes each attention call's weights from the call's own inputs.
+The fast SDPA path is untouched, so the logits equal the model's without inspection (a test checks it).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from model import Transformer
+
+GROUPS = ("G", "T", "local")  # key groups of an extended chunk [G; T; chunk rows] (S2)
+
+
+@dataclass(frozen=True)
+class Inspection:
+    """What one sequence did to the memories. Chunk t's gate is the one that wrote chunk t into the
+    global memory; its attention and FIFO are what chunk t saw (the memories after chunks 0..t-1)."""
+    logits: Tensor                  # (B, N, V): as model(idx)
+    gates: Tensor                   # (n_layer, n_chunks, n_global): per slot, batch mean; nan = no gate used
+    share: Tensor                   # (n_layer, n_chunks, 3): attention of real tokens to G, T, local rows
+    fifo: tuple[tuple[int, ...], ...]  # per chunk: source chunk of each FIFO slot it saw, oldest first
+    chunk_size: int
+
+
+def attention_weights(attn, x: Tensor, rope, past=None, n_prefix: int = 0) -> Tensor:
+    """The softmax weights (B, nh, T, S) that `attn` (model.Attention) applies to these inputs."""
+    q, k, _, _ = attn.project(x, rope, past, n_prefix)
+    T, S = q.size(2), k.size(2)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.size(-1))
+    causal = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)  # bottom-right aligned
+    return scores.masked_fill(~causal, float("-inf")).softmax(-1)
+
+
+@torch.no_grad()
+def record(model: Transformer, idx: Tensor) -> Inspection:
+    """Run idx (B, N) chunk by chunk from empty memories, as model.forward does, and record the memories."""
+    cfg = model.config
+    if not cfg.comet:
+        raise ValueError("inspection looks at CoMeT's memories: this model is a plain decoder (chunk_size=0)")
+    weights, gates = {}, {}
+    hooks = [block.attention.register_forward_hook(
+        lambda m, args, out, l=l: weights.__setitem__(l, attention_weights(m, *args)))
+        for l, block in enumerate(model.layers)]
+    hooks += [mem.global_mem.register_forward_hook(lambda m, args, out, l=l: gates.__setitem__(l, out[2]))
+              for l, mem in enumerate(model.memories) if mem.global_mem is not None]
+    n_chunks = math.ceil(idx.size(1) / cfg.chunk_size)
+    gate_t = torch.full((cfg.n_layer, n_chunks, cfg.n_global), float("nan"))
+    share = torch.zeros(cfg.n_layer, n_chunks, len(GROUPS))
+    memory, hs, fifo = model.empty_memory(idx.size(0)), [], []
+    try:
+        for t in range(n_chunks):
+            chunk = idx[:, t * cfg.chunk_size:(t + 1) * cfg.chunk_size]
+            n_g, n_t = memory[0].global_memory.size(1), memory[0].temp_memory.size(1)  # what chunk t sees
+            # S4: the FIFO holds the newest n_t of the t * n_c compression tokens written so far
+            fifo.append(tuple((t * cfg.n_compression - n_t + i) // cfg.n_compression for i in range(n_t)))
+            weights.clear()
+            gates.clear()
+            h, memory = model.forward_chunk(chunk, memory, closed=chunk.size(1) == cfg.chunk_size)
+            hs.append(h)
+            rows = model.layout(chunk.size(1), chunk.size(1) == cfg.chunk_size).tokens
+            for l in range(cfg.n_layer):
+                w = weights[l][:, :, rows].sum(2) / len(rows)  # (B, nh, S): mean over the real tokens' rows
+                share[l, t] = torch.stack([w[..., :n_g].sum(-1), w[..., n_g:n_g + n_t].sum(-1),
+                                           w[..., n_g + n_t:].sum(-1)], -1).mean((0, 1))
+                if gates.get(l) is not None:
+                    gate_t[l, t] = gates[l].mean(0)[:, 0]
+    finally:
+        for hook in hooks:
+            hook.remove()
+    logits = model.output(model.norm(torch.cat(hs, 1)))
+    return Inspection(logits, gate_t, share, tuple(fifo), cfg.chunk_size)
+
+
+def ascii_view(ins: Inspection, mark: int | None = None) -> str:
+    """The gates, attention shares and FIFO as text; `mark`: a chunk to flag (e.g. the passkey's), '*'."""
+    L, n = ins.share.shape[:2]
+    head = "          chunk " + "".join(f"{t:>4}{'*' if t == mark else ' '}" for t in range(n))
+    out = ["global-memory gate, mean over slots (1: keep the old memory, 0: write this chunk; - none)", head]
+    for l in range(L):
+        g = ins.gates[l].nanmean(-1) if ins.gates.size(-1) else torch.full((n,), float("nan"))
+        out.append(f"  layer {l:<2}        " + "".join("   - " if v != v else f"{v:5.2f}" for v in g.tolist()))
+    out += ["", "attention of each chunk's tokens to the global memory G, the FIFO T and their own chunk (%)", head]
+    for l in range(L):
+        for i, name in enumerate(GROUPS):
+            out.append(f"  layer {l:<2} {name:<6} " + "".join(f"{100 * v:5.0f}" for v in ins.share[l, :, i].tolist()))
+    out += ["", "FIFO (temporary memory) as each chunk sees it: slots, and how many came from each earlier chunk"]
+    for t, src in enumerate(ins.fifo):
+        counts = ", ".join(f"{s}{'*' if s == mark else ''}: {src.count(s)}" for s in sorted(set(src)))
+        out.append(f"  chunk {t:>3}{'*' if t == mark else ' '} {len(src):>3} slots  {counts or '(empty)'}")
+    return "\n".join(out)
+
+
+def save_figures(ins: Inspection, prefix: str, mark: int | None = None) -> list[str]:
+    """PNGs prefix_gates.png, prefix_attention.png, prefix_fifo.png; [] without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    L, n = ins.share.shape[:2]
+    paths = []
+
+    def finish(fig, axes, name):
+        for ax in axes:
+            if mark is not None:
+                ax.axvline(mark, color="red", ls="--", lw=1)
+        axes[-1].set_xlabel("chunk" + ("" if mark is None else f" (red: the passkey's chunk, {mark})"))
+        fig.savefig(f"{prefix}_{name}.png", dpi=110)
+        plt.close(fig)
+        paths.append(f"{prefix}_{name}.png")
+
+    if ins.gates.size(-1):
+        fig, axes = plt.subplots(L, 1, figsize=(1.5 + 0.35 * n, 1.2 + 1.3 * L), sharex=True, squeeze=False,
+                                 layout="constrained")
+        for l, ax in enumerate(axes[:, 0]):
+            im = ax.imshow(ins.gates[l].T.numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1,
+                           interpolation="nearest")
+            ax.set_ylabel(f"layer {l}\nslot")
+        fig.colorbar(im, ax=axes[:, 0].tolist(), label="gate (1 = keep old memory)")
+        axes[0, 0].set_title("global-memory gate per slot")
+        finish(fig, list(axes[:, 0]), "gates")
+    fig, axes = plt.subplots(L, 1, figsize=(1.5 + 0.35 * n, 1.2 + 1.3 * L), sharex=True, squeeze=False,
+                                 layout="constrained")
+    for l, ax in enumerate(axes[:, 0]):
+        bottom = torch.zeros(n)
+        for i, name in enumerate(GROUPS):
+            ax.bar(range(n), ins.share[l, :, i].numpy(), bottom=bottom.numpy(), label=name, width=0.9)
+            bottom += ins.share[l, :, i]
+        ax.set_ylabel(f"layer {l}")
+        ax.set_ylim(0, 1)
+    axes[0, 0].set_title("share of attention of a chunk's tokens")
+    axes[0, 0].legend(loc="upper right", fontsize=7, ncol=3)
+    finish(fig, list(axes[:, 0]), "attention")
+    budget = max(map(len, ins.fifo), default=0)
+    if budget:
+        grid = torch.full((budget, n), float("nan"))
+        for t, src in enumerate(ins.fifo):
+            grid[:len(src), t] = torch.tensor(src, dtype=torch.float)
+        fig, ax = plt.subplots(figsize=(1.5 + 0.35 * n, 3.5), layout="constrained")
+        im = ax.imshow(grid.numpy(), aspect="auto", cmap="viridis", interpolation="nearest", vmin=0, vmax=n - 1)
+        if mark is not None:
+            hit = (grid == mark).nonzero()
+            ax.scatter(hit[:, 1], hit[:, 0], marker="x", color="red", s=12)
+        fig.colorbar(im, ax=ax, label="source chunk of the slot")
+        ax.set_ylabel("FIFO slot (oldest at top)")
+        ax.set_title("temporary memory as each chunk sees it" + ("" if mark is None else " (x: the passkey's)"))
+        finish(fig, [ax], "fifo")
+    return paths
