@@ -10,13 +10,14 @@ from __future__ import annotations
 import sys
 
 
+BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
 def _parse(key: str, text: str, default):
     """Parse a command-line value by the type of the setting's default."""
     if isinstance(default, bool):
-        if text.lower() in ("true", "1", "yes"):
-            return True
-        if text.lower() in ("false", "0", "no"):
-            return False
+        if text.lower() in BOOL_WORDS:
+            return BOOL_WORDS[text.lower()]
         raise ValueError(f"--{key}={text}: expected True or False")
     if isinstance(default, (int, float)):
         try:
@@ -66,7 +67,7 @@ def configure(defaults: dict, argv: list[str]) -> dict:
                     config[key] = _check(key, value, defaults, arg)
             continue
         key, eq, text = arg[2:].partition("=")
-        if not eq and isinstance(defaults.get(key), bool) and (not args or args[0].startswith("--")):
+        if not eq and isinstance(defaults.get(key), bool) and (not args or args[0].lower() not in BOOL_WORDS):
             eq, text = "=", "true"  # a bare --flag
         if not eq:
             if not args:

@@ -148,15 +148,20 @@ def inspect_one(model, enc, task: str, length: int, depth: float, seed: int, dig
     s = make_sample(task, enc, length, depth, random.Random(seed), digits)
     ins = record(model, torch.from_numpy(s.tokens())[None].to(next(model.parameters()).device))
     C, (a, b) = model.config.chunk_size, s.evidence
+    # mark the chunk that holds the end of the answer's first mention (the key's digits), else the sentence's start
+    n = len(s.answer)
+    hit = [i for i in range(len(s.sentence) - n + 1) if (s.sentence[i:i + n] == s.answer).all()]
+    mark = (a + hit[0] + n - 1) // C if hit else a // C
     print(f"one {task} sequence of {length:,} tokens in chunks of {C}: the answer's sentence at tokens {a}-{b - 1} "
           f"(chunk {a // C}{'' if a // C == (b - 1) // C else f'-{(b - 1) // C}'}), the question from token "
-          f"{s.n_context} (chunk {s.n_context // C}); * marks chunk {a // C}\n")
-    print(ascii_view(ins, a // C))
+          f"{s.n_context} (chunk {s.n_context // C}); * marks chunk {mark}, where the answer is first read\n")
+    print(ascii_view(ins, mark))
     guess = ins.logits[0, -len(s.answer) - 1:-1].argmax(-1).tolist()  # teacher-forced, as training scores it
-    print(f"\nanswer (argmax at each answer position): {enc.decode(guess)!r}, expected {enc.decode(s.answer.tolist())!r}")
+    print(f"\nanswer (argmax at each answer position): {enc.decode(guess)!r}, "
+          f"expected {enc.decode(s.answer.tolist())!r}")
     if prefix:
         os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
-        paths = save_figures(ins, prefix, a // C)
+        paths = save_figures(ins, prefix, mark)
         print("\n".join(f"wrote {p}" for p in paths) or "no PNG: matplotlib is not installed")
 
 
@@ -185,7 +190,8 @@ def main() -> None:
         check_fits(model, max(lens), decoder_rows(how, ram, enc, what, max(lens), train.get("digits", 5)))
         if cfg["inspect"]:
             if how != "comet" or not model.config.comet:
-                raise ValueError(f"--inspect looks inside CoMeT's memories; {cfg['ckpt']} has none (method {how})")
+                raise ValueError(f"--inspect looks inside CoMeT's memories; {cfg['ckpt']} has none (it is "
+                                 f"{'a RAM model' if how == 'ram' else 'a plain decoder, chunk_size=0'})")
             return inspect_one(model, enc, what, lens[0], deps[0], cfg["seed"], train.get("digits", 5),
                                cfg["png"] or "out/inspect")
     except (OSError, ValueError) as e:

@@ -27,7 +27,7 @@ class Inspection:
     logits: Tensor                  # (B, N, V): as model(idx)
     gates: Tensor                   # (n_layer, n_chunks, n_global): per slot, batch mean; nan = no gate used
     share: Tensor                   # (n_layer, n_chunks, 3): attention of real tokens to G, T, local rows
-    fifo: tuple[tuple[int, ...], ...]  # per chunk: source chunk of each FIFO slot it saw, oldest first
+    fifo: tuple[tuple[int, ...], ...]  # per chunk: source chunk of each layer-0 FIFO slot it saw, oldest first
     chunk_size: int
 
 
@@ -36,8 +36,18 @@ def attention_weights(attn, x: Tensor, rope, past=None, n_prefix: int = 0) -> Te
     q, k, _, _ = attn.project(x, rope, past, n_prefix)
     T, S = q.size(2), k.size(2)
     scores = q @ k.transpose(-1, -2) / math.sqrt(q.size(-1))
-    causal = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)  # bottom-right aligned
-    return scores.masked_fill(~causal, float("-inf")).softmax(-1)
+    seen = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)  # causal, bottom-right aligned
+    if attn.window:
+        seen &= ~seen.tril(S - T - attn.window)  # the sliding-window baseline: the last `window` positions
+    return scores.masked_fill(~seen, float("-inf")).softmax(-1)
+
+
+def fifo_sources(before: tuple[int, ...], old: Tensor, new: Tensor, chunk: int) -> tuple[int, ...]:
+    """Source chunks of the slots of the queue `new` (B, n, C), read off the queue itself: its oldest
+    rows are the newest rows of `old` that survived (matched exactly), the rest came from `chunk`."""
+    kept = next(k for k in range(min(old.size(1), new.size(1)), -1, -1)
+                if torch.equal(new[:, :k], old[:, old.size(1) - k:]))
+    return before[len(before) - kept:] + (chunk,) * (new.size(1) - kept)
 
 
 @torch.no_grad()
@@ -52,19 +62,24 @@ def record(model: Transformer, idx: Tensor) -> Inspection:
         for l, block in enumerate(model.layers)]
     hooks += [mem.global_mem.register_forward_hook(lambda m, args, out, l=l: gates.__setitem__(l, out[2]))
               for l, mem in enumerate(model.memories) if mem.global_mem is not None]
+    queue = []  # layer 0's FIFO updates: (old queue, new queue)
+    if model.memories[0].temp_mem is not None:
+        hooks.append(model.memories[0].temp_mem.register_forward_hook(
+            lambda m, args, out: queue.append((args[1], out))))
     n_chunks = math.ceil(idx.size(1) / cfg.chunk_size)
     gate_t = torch.full((cfg.n_layer, n_chunks, cfg.n_global), float("nan"))
     share = torch.zeros(cfg.n_layer, n_chunks, len(GROUPS))
-    memory, hs, fifo = model.empty_memory(idx.size(0)), [], []
+    memory, hs, fifo = model.empty_memory(idx.size(0)), [], [()]
     try:
         for t in range(n_chunks):
             chunk = idx[:, t * cfg.chunk_size:(t + 1) * cfg.chunk_size]
             n_g, n_t = memory[0].global_memory.size(1), memory[0].temp_memory.size(1)  # what chunk t sees
-            # S4: the FIFO holds the newest n_t of the t * n_c compression tokens written so far
-            fifo.append(tuple((t * cfg.n_compression - n_t + i) // cfg.n_compression for i in range(n_t)))
             weights.clear()
             gates.clear()
+            queue.clear()
             h, memory = model.forward_chunk(chunk, memory, closed=chunk.size(1) == cfg.chunk_size)
+            if queue:  # S4: chunk t's compression slots joined the FIFO, the oldest may have left
+                fifo.append(fifo_sources(fifo[-1], *queue[0], t))
             hs.append(h)
             rows = model.layout(chunk.size(1), chunk.size(1) == cfg.chunk_size).tokens
             for l in range(cfg.n_layer):
@@ -77,13 +92,14 @@ def record(model: Transformer, idx: Tensor) -> Inspection:
         for hook in hooks:
             hook.remove()
     logits = model.output(model.norm(torch.cat(hs, 1)))
-    return Inspection(logits, gate_t, share, tuple(fifo), cfg.chunk_size)
+    fifo += [()] * (n_chunks - len(fifo))  # no temporary memory: every chunk saw an empty one
+    return Inspection(logits, gate_t, share, tuple(fifo[:n_chunks]), cfg.chunk_size)
 
 
 def ascii_view(ins: Inspection, mark: int | None = None) -> str:
     """The gates, attention shares and FIFO as text; `mark`: a chunk to flag (e.g. the passkey's), '*'."""
     L, n = ins.share.shape[:2]
-    head = "          chunk " + "".join(f"{t:>4}{'*' if t == mark else ' '}" for t in range(n))
+    head = "            chunk " + "".join(f"{t:>4}{'*' if t == mark else ' '}" for t in range(n))
     out = ["global-memory gate, mean over slots (1: keep the old memory, 0: write this chunk; - none)", head]
     for l in range(L):
         g = ins.gates[l].nanmean(-1) if ins.gates.size(-1) else torch.full((n,), float("nan"))
@@ -119,7 +135,7 @@ def save_figures(ins: Inspection, prefix: str, mark: int | None = None) -> list[
         plt.close(fig)
         paths.append(f"{prefix}_{name}.png")
 
-    if ins.gates.size(-1):
+    if not ins.gates.isnan().all():
         fig, axes = plt.subplots(L, 1, figsize=(1.5 + 0.35 * n, 1.2 + 1.3 * L), sharex=True, squeeze=False,
                                  layout="constrained")
         for l, ax in enumerate(axes[:, 0]):

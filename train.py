@@ -213,7 +213,8 @@ def build_model(config: dict, enc, ckpt: dict | None, dev: str, verbose: bool) -
                           **{k: config[k] for k in MODEL_KEYS})
         model = ramlib.RAM(cfg, ram_config(), verbose) if config["method"] == "ram" else Transformer(cfg, verbose)
     else:
-        comet = {k: config[k] for k in ("chunk_size", "n_global", "stride", "temp_budget", "adapter_rank")}
+        comet = {k: config[k] for k in ("chunk_size", "n_global", "stride", "temp_budget", "adapter_rank",
+                                        "global_gate", "window")}
         model = llama.load_llama(config["init_from"], device=dev, **comet)
         config.update({k: getattr(model.config, k) for k in MODEL_KEYS})
         if verbose:

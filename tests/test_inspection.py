@@ -20,8 +20,9 @@ def test_inspection_does_not_change_the_logits_and_leaves_no_hooks(model):
     assert not any(m._forward_hooks for m in model.modules())
 
 
-@pytest.mark.parametrize("n_prefix", [0, 5])  # a first chunk, and one after its memory rows [G; T]
-def test_recorded_attention_weights_are_the_ones_the_layer_applies(model, n_prefix):
+@pytest.mark.parametrize("n_prefix,window", [(0, 0), (5, 0), (0, 3)])  # first chunk, after [G; T], windowed
+def test_recorded_attention_weights_are_the_ones_the_layer_applies(n_prefix, window):
+    model = tiny_model(chunk_size=0, window=window) if window else tiny_model()
     attn = model.layers[0].attention
     x = torch.randn(2, n_prefix + 7, 32)
     w = attention_weights(attn, x, model.rope, None, n_prefix)  # (B, nh, 7, n_prefix + 7)
@@ -38,13 +39,32 @@ def test_attention_shares_sum_to_one_and_the_first_chunk_sees_only_itself(model)
     assert (ins.share[:, 1:, :2] > 0).all()  # later chunks do look at G and T
 
 
+def test_attention_shares_are_exact_under_uniform_attention(model):
+    # with zero queries every row spreads its attention evenly over the keys it sees: share = keys / visible
+    for block in model.layers:
+        torch.nn.init.zeros_(block.attention.wq.weight)
+    ins = record(model, tokens(3 * 8))
+    rows = model.layout(8, closed=True).tokens.float()  # rows of the real tokens after [G; T]
+    for t, (n_g, n_t) in enumerate([(0, 0), (3, 2), (3, 3)]):  # chunk t sees G and T of t closed chunks
+        visible = n_g + n_t + rows + 1
+        expected = torch.stack([n_g / visible, n_t / visible, (rows + 1) / visible]).mean(1)
+        torch.testing.assert_close(ins.share[:, t], expected.expand(2, 3))
+
+
+class SlotGate(torch.nn.Module):
+    """Stands in for W_g: logit = slot index - 1, so every slot has its own gate."""
+
+    def forward(self, x):
+        return torch.arange(x.size(1), dtype=x.dtype).sub(1).view(1, -1, 1).expand(x.size(0), -1, 1)
+
+
 def test_recorded_gates_are_the_gates_the_global_memory_applied(model):
     for mem in model.memories:
-        torch.nn.init.zeros_(mem.global_mem.gate.weight)  # logit 0 everywhere: every gate is exactly 0.5
+        mem.global_mem.gate = SlotGate()
     ins = record(model, tokens(3 * 8 + 2))
     assert ins.gates.shape == (2, 4, 3)
     assert ins.gates[:, 0].isnan().all() and ins.gates[:, 3].isnan().all()  # first chunk, open last chunk
-    assert (ins.gates[:, 1:3] == 0.5).all()
+    torch.testing.assert_close(ins.gates[:, 1:3], torch.sigmoid(torch.tensor([-1.0, 0.0, 1.0])).expand(2, 2, 3))
 
 
 def test_without_the_gate_nothing_is_recorded_as_a_gate():
@@ -56,6 +76,20 @@ def test_fifo_sources_follow_the_queue():
     # 2 compression tokens per chunk, 3 slots: chunk t sees the newest 3 of the 2t written so far
     ins = record(tiny_model(), tokens(5 * 8))
     assert ins.fifo == ((), (0, 0), (0, 1, 1), (1, 2, 2), (2, 3, 3))
+
+
+def test_fifo_sources_are_read_off_the_queue_not_assumed(monkeypatch):
+    from memory import TemporaryMemory
+
+    def keep_the_oldest(self, compressed, fifo):  # a broken FIFO: drops the new slots once full
+        return torch.cat([fifo, self.adapter(self.norm(compressed))], 1)[:, :self.budget]
+    monkeypatch.setattr(TemporaryMemory, "forward", keep_the_oldest)
+    ins = record(tiny_model(), tokens(5 * 8))
+    assert ins.fifo == ((), (0, 0), (0, 0, 1), (0, 0, 1), (0, 0, 1))
+
+
+def test_without_a_temporary_memory_every_chunk_sees_an_empty_fifo():
+    assert record(tiny_model(temp_budget=0), tokens(3 * 8)).fifo == ((), (), ())
 
 
 def test_inspection_refuses_a_plain_decoder():
