@@ -27,7 +27,7 @@ class Inspection:
     logits: Tensor                  # (B, N, V): as model(idx)
     gates: Tensor                   # (n_layer, n_chunks, n_global): per slot, batch mean; nan = no gate used
     share: Tensor                   # (n_layer, n_chunks, 3): attention of real tokens to G, T, local rows
-    fifo: tuple[tuple[int, ...], ...]  # per chunk: source chunk of each layer-0 FIFO slot it saw, oldest first
+    fifo: tuple[tuple[tuple[int, ...], ...], ...]  # per layer, per chunk: source chunk of each FIFO slot it saw
     chunk_size: int
 
 
@@ -62,27 +62,26 @@ def record(model: Transformer, idx: Tensor) -> Inspection:
         for l, block in enumerate(model.layers)]
     hooks += [mem.global_mem.register_forward_hook(lambda m, args, out, l=l: gates.__setitem__(l, out[2]))
               for l, mem in enumerate(model.memories) if mem.global_mem is not None]
-    queue = []  # layer 0's FIFO updates: (old queue, new queue)
-    if model.memories[0].temp_mem is not None:
-        hooks.append(model.memories[0].temp_mem.register_forward_hook(
-            lambda m, args, out: queue.append((args[1], out))))
+    queue = {}  # layer -> its FIFO update in this chunk: (old queue, new queue)
+    hooks += [mem.temp_mem.register_forward_hook(lambda m, args, out, l=l: queue.__setitem__(l, (args[1], out)))
+              for l, mem in enumerate(model.memories) if mem.temp_mem is not None]
     n_chunks = math.ceil(idx.size(1) / cfg.chunk_size)
     gate_t = torch.full((cfg.n_layer, n_chunks, cfg.n_global), float("nan"))
     share = torch.zeros(cfg.n_layer, n_chunks, len(GROUPS))
-    memory, hs, fifo = model.empty_memory(idx.size(0)), [], [()]
+    memory, hs, fifo = model.empty_memory(idx.size(0)), [], [[()] for _ in range(cfg.n_layer)]
     try:
         for t in range(n_chunks):
             chunk = idx[:, t * cfg.chunk_size:(t + 1) * cfg.chunk_size]
-            n_g, n_t = memory[0].global_memory.size(1), memory[0].temp_memory.size(1)  # what chunk t sees
+            seen = [(m.global_memory.size(1), m.temp_memory.size(1)) for m in memory]  # G and T chunk t sees
             weights.clear()
             gates.clear()
             queue.clear()
             h, memory = model.forward_chunk(chunk, memory, closed=chunk.size(1) == cfg.chunk_size)
-            if queue:  # S4: chunk t's compression slots joined the FIFO, the oldest may have left
-                fifo.append(fifo_sources(fifo[-1], *queue[0], t))
+            for l, (old, new) in queue.items():  # S4: chunk t's compression slots joined, the oldest may have left
+                fifo[l].append(fifo_sources(fifo[l][-1], old, new, t))
             hs.append(h)
             rows = model.layout(chunk.size(1), chunk.size(1) == cfg.chunk_size).tokens
-            for l in range(cfg.n_layer):
+            for l, (n_g, n_t) in enumerate(seen):
                 w = weights[l][:, :, rows].sum(2) / len(rows)  # (B, nh, S): mean over the real tokens' rows
                 share[l, t] = torch.stack([w[..., :n_g].sum(-1), w[..., n_g:n_g + n_t].sum(-1),
                                            w[..., n_g + n_t:].sum(-1)], -1).mean((0, 1))
@@ -92,8 +91,8 @@ def record(model: Transformer, idx: Tensor) -> Inspection:
         for hook in hooks:
             hook.remove()
     logits = model.output(model.norm(torch.cat(hs, 1)))
-    fifo += [()] * (n_chunks - len(fifo))  # no temporary memory: every chunk saw an empty one
-    return Inspection(logits, gate_t, share, tuple(fifo[:n_chunks]), cfg.chunk_size)
+    fifo = tuple(tuple((f + [()] * n_chunks)[:n_chunks]) for f in fifo)  # no FIFO: every chunk saw an empty one
+    return Inspection(logits, gate_t, share, fifo, cfg.chunk_size)
 
 
 def ascii_view(ins: Inspection, mark: int | None = None) -> str:
@@ -108,10 +107,13 @@ def ascii_view(ins: Inspection, mark: int | None = None) -> str:
     for l in range(L):
         for i, name in enumerate(GROUPS):
             out.append(f"  layer {l:<2} {name:<6} " + "".join(f"{100 * v:5.0f}" for v in ins.share[l, :, i].tolist()))
-    out += ["", "FIFO (temporary memory) as each chunk sees it: slots, and how many came from each earlier chunk"]
-    for t, src in enumerate(ins.fifo):
-        counts = ", ".join(f"{s}{'*' if s == mark else ''}: {src.count(s)}" for s in sorted(set(src)))
-        out.append(f"  chunk {t:>3}{'*' if t == mark else ' '} {len(src):>3} slots  {counts or '(empty)'}")
+    same = all(f == ins.fifo[0] for f in ins.fifo)
+    for l, fifo in enumerate(ins.fifo[:1] if same else ins.fifo):
+        out += ["", f"FIFO (temporary memory) of {'every layer' if same else f'layer {l}'} as each chunk sees it: "
+                "slots, and how many came from each earlier chunk"]
+        for t, src in enumerate(fifo):
+            counts = ", ".join(f"{s}{'*' if s == mark else ''}: {src.count(s)}" for s in sorted(set(src)))
+            out.append(f"  chunk {t:>3}{'*' if t == mark else ' '} {len(src):>3} slots  {counts or '(empty)'}")
     return "\n".join(out)
 
 
@@ -157,10 +159,10 @@ def save_figures(ins: Inspection, prefix: str, mark: int | None = None) -> list[
     axes[0, 0].set_title("share of attention of a chunk's tokens")
     axes[0, 0].legend(loc="upper right", fontsize=7, ncol=3)
     finish(fig, list(axes[:, 0]), "attention")
-    budget = max(map(len, ins.fifo), default=0)
-    if budget:
+    budget = max(map(len, ins.fifo[0]), default=0)
+    if budget:  # layer 0's FIFO (every layer's fills and evicts alike)
         grid = torch.full((budget, n), float("nan"))
-        for t, src in enumerate(ins.fifo):
+        for t, src in enumerate(ins.fifo[0]):
             grid[:len(src), t] = torch.tensor(src, dtype=torch.float)
         fig, ax = plt.subplots(figsize=(1.5 + 0.35 * n, 3.5), layout="constrained")
         im = ax.imshow(grid.numpy(), aspect="auto", cmap="viridis", interpolation="nearest", vmin=0, vmax=n - 1)
@@ -169,6 +171,7 @@ def save_figures(ins: Inspection, prefix: str, mark: int | None = None) -> list[
             ax.scatter(hit[:, 1], hit[:, 0], marker="x", color="red", s=12)
         fig.colorbar(im, ax=ax, label="source chunk of the slot")
         ax.set_ylabel("FIFO slot (oldest at top)")
-        ax.set_title("temporary memory as each chunk sees it" + ("" if mark is None else " (x: the passkey's)"))
+        ax.set_title("layer 0's temporary memory as each chunk sees it"
+                     + ("" if mark is None else " (x: the passkey's)"))
         finish(fig, [ax], "fifo")
     return paths

@@ -75,7 +75,7 @@ def test_without_the_gate_nothing_is_recorded_as_a_gate():
 def test_fifo_sources_follow_the_queue():
     # 2 compression tokens per chunk, 3 slots: chunk t sees the newest 3 of the 2t written so far
     ins = record(tiny_model(), tokens(5 * 8))
-    assert ins.fifo == ((), (0, 0), (0, 1, 1), (1, 2, 2), (2, 3, 3))
+    assert ins.fifo == (((), (0, 0), (0, 1, 1), (1, 2, 2), (2, 3, 3)),) * 2  # both layers
 
 
 def test_fifo_sources_are_read_off_the_queue_not_assumed(monkeypatch):
@@ -85,11 +85,11 @@ def test_fifo_sources_are_read_off_the_queue_not_assumed(monkeypatch):
         return torch.cat([fifo, self.adapter(self.norm(compressed))], 1)[:, :self.budget]
     monkeypatch.setattr(TemporaryMemory, "forward", keep_the_oldest)
     ins = record(tiny_model(), tokens(5 * 8))
-    assert ins.fifo == ((), (0, 0), (0, 0, 1), (0, 0, 1), (0, 0, 1))
+    assert ins.fifo[0] == ((), (0, 0), (0, 0, 1), (0, 0, 1), (0, 0, 1))
 
 
 def test_without_a_temporary_memory_every_chunk_sees_an_empty_fifo():
-    assert record(tiny_model(temp_budget=0), tokens(3 * 8)).fifo == ((), (), ())
+    assert record(tiny_model(temp_budget=0), tokens(3 * 8)).fifo == (((), (), ()),) * 2
 
 
 def test_inspection_refuses_a_plain_decoder():
