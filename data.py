@@ -38,6 +38,8 @@ def get_tokenizer(name: str = "bytes"):
     their ids so that a decoded extended chunk can show them. Nothing is ever downloaded."""
     if os.path.isdir(name) or os.path.basename(name) == "tokenizer.model":
         return llama_tokenizer(name)
+    if name.endswith(".gguf"):
+        return gguf_tokenizer(name)
     if name == "bytes":
         ranks, pattern, specials = {bytes([i]): i for i in range(256)}, r"\S+|\s+", {}
     else:
@@ -78,6 +80,55 @@ def llama_tokenizer(path: str):
     specials = {s: len(ranks) + i for i, s in enumerate(LLAMA3_SPECIALS)}
     return tiktoken.Encoding(name=os.path.basename(os.path.dirname(os.path.abspath(path))), pat_str=LLAMA3_PATTERN,
                              mergeable_ranks=ranks, special_tokens=specials)
+
+
+class _ByteLevelBPE(tiktoken.Encoding):
+    """A tiktoken Encoding whose ids from `n_vocab` on stand for bytes the vocabulary lacks; they are dropped
+    from every encoding, as transformers' byte-level tokenizers drop bytes outside their alphabet."""
+
+    def __init__(self, n_vocab: int, **kwargs):
+        super().__init__(**kwargs)
+        self._n = n_vocab
+
+    @property
+    def n_vocab(self) -> int:
+        return self._n
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        return [i for i in super().encode_ordinary(text) if i < self._n]
+
+    def encode(self, text: str, **kwargs) -> list[int]:
+        return [i for i in super().encode(text, **kwargs) if i < self._n]
+
+
+def gguf_tokenizer(path: str) -> tiktoken.Encoding:
+    """The byte-level BPE tokenizer in a GGUF file's metadata (llama.cpp's tokenizer.ggml.*: tokens in
+    GPT-2's byte-to-unicode spelling, merges, token types) as a tiktoken Encoding: control tokens become
+    special tokens, every other token's rank is its id (its merge's priority: the ids of merged tokens
+    follow the merge list, checked here), and GPT-2's pre-tokenizer pattern splits the text."""
+    from llama import gguf_reader
+    fields = gguf_reader(path).fields
+    kind = fields["tokenizer.ggml.model"].contents() if "tokenizer.ggml.model" in fields else None
+    if kind != "gpt2":
+        raise ValueError(f"{path}: tokenizer type {kind!r} is not supported (only byte-level BPE, 'gpt2')")
+    tokens, types = fields["tokenizer.ggml.tokens"].contents(), fields["tokenizer.ggml.token_type"].contents()
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    spelled = {chr(b): b for b in printable}  # GPT-2 spells byte b as a printable character
+    spelled.update({chr(256 + i): b for i, b in enumerate(b for b in range(256) if b not in printable)})
+    ranks, specials = {}, {}
+    for i, (tok, kind) in enumerate(zip(tokens, types)):
+        if kind == 3:  # control: <|endoftext|>, <|im_start|>, ...
+            specials[tok] = i
+        else:
+            ranks[bytes(spelled[c] for c in tok)] = i
+    merges = fields["tokenizer.ggml.merges"].contents() if "tokenizer.ggml.merges" in fields else []
+    merged = [ranks[bytes(spelled[c] for c in m.replace(" ", ""))] for m in merges]
+    if any(a >= b for a, b in zip(merged, merged[1:])):
+        raise ValueError(f"{path}: token ids do not follow the merge order, so they cannot be tiktoken ranks")
+    for b in range(256):  # tiktoken needs every byte; ids past the vocabulary, dropped when encoding
+        ranks.setdefault(bytes([b]), len(tokens) + b)
+    return _ByteLevelBPE(len(tokens), name=os.path.basename(path), pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                         special_tokens=specials)
 
 
 def _ranks(data: bytes) -> dict[bytes, int]:

@@ -3,6 +3,7 @@
     python sample.py --prompt="What is the pass key? The pass key is" --max_new_tokens=20
     python sample.py --prompt_file=book.txt --temperature=0.8 --top_k=40
     python sample.py --init_from=/path/to/Llama-3.2-1B --prompt="The capital of France is"
+    python sample.py --init_from=model.gguf --chunk_size=512 --prompt_file=book.txt   # llama.cpp's format
 
 Prints the continuation, the streaming and generation speed, and the peak memory.
 """
@@ -15,9 +16,9 @@ from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
 ckpt = "out/ckpt.pt"      # checkpoint written by train.py
-init_from = ""            # instead: a Llama checkpoint directory (Hugging Face or Meta layout)
+init_from = ""            # instead: a Llama checkpoint directory (Hugging Face or Meta layout) or .gguf file
 chunk_size = 0            # with init_from: 0 = the pretrained decoder as it is; > 0 = CoMeT, memories untrained
-tokenizer = "auto"        # with init_from: auto = its tokenizer.model; or bytes, a file, ...
+tokenizer = "auto"        # with init_from: auto = its own (tokenizer.model, or the GGUF's); or bytes, a file
 dtype = "auto"            # with init_from: auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16
 prompt = "The grass is green. The sky is blue. The pass key is 12345. Remember it. What is the pass key? The pass key is"
 prompt_file = ""          # read the prompt from this file instead (any length)

@@ -24,7 +24,7 @@ def hf_to_meta_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.view(n_heads, 2, rows // n_heads // 2, d).transpose(1, 2).reshape(rows, d)
 
 
-def write_gguf(path, model, quant=Q.F32, arch="llama", odd_tensor=None) -> str:
+def write_gguf(path, model, quant=Q.F32, arch="llama", odd_tensor=None, tokenizer="gpt2") -> str:
     """The HF model's weights as a GGUF file, matrices in `quant` (norms stay F32)."""
     c = model.config
     w = gguf.GGUFWriter(str(path), arch)
@@ -37,9 +37,12 @@ def write_gguf(path, model, quant=Q.F32, arch="llama", odd_tensor=None) -> str:
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_context_length(c.max_position_embeddings)
     w.add_vocab_size(c.vocab_size)
-    w.add_tokenizer_model("gpt2")
-    w.add_token_list([f"t{i}" for i in range(c.vocab_size)])
-    w.add_token_types([1] * c.vocab_size)
+    w.add_tokenizer_model(tokenizer)  # 256 byte tokens in GPT-2's spelling, then control tokens
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    others = sorted(set(range(256)) - set(printable))
+    spelled = {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(others)}
+    w.add_token_list([spelled[b] for b in range(256)] + [f"<|x{i}|>" for i in range(c.vocab_size - 256)])
+    w.add_token_types([1] * 256 + [3] * (c.vocab_size - 256))
     sd = model.state_dict()
     tensors = {"token_embd.weight": sd["model.embed_tokens.weight"], "output_norm.weight": sd["model.norm.weight"]}
     if not c.tie_word_embeddings:
@@ -150,3 +153,39 @@ def test_the_real_smollm2_gguf_gives_transformers_logits_greedy_tokens_and_paris
     france = tok("The capital of France is", return_tensors="pt").input_ids
     new, _ = ours.generate(france, 3, temperature=0)
     assert tok.decode(new[0]).startswith(" Paris")
+
+
+def test_sample_streams_a_prompt_through_memories_on_a_gguf_with_its_own_tokenizer(tmp_path):
+    import subprocess
+    path = write_gguf(tmp_path / "m.gguf", hf_model(), quant=Q.Q8_0)
+    cmd = [sys.executable, "sample.py", f"--init_from={path}", "--chunk_size=16", "--max_new_tokens=5",
+           "--prompt=The grass is green. The sky is blue. Here we go.", "--threads=1"]
+    out = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "prompt 48 tokens streamed" in out.stdout and "5 tokens generated" in out.stdout  # one byte per token
+
+
+def test_a_gguf_tokenizer_that_is_not_byte_level_bpe_is_named(tmp_path):
+    from data import get_tokenizer
+    path = write_gguf(tmp_path / "m.gguf", hf_model(), tokenizer="llama")
+    with pytest.raises(ValueError, match=r"m\.gguf: tokenizer type 'llama' is not supported"):
+        get_tokenizer(path)
+
+
+@pytest.mark.slow
+def test_the_gguf_tokenizer_gives_transformers_ids_on_real_english_and_edge_cases():
+    from transformers import AutoTokenizer
+
+    from data import get_tokenizer
+    path = smollm2_path()
+    enc = get_tokenizer(path)
+    ref = AutoTokenizer.from_pretrained(str(Path(path).parent), gguf_file=Path(path).name)
+    root = Path(__file__).resolve().parents[1]
+    english = (root / "README.md").read_text() + (root / "docs" / "ram.md").read_text()  # prose, code, digits
+    assert len(english) >= 10_000 and enc.n_vocab == 49152
+    edge = ["", "   ", "a    b\n\n\t c", "x  1234567 y", "  12  ", "3.14159 1,000,000", "héllo wörld ñ 日本語 😀",
+            "I'm you'll we've", "a\x04b", "x\U00040000y"]  # the last two hold bytes the vocabulary lacks: dropped
+    for text in [english, *edge]:
+        assert enc.encode_ordinary(text) == ref(text, add_special_tokens=False).input_ids, text[:40]
+    assert enc.encode("<|im_start|>user", allowed_special="all") == ref("<|im_start|>user").input_ids
+    assert enc.decode(enc.encode_ordinary(english)) == english
