@@ -277,6 +277,11 @@ def resume_settings(ckpt: dict, out: str) -> dict:
     return {**config, "out_dir": out}  # it lives where it was found, wherever it was first written
 
 
+def pretrained(path: str) -> bool:
+    """A Llama checkpoint directory or GGUF file to start from (llama.load_llama reads both)."""
+    return os.path.isdir(path) or (path.endswith(".gguf") and os.path.isfile(path))
+
+
 def main() -> None:
     config = configure_or_exit(DEFAULTS)
     ckpt_path = os.path.join(config["out_dir"], "ckpt.pt")
@@ -287,14 +292,14 @@ def main() -> None:
             config = resume_settings(ckpt, config["out_dir"])
         except (OSError, ValueError) as e:
             raise SystemExit(f"error: cannot resume: {e}")
-    elif config["init_from"] != "scratch" and not os.path.isdir(config["init_from"]):
-        raise SystemExit(f"error: init_from={config['init_from']!r} must be 'scratch', 'resume' or a Llama "
-                         "checkpoint directory")
+    elif config["init_from"] != "scratch" and not pretrained(config["init_from"]):
+        raise SystemExit(f"error: init_from={config['init_from']!r} must be 'scratch', 'resume', a Llama "
+                         "checkpoint directory or a .gguf file")
     elif os.path.exists(ckpt_path):
         raise SystemExit(f"error: {ckpt_path} exists: continue it with --init_from=resume, or train into "
                          "another --out_dir, or delete it first")
     if config["tokenizer"] == "auto":  # resolved here, so that the checkpoint records the real one
-        config["tokenizer"] = config["init_from"] if os.path.isdir(config["init_from"]) else "bytes"
+        config["tokenizer"] = config["init_from"] if pretrained(config["init_from"]) else "bytes"
     globals().update(config)
 
     try:

@@ -165,6 +165,26 @@ def test_sample_streams_a_prompt_through_memories_on_a_gguf_with_its_own_tokeniz
     assert "prompt 48 tokens streamed" in out.stdout and "5 tokens generated" in out.stdout  # one byte per token
 
 
+def test_train_puts_memories_on_a_gguf_model_with_its_own_tokenizer(tmp_path):
+    import subprocess
+    path = write_gguf(tmp_path / "m.gguf", hf_model(), quant=Q.Q8_0)
+    cmd = [sys.executable, "train.py", "config/smoke.py", f"--init_from={path}", "--freeze_base=True",
+           "--max_iters=2", "--eval_interval=0", f"--out_dir={tmp_path / 'run'}"]
+    out = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    assert ckpt["config"]["tokenizer"] == path and ckpt["model_args"]["n_embd"] == 64  # the file's own tokenizer
+
+
+def test_sample_names_a_truncated_gguf_in_one_line(tmp_path):
+    import subprocess
+    path = write_gguf(tmp_path / "m.gguf", hf_model())
+    (tmp_path / "cut.gguf").write_bytes(open(path, "rb").read()[:100])
+    cmd = [sys.executable, "sample.py", f"--init_from={tmp_path / 'cut.gguf'}", "--max_new_tokens=1"]
+    out = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "cut.gguf" in out.stderr and "Traceback" not in out.stderr
+
+
 def test_a_gguf_tokenizer_that_is_not_byte_level_bpe_is_named(tmp_path):
     from data import get_tokenizer
     path = write_gguf(tmp_path / "m.gguf", hf_model(), tokenizer="llama")
