@@ -15,16 +15,17 @@ from __future__ import annotations
 
 import json as jsonlib
 import math
+import multiprocessing as mp
 import os
+import queue
 import statistics
 import time
 from dataclasses import replace
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from configurator import configure_or_exit, pick_device, settings_of
+from configurator import configure_or_exit, pick_device, pick_dtype, settings_of
 from model import ModelConfig, Transformer
 
 SHAPES = {  # "124m": GPT-2 small's size as a Llama (SwiGLU 8/3 d); CoMeT as SPEC S5's run, chunk 2048
@@ -45,7 +46,7 @@ train_len = 8192          # train: tokens per sequence
 batch = 1                 # train: sequences per step
 repeats = 3               # contexts up to 65536 are measured this many times; the fastest counts
 device = "auto"           # auto | cpu | cuda
-dtype = "auto"            # auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16
+dtype = "auto"            # auto (bfloat16 on a CUDA device that has it, else float32) | float32 | bfloat16
 compile = False           # torch.compile every decoder block
 threads = 0               # torch CPU threads; 0 = torch's default
 seed = 0
@@ -146,8 +147,8 @@ def measure(settings: dict, method: str, results) -> None:
     dev = pick_device(device)
     cuda = dev.startswith("cuda")
     torch.set_num_threads(threads or torch.get_num_threads())
-    use_bf16 = dtype == "bfloat16" or (dtype == "auto" and cuda)
-    wdtype = torch.bfloat16 if use_bf16 else torch.float32
+    wdtype = pick_dtype(dtype, dev)
+    use_bf16 = wdtype == torch.bfloat16
     torch.manual_seed(seed)  # every process builds the same weights
     cfg = ModelConfig(**SHAPES[shape])
     model = Transformer(cfg, verbose=False)
@@ -232,9 +233,6 @@ def measure(settings: dict, method: str, results) -> None:
 
 
 def main() -> None:
-    import multiprocessing as mp
-    import queue
-
     settings = configure_or_exit(settings_of(globals()))
     try:
         if settings["shape"] not in SHAPES:
@@ -252,15 +250,12 @@ def main() -> None:
                 raise ValueError(f"{key}={settings[key]} must be positive")
         if not ctxs or min(ctxs) <= 0:
             raise ValueError(f"lengths={settings['lengths']!r} must be positive token counts")
-        if settings["dtype"] not in ("auto", "float32", "bfloat16"):
-            raise ValueError(f"dtype={settings['dtype']!r} must be auto, float32 or bfloat16")
         if pick_device(settings["device"]).startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device={settings['device']!r}, but torch sees no CUDA device")
+        wdtype = str(pick_dtype(settings["dtype"], pick_device(settings["device"]))).removeprefix("torch.")
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     cfg, dev = ModelConfig(**SHAPES[settings["shape"]]), pick_device(settings["device"])
-    bf16 = settings["dtype"] == "bfloat16" or (settings["dtype"] == "auto" and dev.startswith("cuda"))
-    wdtype = "bfloat16" if bf16 else "float32"
     name = f"{settings['shape']} (L{cfg.n_layer} d{cfg.n_embd} V{cfg.vocab_size}, chunk {cfg.chunk_size})"
     results, out = [], open(settings["json"], "a") if settings["json"] else None
 

@@ -1,7 +1,8 @@
 """Checkpoints: written atomically, read with weights_only=True, one loader for every script.
 
 A checkpoint is a dict of plain data and tensors: {model, optimizer, model_args, iter_num, config,
-rng}, and ram_args for a RAM model (ram.py). Nothing in it needs arbitrary unpickling, so a file that does is refused.
+rng}, and ram_args for a RAM model (ram.py builds those with `load_weights` below). Nothing in it needs
+arbitrary unpickling, so a file that does is refused.
 """
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ import zipfile
 import torch
 
 from model import ModelConfig, Transformer
-from ram import RAM, RAMConfig
 
 REQUIRED = ("model", "model_args")
 
@@ -63,20 +63,21 @@ def load_model(path: str, device: str = "cpu", ckpt: dict | None = None) -> tupl
     """Rebuild the model a checkpoint was trained with and load its weights; returns (model in eval mode, ckpt).
     Built on the meta device and given the checkpoint's (memory-mapped) tensors: one copy, however large."""
     ckpt = ckpt if ckpt is not None else read_checkpoint(path)
-    args = {}
+    if "ram_args" in ckpt:
+        raise ValueError(f"{path} is a RAM checkpoint: load it with ram.load_ram")
     try:
-        for key, kind in (("model_args", ModelConfig), ("ram_args", RAMConfig)):
-            args[key] = kind(**ckpt[key]) if key in ckpt else None
+        cfg = ModelConfig(**ckpt["model_args"])
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{path}: bad {key}: {e}") from None
+        raise ValueError(f"{path}: bad model_args: {e}") from None
     with torch.device("meta"):
-        if args["ram_args"] is None:
-            model = Transformer(args["model_args"], verbose=False)
-        elif args["model_args"].comet:
-            raise ValueError(f"{path}: bad model_args: a RAM checkpoint needs chunk_size=0")
-        else:
-            model = RAM(args["model_args"], args["ram_args"], verbose=False)
-    expected, weights = model.state_dict(), ckpt["model"]
+        model = Transformer(cfg, verbose=False)
+    return load_weights(model, ckpt["model"], path).to(device).eval(), ckpt
+
+
+def load_weights(model: torch.nn.Module, weights: dict, path: str) -> torch.nn.Module:
+    """Give a model built on the meta device the checkpoint's tensors (assigned, not copied), after checking
+    that the names and shapes are exactly the model's; one clear error naming the tensor otherwise."""
+    expected = model.state_dict()
     for name, t in expected.items():
         if name not in weights:
             raise ValueError(f"{path}: tensor {name} is missing from the checkpoint")
@@ -92,49 +93,4 @@ def load_model(path: str, device: str = "cpu", ckpt: dict | None = None) -> tupl
             if net.config.tie_embeddings:  # assign gave output.weight a Parameter of its own: one again
                 net.output.weight = net.tok_embeddings.weight
             net.build_rope()
-    return model.to(device).eval(), ckpt
-
-
-def open_for_inference(cfg: dict):
-    """What eval_passkey.py and sample.py share: device, threads, the model and its tokenizer. The model is
-    cfg["ckpt"] (trained here), or a Llama checkpoint directory cfg["init_from"] (llama.py) with new,
-    untrained memories if cfg["chunk_size"] > 0. Returns (model, tokenizer, training settings, device);
-    one clear error (ValueError/OSError) else."""
-    from configurator import pick_device
-    from data import get_tokenizer
-    from llama import load_llama
-
-    dev = pick_device(cfg["device"])
-    if cfg["threads"]:
-        torch.set_num_threads(cfg["threads"])
-    if cfg.get("init_from"):
-        bf16 = dev.startswith("cuda") and torch.cuda.is_bf16_supported()
-        dtype = {"auto": torch.bfloat16 if bf16 else torch.float32,
-                 "float32": torch.float32, "bfloat16": torch.bfloat16}.get(cfg["dtype"])
-        if dtype is None:
-            raise ValueError(f"dtype={cfg['dtype']!r} must be auto, float32 or bfloat16")
-        model = load_llama(cfg["init_from"], dtype, dev, chunk_size=cfg["chunk_size"])
-        name = cfg["init_from"] if cfg["tokenizer"] == "auto" else cfg["tokenizer"]
-        return model, get_tokenizer(name), {}, dev
-    model, ckpt = load_model(cfg["ckpt"], dev)
-    train = ckpt.get("config", {})
-    return model, get_tokenizer(train.get("tokenizer", "bytes")), train, dev
-
-
-def set_block_size(model, block_size: int) -> None:
-    """Let a plain decoder (or RAM's) read up to block_size positions, e.g. to test it beyond its training
-    length: RoPE has no weights, only a longer table; the positions beyond training were never seen."""
-    for net in model.modules():
-        if isinstance(net, Transformer):
-            net.config.block_size = block_size
-            net.build_rope(net.tok_embeddings.weight.device)
-
-
-def check_fits(model, n_tokens: int, rows: int | None = None) -> None:
-    """A plain decoder (chunk_size=0; RAM's too) cannot read past its block_size; CoMeT streams any length.
-    rows: what the decoder reads for n_tokens of input (RAM and truncate read fewer)."""
-    cfg, rows = model.config, n_tokens if rows is None else rows
-    if not cfg.comet and rows > cfg.block_size:
-        raise ValueError(f"this checkpoint is a plain decoder (chunk_size=0): {n_tokens:,} tokens need {rows:,} "
-                         f"positions, more than its block_size={cfg.block_size:,}; --block_size={rows} lets it "
-                         "try (positions beyond its training length were never trained)")
+    return model

@@ -8,7 +8,9 @@ A config file is Python that assigns some of the settings. Unknown keys and wron
 from __future__ import annotations
 
 import sys
+from dataclasses import fields
 
+import torch
 
 BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
@@ -32,15 +34,32 @@ def _known(key: str, defaults: dict, source: str) -> None:
         raise ValueError(f"{source}: unknown setting {key!r} (known: {', '.join(sorted(defaults))})")
 
 
+def type_ok(value, kind: type) -> bool:
+    """The one type rule for settings and config dataclasses: a bool is not a number, an int is fine
+    for a float."""
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind in (int, float):
+        return isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def check_types(cfg) -> None:
+    """One clear TypeError for a dataclass field of the wrong type (`n_layer='4'`, `chunk_size=64.0`).
+    Fields are annotated as strings (`from __future__ import annotations`): "int", "float | None", ..."""
+    kinds = {"int": int, "float": float, "bool": bool, "str": str}
+    for f in fields(cfg):
+        v, kind = getattr(cfg, f.name), str(f.type)
+        base = kind.removesuffix(" | None")
+        if not ((v is None and base != kind) or type_ok(v, kinds[base])):
+            raise TypeError(f"{type(cfg).__name__}: {f.name} must be {kind}, got {v!r} ({type(v).__name__})")
+
+
 def _check(key: str, value, defaults: dict, source: str):
     """The value of a config-file assignment, if the setting exists and the type matches its default."""
     _known(key, defaults, source)
     default = defaults[key]
-    ok = (isinstance(value, bool) if isinstance(default, bool) else
-          isinstance(value, (int, float)) and not isinstance(value, bool) if isinstance(default, float) else
-          isinstance(value, type(default)) and not isinstance(value, bool) if isinstance(default, int) else
-          isinstance(value, type(default)))
-    if not ok:
+    if not type_ok(value, type(default)):
         raise ValueError(f"{source}: {key}={value!r} must be {type(default).__name__}, not {type(value).__name__}")
     return float(value) if isinstance(default, float) else value
 
@@ -84,9 +103,25 @@ def settings_of(namespace: dict) -> dict:
 
 
 def pick_device(name: str) -> str:
-    """'auto' -> cuda when available, else cpu; anything else as given."""
-    import torch
+    """'auto' -> cuda when available, else cpu; cpu, cuda and cuda:N as given; anything else is one clear
+    ValueError."""
+    if name not in ("auto", "cpu", "cuda") and not name.startswith("cuda:"):
+        raise ValueError(f"device={name!r} must be auto, cpu or cuda")
     return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def pick_dtype(name: str, device: str) -> torch.dtype:
+    """The one rule for dtype='auto': bfloat16 on a CUDA device that supports it, else float32.
+    Anything but auto, float32 or bfloat16 is one clear ValueError."""
+    if name == "auto":
+        cuda = torch.device(device).type == "cuda"  # device may be cuda:N (a pipeline rank)
+        return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"dtype={name!r} must be auto, float32 or bfloat16")
+    return DTYPES[name]
 
 
 def configure_or_exit(defaults: dict, argv: list[str] | None = None) -> dict:

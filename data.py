@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import tiktoken
 
+from llama import gguf_reader
+
 SPECIALS = ("<|pad|>", "<|compress|>", "<|readout|>")  # ids right after the base vocabulary
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 GPT2_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"  # only a cache key here
@@ -106,7 +108,6 @@ def gguf_tokenizer(path: str) -> tiktoken.Encoding:
     GPT-2's byte-to-unicode spelling, merges, token types) as a tiktoken Encoding: control tokens become
     special tokens, every other token's rank is its id (its merge's priority: the ids of merged tokens
     follow the merge list, checked here), and GPT-2's pre-tokenizer pattern splits the text."""
-    from llama import gguf_reader
     fields = gguf_reader(path).fields
     kind = fields["tokenizer.ggml.model"].contents() if "tokenizer.ggml.model" in fields else None
     if kind != "gpt2":

@@ -18,15 +18,17 @@ import dataclasses
 import json as jsonlib
 import os
 import random
-import resource
 import time
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from data import TASKS, by_shape, make_sample
 import ram as ramlib
+from configurator import configure_or_exit, settings_of
+from data import TASKS, by_shape, make_sample
+from inspection import ascii_view, record, save_figures
+from sample import check_fits, generate, open_for_inference, peak_memory_mib, set_block_size
 
 # -----------------------------------------------------------------------------
 ckpt = "out/ckpt.pt"            # checkpoint written by train.py
@@ -75,15 +77,9 @@ def passkey_cell(model, enc, length: int, depth: float, trials: int, seed: int, 
             if b < n_prompt:
                 _, state = model.stream(idx, state)
             else:
-                out, state = model.generate(idx, n_answer, temperature=0, state=state)
+                out, state = generate(model, idx, n_answer, temperature=0, state=state)
         correct += int((out == answers).all(1).sum())
     return correct
-
-
-def peak_memory_mib(device: str) -> float:
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def ascii_heatmap(grid: np.ndarray, lens: list[int], deps: list[float], trials: int) -> str:
@@ -144,7 +140,6 @@ def resolve(cfg: dict, model, train: dict) -> tuple[str, str]:
 
 def inspect_one(model, enc, task: str, length: int, depth: float, seed: int, digits: int, prefix: str) -> None:
     """Print what the memories do over one sequence (inspection.py) and save its figures at `prefix`_*.png."""
-    from inspection import ascii_view, record, save_figures
     s = make_sample(task, enc, length, depth, random.Random(seed), digits)
     ins = record(model, torch.from_numpy(s.tokens())[None].to(next(model.parameters()).device))
     C, (a, b) = model.config.chunk_size, s.evidence
@@ -166,9 +161,6 @@ def inspect_one(model, enc, task: str, length: int, depth: float, seed: int, dig
 
 
 def main() -> None:
-    from checkpoint import check_fits, open_for_inference, set_block_size
-    from configurator import configure_or_exit, settings_of
-
     cfg = configure_or_exit(settings_of(globals()))
     try:
         if cfg["trials"] <= 0 or cfg["piece"] <= 0 or cfg["block_size"] < 0:

@@ -3,7 +3,7 @@ temporary memory holds (S4), and how much attention a chunk's tokens give to G, 
 
     python eval_passkey.py --inspect --lengths 1024 --depths 0.3 --png docs/inspect   # ASCII + 3 PNGs
 
-`record` runs the ordinary chunked forward (`Transformer.forward_chunk`) with forward hooks: one reads
+`record` runs the ordinary chunk loop (`Transformer.chunks`, as the forward does) with forward hooks: one reads
 each global memory's gate, one recomputes each attention call's weights from the call's own inputs.
 The fast SDPA path is untouched, so the logits equal the model's without inspection (a test checks it).
 """
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from model import Transformer
+from model import SlidingWindowAttention, Transformer
 
 GROUPS = ("G", "T", "local")  # key groups of an extended chunk [G; T; chunk rows] (S2)
 
@@ -32,12 +32,12 @@ class Inspection:
 
 
 def attention_weights(attn, x: Tensor, rope, past=None, n_prefix: int = 0) -> Tensor:
-    """The softmax weights (B, nh, T, S) that `attn` (model.Attention) applies to these inputs."""
+    """The softmax weights (B, nh, T, S) that `attn` (model.Attention) applies to these inputs (its forward's)."""
     q, k, _, _ = attn.project(x, rope, past, n_prefix)
     T, S = q.size(2), k.size(2)
     scores = q @ k.transpose(-1, -2) / math.sqrt(q.size(-1))
     seen = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)  # causal, bottom-right aligned
-    if attn.window:
+    if isinstance(attn, SlidingWindowAttention):
         seen &= ~seen.tril(S - T - attn.window)  # the sliding-window baseline: the last `window` positions
     return scores.masked_fill(~seen, float("-inf")).softmax(-1)
 
@@ -68,25 +68,24 @@ def record(model: Transformer, idx: Tensor) -> Inspection:
     n_chunks = math.ceil(idx.size(1) / cfg.chunk_size)
     gate_t = torch.full((cfg.n_layer, n_chunks, cfg.n_global), float("nan"))
     share = torch.zeros(cfg.n_layer, n_chunks, len(GROUPS))
-    memory, hs, fifo = model.empty_memory(idx.size(0)), [], [[()] for _ in range(cfg.n_layer)]
+    before, hs, fifo = model.empty_memory(idx.size(0)), [], [[()] for _ in range(cfg.n_layer)]
     try:
-        for t in range(n_chunks):
-            chunk = idx[:, t * cfg.chunk_size:(t + 1) * cfg.chunk_size]
-            seen = [(m.global_memory.size(1), m.temp_memory.size(1)) for m in memory]  # G and T chunk t sees
-            weights.clear()
-            gates.clear()
-            queue.clear()
-            h, memory = model.forward_chunk(chunk, memory, closed=chunk.size(1) == cfg.chunk_size)
+        for t, (h, memory) in enumerate(model.chunks(idx)):  # the hooks fired while chunk t ran
             for l, (old, new) in queue.items():  # S4: chunk t's compression slots joined, the oldest may have left
                 fifo[l].append(fifo_sources(fifo[l][-1], old, new, t))
             hs.append(h)
-            rows = model.layout(chunk.size(1), chunk.size(1) == cfg.chunk_size).tokens
-            for l, (n_g, n_t) in enumerate(seen):
+            rows = model.layout(h.size(1), h.size(1) == cfg.chunk_size).tokens
+            for l, m in enumerate(before):  # chunk t saw the memories after chunk t-1
+                n_g, n_t = m.global_memory.size(1), m.temp_memory.size(1)
                 w = weights[l][:, :, rows].sum(2) / len(rows)  # (B, nh, S): mean over the real tokens' rows
                 share[l, t] = torch.stack([w[..., :n_g].sum(-1), w[..., n_g:n_g + n_t].sum(-1),
                                            w[..., n_g + n_t:].sum(-1)], -1).mean((0, 1))
                 if gates.get(l) is not None:
                     gate_t[l, t] = gates[l].mean(0)[:, 0]
+            before = memory
+            weights.clear()
+            gates.clear()
+            queue.clear()
     finally:
         for hook in hooks:
             hook.remove()

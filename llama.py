@@ -19,6 +19,7 @@ import math
 import os
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from checkpoint import torch_load
@@ -182,7 +183,6 @@ class _Tensors:
             self.gguf = {t.name: t for t in gguf_reader(path).tensors}
             self.files, self.shards, self.source = {k: path for k in self.gguf}, None, path
         elif layout == "hf":
-            from safetensors import safe_open
             index = os.path.join(path, "model.safetensors.index.json")
             if os.path.isfile(index):
                 weight_map = _read_json(index).get("weight_map")

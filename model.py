@@ -1,6 +1,7 @@
 """nanocomet model: a small Llama-style decoder that also runs as CoMeT (SPEC S1-S6).
 
-Reading order: config -> RoPE -> attention -> MLP -> block -> chunk layout (S2) -> model -> streaming (S6).
+Reading order: config -> RoPE -> attention -> MLP -> block -> chunk layout (S2) -> model -> streaming (S6)
+-> the sliding-window baseline.
 With chunk_size=0 the model is an ordinary causal decoder. With chunk_size>0 the sequence is cut into
 chunks and every layer carries its own global and temporary memory (memory.py) from chunk to chunk.
 """
@@ -8,13 +9,15 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, fields
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention.bias import causal_lower_right
 
+from configurator import check_types
 from memory import LayerMemory, MemoryState
 
 
@@ -45,35 +48,29 @@ class ModelConfig:
     init_std: float | None = None  # weight init std; None -> sqrt(2 / (5 * n_embd)) (small init, width-aware)
 
     def __post_init__(self):
-        _check_types(self)
-        for name in ("vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "ffn_hidden", "rope_theta",
-                     "rope_factor", "rope_low_freq", "rope_high_freq", "rope_original_context", "norm_eps",
-                     "block_size", "stride", "adapter_rank", "init_std"):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise ValueError(f"ModelConfig: {name}={getattr(self, name)} must be positive")
-        for name in ("chunk_size", "n_global", "temp_budget", "window"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"ModelConfig: {name}={getattr(self, name)} must be >= 0 (0 turns it off)")
-        if self.n_kv_head is None:
-            self.n_kv_head = self.n_head
-        if self.ffn_hidden is None:
-            self.ffn_hidden = 32 * math.ceil(8 * self.n_embd / 3 / 32)
-        if self.init_std is None:
-            self.init_std = math.sqrt(2 / (5 * self.n_embd))
-        if self.n_embd % self.n_head:
-            raise ValueError(f"ModelConfig: n_head={self.n_head} must divide n_embd={self.n_embd}")
-        if self.n_head % self.n_kv_head:
-            raise ValueError(f"ModelConfig: n_kv_head={self.n_kv_head} must divide n_head={self.n_head}")
-        if self.head_dim % 2:
-            raise ValueError(f"ModelConfig: head size n_embd/n_head={self.head_dim} must be even for RoPE")
-        if self.rope_factor != 1 and self.rope_high_freq <= self.rope_low_freq:
-            raise ValueError(f"ModelConfig: rope_high_freq={self.rope_high_freq} must exceed "
-                             f"rope_low_freq={self.rope_low_freq}")
-        if self.chunk_size and self.window:
-            raise ValueError(f"ModelConfig: window={self.window} is a plain-decoder baseline: it needs chunk_size=0")
-        if self.chunk_size and self.stride > self.chunk_size:
-            raise ValueError(f"ModelConfig: stride={self.stride} must be <= chunk_size={self.chunk_size} "
-                             "(one compression token per `stride` tokens of a chunk)")
+        check_types(self)
+        positive = ("vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "ffn_hidden", "rope_theta", "rope_factor",
+                    "rope_low_freq", "rope_high_freq", "rope_original_context", "norm_eps", "block_size", "stride",
+                    "adapter_rank", "init_std")
+        problems = [f"{k}={getattr(self, k)} must be positive" for k in positive if getattr(self, k) is not None and getattr(self, k) <= 0]
+        problems += [f"{k}={getattr(self, k)} must be >= 0 (0 turns it off)"
+                     for k in ("chunk_size", "n_global", "temp_budget", "window") if getattr(self, k) < 0]
+        if problems:
+            raise ValueError(f"ModelConfig: {problems[0]}")
+        self.n_kv_head = self.n_kv_head or self.n_head
+        self.ffn_hidden = self.ffn_hidden or 32 * math.ceil(8 * self.n_embd / 3 / 32)
+        self.init_std = self.init_std or math.sqrt(2 / (5 * self.n_embd))
+        problems = [text for bad, text in (
+            (self.n_embd % self.n_head, f"n_head={self.n_head} must divide n_embd={self.n_embd}"),
+            (self.n_head % self.n_kv_head, f"n_kv_head={self.n_kv_head} must divide n_head={self.n_head}"),
+            (self.head_dim % 2, f"head size n_embd/n_head={self.head_dim} must be even for RoPE"),
+            (self.rope_factor != 1 and self.rope_high_freq <= self.rope_low_freq,
+             f"rope_high_freq={self.rope_high_freq} must exceed rope_low_freq={self.rope_low_freq}"),
+            (self.chunk_size and self.window, f"window={self.window} is a plain-decoder baseline: it needs chunk_size=0"),
+            (self.chunk_size and self.stride > self.chunk_size, f"stride={self.stride} must be <= chunk_size="
+             f"{self.chunk_size} (one compression token per `stride` tokens of a chunk)")) if bad]
+        if problems:
+            raise ValueError(f"ModelConfig: {problems[0]}")
 
     @property
     def head_dim(self) -> int:
@@ -96,22 +93,8 @@ class ModelConfig:
     @property
     def max_positions(self) -> int:
         """Longest sequence one attention call sees: one extended chunk [G, T, X, R] (S2), or block_size."""
-        if not self.comet:
-            return self.block_size
-        return self.n_global + self.temp_budget + self.chunk_size + self.n_compression + self.n_global
-
-
-def _check_types(cfg) -> None:
-    """One clear error for a wrong type (`n_layer='4'`, `chunk_size=64.0`); ints are fine for floats."""
-    for f in fields(cfg):
-        v, kind = getattr(cfg, f.name), str(f.type)
-        base = kind.removesuffix(" | None")
-        ok = (v is None and base != kind) or (
-            isinstance(v, bool) if base == "bool" else
-            isinstance(v, (int, float)) and not isinstance(v, bool) if base == "float" else
-            isinstance(v, int) and not isinstance(v, bool))
-        if not ok:
-            raise TypeError(f"{type(cfg).__name__}: {f.name} must be {kind}, got {v!r} ({type(v).__name__})")
+        return 2 * self.n_global + self.temp_budget + self.chunk_size + self.n_compression if self.comet else \
+            self.block_size
 
 
 # --- RoPE -------------------------------------------------------------------------------------------
@@ -141,10 +124,12 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 # --- Transformer block ------------------------------------------------------------------------------
 
 class Attention(nn.Module):
+    """Causal grouped-query attention. It is given the RoPE angles of exactly the rows it runs (their
+    positions are the caller's business: the chunk layout's for CoMeT, token counts for a plain decoder)."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        self.window = cfg.window
         self.wq = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=False)
         self.wk = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=False)
@@ -155,12 +140,11 @@ class Attention(nn.Module):
 
     def project(self, x: Tensor, rope: tuple[Tensor, Tensor], past: tuple[Tensor, Tensor] | None = None,
                 n_prefix: int = 0) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor]]:
-        """x (B, n_prefix + T, C): normed rows. The first n_prefix are memory rows [G; T] (S2), of which
-        only keys and values are needed; the T rows after them (or after the `past` keys/values
-        (B, n_kv, S0, hs) of the same sequence) also query. Positions count keys: S0, S0+1, ...
-        Returns q (B, nh, T, hs), k and v (B, nh, S, hs) with GQA heads repeated, and the cache (k, v)."""
-        S0, L = 0 if past is None else past[0].size(2), x.size(1)
-        cos, sin = rope[0][S0:S0 + L], rope[1][S0:S0 + L]
+        """x (B, n_prefix + T, C): normed rows, rope (cos, sin) (n_prefix + T, hs) their angles. The first
+        n_prefix rows give only keys and values; the T rows after them also query, after the `past` keys/values
+        (B, n_kv, S0, hs) if given. Returns q (B, nh, T, hs), k and v (B, nh, S0 + n_prefix + T, hs) with GQA
+        heads repeated, and the cache (k, v)."""
+        cos, sin = rope
         q = apply_rope(self._heads(self.wq(x[:, n_prefix:]), self.n_head), cos[n_prefix:], sin[n_prefix:])
         k = apply_rope(self._heads(self.wk(x), self.n_kv_head), cos, sin)  # (B, n_kv, L, hs)
         v = self._heads(self.wv(x), self.n_kv_head)
@@ -172,45 +156,29 @@ class Attention(nn.Module):
             v = v.repeat_interleave(self.n_head // self.n_kv_head, 1)
         return q, k, v, kv
 
+    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Causal attention of the T queries, the last T of the S keys -> (B, nh, T, hs)."""
+        T, S = q.size(2), k.size(2)
+        if S == T or T == 1:  # plain causal square, or one new row that sees everything
+            return F.scaled_dot_product_attention(q, k, v, is_causal=S == T and T > 1)
+        # causal, aligned to the bottom right (is_causal aligns top left)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=_lower_right_causal(T, S, q.device))
+
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], past: tuple[Tensor, Tensor] | None = None,
                 n_prefix: int = 0):
         """Rows as in `project` -> (output of the T query rows (B, T, C), cache (k, v))."""
         q, k, v, kv = self.project(x, rope, past, n_prefix)
-        B, T, S = q.size(0), q.size(2), k.size(2)
-        if self.window:  # the sliding-window baseline
-            y = sliding_window_attention(q, k, v, self.window)
-        elif S == T or T == 1:  # plain causal square, or one new row that sees everything
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=S == T and T > 1)
-        else:  # causal, aligned to the bottom right (is_causal aligns top left)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=_lower_right_causal(T, S, x.device))
-        return self.wo(y.transpose(1, 2).reshape(B, T, -1)), kv
-
-
-def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int, block: int = 256) -> Tensor:
-    """Causal attention where the query at position p sees only keys p-window+1..p. q (B, nh, T, hs) are
-    the last T of the S keys. Queries go in blocks, each with just the keys its window reaches, so work
-    and memory grow with T * (block + window), not T * S."""
-    T, S = q.size(2), k.size(2)
-    out = []
-    for a in range(0, T, block):
-        b = min(a + block, T)
-        lo, hi = max(0, S - T + a - window + 1), S - T + b  # keys the block's first and last queries reach
-        qpos = torch.arange(S - T + a, hi, device=q.device)[:, None]
-        kpos = torch.arange(lo, hi, device=q.device)[None]
-        mask = (kpos <= qpos) & (kpos > qpos - window)  # (b - a, hi - lo)
-        out.append(F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, lo:hi], v[:, :, lo:hi], attn_mask=mask))
-    return torch.cat(out, 2)
+        y = self.attend(q, k, v)
+        return self.wo(y.transpose(1, 2).reshape(q.size(0), q.size(2), -1)), kv
 
 
 def _lower_right_causal(T: int, S: int, device: torch.device):
     """Mask for T queries after S-T earlier keys: query i sees keys 0..S-T+i. On CUDA a CausalBias, which
-    flash/efficient kernels apply without a (T, S) tensor; on CPU a bool mask (faster there), kept when
+    flash/efficient kernels apply without a (T, S) tensor; on CPU a bool mask (faster there), cached when
     small, as CoMeT's chunks use only a few shapes."""
     if device.type == "cuda":
         return causal_lower_right(T, S)
-    if T * S <= 1 << 20:
-        return _bool_mask(T, S, device)
-    return torch.ones(T, S, dtype=torch.bool, device=device).tril(S - T)
+    return (_bool_mask if T * S <= 1 << 20 else _bool_mask.__wrapped__)(T, S, device)
 
 
 @functools.lru_cache(maxsize=32)
@@ -235,15 +203,15 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.attention_norm = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
-        self.attention = Attention(cfg)
+        self.attention = SlidingWindowAttention(cfg) if cfg.window else Attention(cfg)  # the baseline: below
         self.ffn_norm = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], past: tuple[Tensor, Tensor] | None = None,
                 prefix: Tensor | None = None):
-        """x (B, T, C) -> (x, (k, v) of past + prefix + these rows). prefix (B, n, C): memory rows [G; T]
-        in front of x (S2). Their own outputs would be overwritten at the next layer, so they only give
-        keys and values (one projection together with x's rows)."""
+        """x (B, T, C) -> (x, (k, v) of past + prefix + these rows). prefix (B, n, C): CoMeT's memory rows
+        [G; T] in front of x (S2), rope the angles of prefix + x. The prefix rows give only keys and values
+        (one projection together with x's): their outputs would be overwritten at the next layer."""
         rows = x if prefix is None else torch.cat([prefix, x], 1)
         a, kv = self.attention(self.attention_norm(rows), rope, past, rows.size(1) - x.size(1))
         x = x + a
@@ -254,8 +222,16 @@ class Block(nn.Module):
 
 @dataclass(frozen=True)
 class ChunkLayout:
-    """Rows of one chunk after its memory prefix [G; T]: real tokens X with a compression token after
-    every `stride` of them, then R readout tokens. Index tensors are rows of the chunk (prefix excluded)."""
+    """S2: where every row of one extended chunk sits, and its RoPE position. For stride 4, 10 tokens:
+
+        row       0 .. n_g-1 | n_g .. P-1 | x0 x1 x2 x3 C x4 x5 x6 x7 C x8 x9 C | R .. R
+        what      G          | T          | tokens, a compression token C after every `stride` | readout
+        position  0, 1, 2, ...                                       ..., P + length - 1
+
+    P = n_prefix = the rows of this layer's memory [G; T] (S2), which give only keys and values.
+    Positions restart at 0 in every chunk, so no RoPE table is longer than one extended chunk and the
+    model reads any length. Index tensors count the chunk's own rows, after the prefix."""
+    n_prefix: int        # memory rows [G; T] in front of the chunk's rows
     order: Tensor        # (L,) row -> index into cat(token embeddings, compression tokens, readout tokens)
     tokens: Tensor       # (n,) rows of the real tokens
     compression: Tensor  # (n_c,) rows of the compression tokens
@@ -264,12 +240,19 @@ class ChunkLayout:
 
     @property
     def length(self) -> int:
+        """The chunk's own rows (prefix excluded)."""
         return self.order.numel()
+
+    @property
+    def positions(self) -> range:
+        """RoPE positions of all rows, prefix first: 0 .. n_prefix + length - 1 (S2)."""
+        return range(self.n_prefix + self.length)
 
 
 @functools.lru_cache(maxsize=256)
-def chunk_layout(n_tokens: int, stride: int, n_readout: int, closed: bool, device: torch.device) -> ChunkLayout:
-    """S2, the one owner of the chunk layout. stride=0: no compression tokens (temporary memory off).
+def chunk_layout(n_tokens: int, stride: int, n_readout: int, closed: bool, device: torch.device,
+                 n_prefix: int = 0) -> ChunkLayout:
+    """S2, the one owner of the extended chunk. stride=0: no compression tokens (temporary memory off).
 
     A closed chunk of n tokens gets ceil(n/stride) compression tokens (the last one after a short final
     group) and n_readout readout tokens. An open chunk gets neither readout tokens nor a trailing
@@ -285,7 +268,13 @@ def chunk_layout(n_tokens: int, stride: int, n_readout: int, closed: bool, devic
         n_comp, tokens, comp = 0, j, j[:0]
     readout = n_tokens + n_comp + torch.arange(n_readout if closed else 0)
     order = torch.cat([tokens, comp, readout]).argsort()
-    return ChunkLayout(order.to(device), tokens.to(device), comp.to(device), readout.to(device), closed)
+    return ChunkLayout(n_prefix, order.to(device), tokens.to(device), comp.to(device), readout.to(device), closed)
+
+
+def bptt_cut(chunk: int, bptt_chunks: int) -> bool:
+    """Truncated BPTT: True where the gradient through the memories stops, in front of every
+    `bptt_chunks`-th chunk (0: never). model.forward and the pipeline (S7) both ask here."""
+    return bool(bptt_chunks) and chunk > 0 and chunk % bptt_chunks == 0
 
 
 # --- the model --------------------------------------------------------------------------------------
@@ -359,26 +348,28 @@ class Transformer(nn.Module):
         mem = sum(p.numel() for n, p in self.named_parameters() if self.is_memory_param(n))
         return sum(p.numel() for p in self.parameters()) - mem, mem
 
-    @property
-    def rope(self) -> tuple[Tensor, Tensor]:
-        return self.rope_cos, self.rope_sin
+    def rope_at(self, rows: range) -> tuple[Tensor, Tensor]:
+        """cos, sin (len(rows), hs) of the RoPE positions `rows` (a range: a view of the table, no copy)."""
+        return self.rope_cos[rows.start:rows.stop], self.rope_sin[rows.start:rows.stop]
 
     def empty_memory(self, batch: int) -> tuple[MemoryState, ...]:
         w = self.tok_embeddings.weight
         return tuple(MemoryState.empty(batch, self.config.n_embd, w.device, w.dtype) for _ in self.layers)
 
-    def layout(self, n_tokens: int, closed: bool) -> ChunkLayout:
+    def layout(self, n_tokens: int, closed: bool, n_prefix: int = 0) -> ChunkLayout:
+        """This model's `chunk_layout` for a chunk of n_tokens behind n_prefix memory rows."""
         cfg = self.config
         stride = cfg.stride if cfg.comet and cfg.temp_budget else 0
-        return chunk_layout(n_tokens, stride, cfg.n_global if cfg.comet else 0, closed, self.rope_cos.device)
+        return chunk_layout(n_tokens, stride, cfg.n_global if cfg.comet else 0, closed, self.rope_cos.device, n_prefix)
 
     def run_blocks(self, h: Tensor, past: list | None = None) -> tuple[Tensor, list]:
-        """Plain decoder: rows h (B, T, C) through every block, after the rows whose keys/values `past`
-        holds (one (k, v) per layer), if given. Returns the last block's output (before the final norm)
-        and each layer's keys/values so far."""
-        cache = []
+        """Plain decoder: rows h (B, T, C) through every block, after the S0 rows whose keys/values `past`
+        holds (one (k, v) per layer), if given; positions count rows: S0, S0+1, ... Returns the last
+        block's output (before the final norm) and each layer's keys/values so far."""
+        start = 0 if past is None else past[0][0].size(2)
+        rope, cache = self.rope_at(range(start, start + h.size(1))), []
         for l, block in enumerate(self.layers):
-            h, kv = block(h, self.rope, None if past is None else past[l])
+            h, kv = block(h, rope, None if past is None else past[l])
             cache.append(kv)
         return h, cache
 
@@ -396,11 +387,16 @@ class Transformer(nn.Module):
                    past: tuple[Tensor, Tensor] | None = None):
         """S1, the unit of work: layer l over one chunk's rows h (B, L, C), given layer l's memory.
 
-        `past` holds the keys/values of earlier rows of an open chunk (generation); without it the rows
-        start right after the memory prefix. Returns (layer output, keys/values, memory for the next
-        chunk); the memory only changes when the layout is closed."""
-        prefix = mem.prefix() if past is None and mem.prefix_len else None  # S2: inject this layer's G and T
-        h, kv = self.layers[l](h, self.rope, past, prefix)
+        Without `past`, the layer's memory [G; T] goes in front of the rows (S2) and every row of the
+        extended chunk runs. With `past` (the keys/values of an open chunk's earlier rows, generation), h
+        holds only its newest rows, the last rows of `layout`. Returns (layer output, keys/values, memory
+        for the next chunk); the memory only changes when the layout is closed."""
+        assert mem.prefix_len == layout.n_prefix, "the layout was made for another memory size"
+        if past is None:  # S2: this layer's [G; T] in front of the rows; positions from 0
+            rows, prefix = layout.positions, mem.prefix() if layout.n_prefix else None
+        else:  # the newest rows of an open chunk, after the cached ones
+            rows, prefix = layout.positions[-h.size(1):], None
+        h, kv = self.layers[l](h, self.rope_at(rows), past, prefix)
         if layout.closed:  # S3, S4: readout rows feed the global memory, compression rows the FIFO
             mem = self.memories[l](mem, h[:, layout.readout], h[:, layout.compression])
         return h, kv, mem
@@ -408,7 +404,7 @@ class Transformer(nn.Module):
     def forward_chunk(self, idx: Tensor, memory: tuple[MemoryState, ...], closed: bool = True):
         """One chunk (B, n) through every layer (chunk-major). Returns the hidden states of its real
         tokens (B, n, C) and the per-layer memories after it."""
-        layout = self.layout(idx.size(1), closed)
+        layout = self.layout(idx.size(1), closed, memory[0].prefix_len)  # every layer's memory has one size
         h = self.embed_chunk(idx, layout)
         new_memory = []
         for l, mem in enumerate(memory):
@@ -416,30 +412,30 @@ class Transformer(nn.Module):
             new_memory.append(mem)
         return h[:, layout.tokens], tuple(new_memory)
 
+    def chunks(self, idx: Tensor, bptt_chunks: int = 0) -> Iterator[tuple[Tensor, tuple[MemoryState, ...]]]:
+        """S1, chunk-major: idx (B, N) chunk by chunk from empty memories. Yields each chunk's real-token
+        hidden states (B, n, C) and the memories after it. A final partial chunk is left open, exactly as
+        streaming inference sees it. Gradients flow through the memories (BPTT), cut at `bptt_cut`."""
+        cs, memory = self.config.chunk_size, self.empty_memory(idx.size(0))
+        for i, start in enumerate(range(0, idx.size(1), cs)):
+            if bptt_cut(i, bptt_chunks):
+                memory = tuple(m.detach() for m in memory)  # truncated BPTT
+            chunk = idx[:, start:start + cs]
+            h, memory = self.forward_chunk(chunk, memory, closed=chunk.size(1) == cs)
+            yield h, memory
+
     def forward(self, idx: Tensor, targets: Tensor | None = None, bptt_chunks: int = 0):
         """idx (B, N) token ids -> (logits (B, N, V), loss or None), like nanoGPT's GPT.forward.
-
-        CoMeT mode: the whole sequence goes chunk by chunk from empty memories, with gradients through
-        the memories across chunks (BPTT), cut every `bptt_chunks` chunks if > 0. A final partial chunk
-        is left open, exactly as streaming inference would see it. targets: -1 = no loss at that token.
-        """
-        cfg = self.config
+        CoMeT: `chunks`, then only the real tokens' states reach the output, so the loss never sees memory
+        rows. A plain decoder: every block over the whole sequence. targets: -1 = no loss at that token."""
         if idx.dim() != 2 or idx.size(1) == 0:
             raise ValueError(f"idx must be (batch, tokens) with at least one token, got shape {tuple(idx.shape)}")
-        N = idx.size(1)
-        if not cfg.comet:
-            if N > cfg.block_size:
-                raise ValueError(f"sequence of {N} tokens is longer than block_size={cfg.block_size}")
-            h, _ = self.run_blocks(self.tok_embeddings(idx))
+        if self.config.comet:
+            h = torch.cat([h for h, _ in self.chunks(idx, bptt_chunks)], 1)  # (B, N, C)
+        elif idx.size(1) > self.config.block_size:
+            raise ValueError(f"sequence of {idx.size(1)} tokens is longer than block_size={self.config.block_size}")
         else:
-            memory, hs = self.empty_memory(idx.size(0)), []
-            for i, start in enumerate(range(0, N, cfg.chunk_size)):
-                if bptt_chunks and i and i % bptt_chunks == 0:
-                    memory = tuple(m.detach() for m in memory)  # truncated BPTT
-                chunk = idx[:, start:start + cfg.chunk_size]
-                h, memory = self.forward_chunk(chunk, memory, closed=chunk.size(1) == cfg.chunk_size)
-                hs.append(h)
-            h = torch.cat(hs, 1)  # (B, N, C): real tokens only, so the loss never sees memory rows
+            h, _ = self.run_blocks(self.tok_embeddings(idx))
         logits = self.output(self.norm(h))
         loss = None
         if targets is not None:
@@ -476,8 +472,9 @@ class Transformer(nn.Module):
 
     def _extend_open_chunk(self, tokens: Tensor, state: StreamState) -> tuple[Tensor, StreamState]:
         """Run only the new rows of the open chunk (now `tokens`), attending to the cached rows."""
-        old = self.layout(state.tokens.size(1), closed=False)
-        new = self.layout(tokens.size(1), closed=False)
+        n_prefix = state.memory[0].prefix_len
+        old = self.layout(state.tokens.size(1), False, n_prefix)
+        new = self.layout(tokens.size(1), False, n_prefix)
         h = self.embed_chunk(tokens, new)[:, old.length:]  # new rows: maybe a compression token, then tokens
         cache = []
         for l, mem in enumerate(state.memory):
@@ -485,22 +482,31 @@ class Transformer(nn.Module):
             cache.append(kv)
         return h, StreamState(state.memory, tokens, tuple(cache))
 
-    @torch.no_grad()
-    def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 state: StreamState | None = None) -> tuple[Tensor, StreamState]:
-        """Stream the prompt idx (B, n) of any length, then sample max_new_tokens (temperature 0: greedy).
-        Returns the new tokens (B, max_new_tokens) and the state after them."""
-        logits, state = self.stream(idx, state or self.new_stream(idx.size(0)))
-        out = []
-        for _ in range(max_new_tokens):
-            if temperature == 0:
-                nxt = logits.argmax(-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-                    logits = logits.masked_fill(logits < kth, -float("inf"))
-                nxt = torch.multinomial(F.softmax(logits, -1), 1)
-            out.append(nxt)
-            logits, state = self.stream(nxt, state)
-        return torch.cat(out, 1) if out else idx[:, :0], state
+
+# --- a baseline: sliding-window attention (chunk_size=0, window > 0; docs/ablations.md) ---------------
+
+class SlidingWindowAttention(Attention):
+    """A plain decoder's attention where a token sees only the last `window` positions."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        self.window = cfg.window
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return sliding_window_attention(q, k, v, self.window)
+
+
+def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int, block: int = 256) -> Tensor:
+    """Causal attention where the query at position p sees only keys p-window+1..p. q (B, nh, T, hs) are
+    the last T of the S keys. Queries go in blocks, each with just the keys its window reaches, so work
+    and memory grow with T * (block + window), not T * S."""
+    T, S = q.size(2), k.size(2)
+    out = []
+    for a in range(0, T, block):
+        b = min(a + block, T)
+        lo, hi = max(0, S - T + a - window + 1), S - T + b  # keys the block's first and last queries reach
+        qpos = torch.arange(S - T + a, hi, device=q.device)[:, None]
+        kpos = torch.arange(lo, hi, device=q.device)[None]
+        mask = (kpos <= qpos) & (kpos > qpos - window)  # (b - a, hi - lo)
+        out.append(F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, lo:hi], v[:, :, lo:hi], attn_mask=mask))
+    return torch.cat(out, 2)

@@ -8,15 +8,13 @@ layer l+1: a wavefront with ideal utilisation L / (L + P - 1). Sending and recei
 functions, so backward runs the same wavefront in reverse; weight gradients are then all-reduced.
 
     torchrun --standalone --nproc_per_node=2 train.py config/smoke.py --pipeline=True
-    python pipeline.py --simulate --layers 28 --ranks 8 --layer_ms 12 --message_ms 0.5
-    python pipeline.py --measure --ranks 2      # CPU, one thread per rank, next to the simulator
+    python pipeline_sim.py --simulate --layers 28 --ranks 8   # the schedules' ideal utilisation; --measure: CPU
 
 Only torch.distributed moves data (gloo on CPU, NCCL on CUDA); every wait has a timeout, so a rank
 that dies, raises or hangs stops the others within it, with a message naming the rank and layer.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import pickle
@@ -28,10 +26,11 @@ from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 from torch import Tensor
 
 from memory import MemoryState
-from model import Transformer
+from model import Transformer, bptt_cut
 
 
 def rank_chunks(n_chunks: int, rank: int, world: int) -> range:
@@ -40,6 +39,9 @@ def rank_chunks(n_chunks: int, rank: int, world: int) -> range:
         raise ValueError(f"pipeline: the sequence has {n_chunks} chunks, fewer than the {world} ranks; "
                          "use longer sequences or fewer ranks")
     return range(rank * n_chunks // world, (rank + 1) * n_chunks // world)
+
+
+SCHEDULES = ("wavefront", "naive")
 
 
 class PipelineError(RuntimeError):
@@ -88,7 +90,7 @@ class Pipeline:
     what NCCL requires, so the gloo tests check that both sides post in the same order."""
 
     def __init__(self, schedule: str = "wavefront", timeout: float = 60.0, device: str = "cpu"):
-        if schedule not in ("wavefront", "naive"):
+        if schedule not in SCHEDULES:
             raise ValueError(f"pipeline schedule {schedule!r} must be 'wavefront' or 'naive'")
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.schedule, self.timeout, self.device = schedule, timeout, device
@@ -96,11 +98,16 @@ class Pipeline:
         self.wait_s = 0.0  # time this rank spent blocked on a peer (for utilisation)
 
     @staticmethod
-    def from_env(device: str, schedule: str = "wavefront", timeout: float = 60.0) -> Pipeline:
-        """Join the process group torchrun describes in the environment (RANK, WORLD_SIZE, ...)."""
+    def from_env(device: str, schedule: str = "wavefront", timeout: float = 60.0, min_chunks: int = 0,
+                 threads: int = 0) -> Pipeline:
+        """Join the process group torchrun describes in the environment (RANK, WORLD_SIZE, ...); one clear
+        ValueError without torchrun, or if a sequence of `min_chunks` chunks cannot split over the ranks.
+        On CPU, one thread per rank unless `threads` says otherwise."""
         if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
             raise ValueError("pipeline=True needs torchrun, e.g. "
                              "torchrun --standalone --nproc_per_node=2 train.py ... --pipeline=True")
+        if min_chunks:
+            rank_chunks(min_chunks, 0, int(os.environ["WORLD_SIZE"]))
         cuda = torch.device(device).type == "cuda"
         if cuda:
             device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
@@ -108,6 +115,8 @@ class Pipeline:
         # the group's own timeout is longer, so that our waits (with their messages) expire first;
         # NOTE: the NCCL path's timeouts and messages are untested here (no GPUs on the dev box)
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=2 * timeout + 30))
+        if not cuda and not threads:
+            torch.set_num_threads(1)  # one core per rank: oversubscribed cores slow gloo runs badly
         return Pipeline(schedule, timeout, device)
 
     def _fail(self, what: str, peer: int, layer: int | None, err: Exception | None) -> PipelineError:
@@ -178,9 +187,10 @@ class Pipeline:
         cs = cfg.chunk_size
         mine = rank_chunks(math.ceil(N / cs), self.rank, self.world)
         chunks = [idx[:, c * cs:(c + 1) * cs] for c in mine]
-        layouts = [model.layout(x.size(1), closed=x.size(1) == cs) for x in chunks]
+        # S2: chunk c's prefix is its memory, of a size known without data (the FIFO may still be filling)
+        layouts = [model.layout(x.size(1), x.size(1) == cs, sum(cfg.memory_slots(c))) for c, x in zip(mine, chunks)]
         hs = [model.embed_chunk(x, lay) for x, lay in zip(chunks, layouts)]  # (B, L_chunk, C) each
-        n_g, n_t = cfg.memory_slots(mine.start)  # the FIFO may still be filling
+        n_g, n_t = cfg.memory_slots(mine.start)
         shape = (B, 2 * n_g + n_t, cfg.n_embd)
         wire = model.tok_embeddings.weight.dtype  # what memories travel as (every rank has the same)
         first, last = self.rank == 0, self.rank == self.world - 1
@@ -194,11 +204,11 @@ class Pipeline:
             else:
                 mem = incoming[l] if naive else self.recv_memory(l, shape, n_g, wire)
             for i, (c, lay) in enumerate(zip(mine, layouts)):
-                if bptt_chunks and c and c % bptt_chunks == 0:
+                if bptt_cut(c, bptt_chunks):
                     mem = mem.detach()  # truncated BPTT, exactly where model.forward cuts
                 hs[i], _, mem = model.layer_step(l, hs[i], mem, lay)
             if not last:
-                if bptt_chunks and mine.stop % bptt_chunks == 0:
+                if bptt_cut(mine.stop, bptt_chunks):
                     mem = mem.detach()  # the receiver cuts here: no gradient will come back
                 if naive:
                     outgoing.append((mem, l))
@@ -270,7 +280,6 @@ def launch(fn, world: int, *args, schedule: str = "wavefront", timeout: float = 
     """Run fn(pipe, *args) on `world` local gloo processes (fn must be importable: spawn pickles it by
     name). Ranks still running `deadline` seconds after the start, or a timeout after another rank
     reported an error, are killed. One result per rank."""
-    import torch.multiprocessing as mp
     ctx = mp.get_context("spawn")
     # the rendezvous store lives here, on a port the OS picks (port 0: no collisions between runs)
     store = dist.TCPStore("127.0.0.1", 0, world + 1, is_master=True, wait_for_workers=False)
@@ -302,113 +311,10 @@ def launch(fn, world: int, *args, schedule: str = "wavefront", timeout: float = 
     return [RankResult(codes[r], *out.get(r, ("died", None, math.nan))) for r in range(world)]
 
 
-# --- schedule simulator ------------------------------------------------------------------------------
-
-def simulate(layers: int, ranks: int, layer_time: float, message_time: float, backward_ratio: float = 2.0,
-             schedule: str = "wavefront") -> tuple[float, float]:
-    """Ideal step time (forward + backward) of one sequence and the utilisation (busy / (ranks x time)).
-    layer_time: one layer over one rank's chunks, forward; message_time: one layer's memories between
-    neighbours. Naive: a rank starts once the previous one has sent all of its layers."""
-    def sweep(t: float, start: list[float], order: range) -> list[float]:
-        done = [0.0] * ranks  # when each rank finished its last layer so far
-        prev_done = [[0.0] * layers for _ in range(ranks)]
-        for i, r in enumerate(order):
-            clock = start[r]
-            for l in range(layers):
-                if i and schedule == "wavefront":
-                    clock = max(clock, prev_done[order[i - 1]][l] + message_time)
-                elif i and l == 0:  # naive: all of the previous rank's layers, then all their messages
-                    clock = max(clock, done[order[i - 1]] + layers * message_time)
-                clock += t
-                prev_done[r][l] = clock
-            done[r] = clock
-        return done
-
-    fwd = sweep(layer_time, [0.0] * ranks, range(ranks))
-    total = max(sweep(backward_ratio * layer_time, fwd, range(ranks - 1, -1, -1)))
-    busy = layers * layer_time * (1 + backward_ratio)
-    return total, busy / total
-
-
-def _timed_steps(pipe: Pipeline, cfg, batch: int, n_tokens: int, steps: int) -> dict:
-    """--measure, on every rank: the wall time of `steps` pipelined forward+backward steps."""
-    torch.manual_seed(0)
-    model = Transformer(cfg, verbose=False)
-    idx = torch.randint(cfg.vocab_size, (batch, n_tokens))
-    times = []
-    for i in range(steps + 1):  # the first is a warm-up
-        dist.barrier()
-        pipe.wait_s, t0 = 0.0, time.perf_counter()
-        logits, span = pipe.forward(model, idx)
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), idx[:, span].flatten(), reduction="sum")
-        (loss / idx.numel()).backward()
-        pipe.all_reduce(model, loss / idx.numel())
-        model.zero_grad(set_to_none=True)
-        times.append((time.perf_counter() - t0, pipe.wait_s))
-    step_s, wait_s = min(times[1:])  # the fastest step, and how long this rank waited in it
-    return dict(step_s=step_s, wait_s=wait_s)
-
-
-def _measure(args) -> None:
-    from model import ModelConfig
-    cfg = ModelConfig(vocab_size=259, n_layer=args.layers, ffn_hidden=320)  # train.py's default model
-    n_tokens = args.chunks * cfg.chunk_size
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    model = Transformer(cfg, verbose=False)
-    idx = torch.randint(cfg.vocab_size, (args.batch, n_tokens))
-    fwd, bwd = [], []
-    for _ in range(args.steps + 1):
-        t0 = time.perf_counter()
-        _, loss = model(idx, idx)
-        t1 = time.perf_counter()
-        loss.backward()
-        fwd.append(t1 - t0)
-        bwd.append(time.perf_counter() - t1)
-        model.zero_grad(set_to_none=True)
-    t_fwd, t_bwd = min(fwd[1:]), min(bwd[1:])
-    layer_s = t_fwd / (cfg.n_layer * args.ranks)  # one layer over one rank's share of the chunks
-    print(f"one process, 1 thread: {n_tokens} tokens x batch {args.batch}, {cfg.n_layer} layers: "
-          f"forward {t_fwd * 1e3:.0f} ms + backward {t_bwd * 1e3:.0f} ms = {(t_fwd + t_bwd) * 1e3:.0f} ms")
-    for schedule in ("naive", "wavefront"):
-        res = launch(_timed_steps, args.ranks, cfg, args.batch, n_tokens, args.steps, schedule=schedule)
-        if any(r.status != "ok" for r in res):
-            raise SystemExit(f"error: {[r.value for r in res if r.status != 'ok']}")
-        step = max(r.value["step_s"] for r in res)
-        busy = sum(1 - r.value["wait_s"] / r.value["step_s"] for r in res) / len(res)
-        sim_t, sim_u = simulate(cfg.n_layer, args.ranks, layer_s, args.message_ms / 1e3, t_bwd / t_fwd, schedule)
-        print(f"{schedule:>9}: measured step {step * 1e3:.0f} ms, utilisation {busy:.0%} (time not waiting "
-              f"for a peer), {(t_fwd + t_bwd) / step:.2f}x one process | simulated step {sim_t * 1e3:.0f} ms, "
-              f"utilisation {sim_u:.0%}")
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--simulate", action="store_true", help="print the ideal step time of both schedules")
-    ap.add_argument("--measure", action="store_true", help="time P local CPU ranks against one process")
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--ranks", type=int, default=2)
-    ap.add_argument("--layer_ms", type=float, default=10.0, help="forward of one layer over one rank's chunks")
-    ap.add_argument("--message_ms", type=float, default=0.1, help="one layer's memories to the next rank")
-    ap.add_argument("--backward_ratio", type=float, default=2.0, help="backward time / forward time")
-    ap.add_argument("--batch", type=int, default=8, help="--measure: sequences per step")
-    ap.add_argument("--chunks", type=int, default=16, help="--measure: chunks per sequence")
-    ap.add_argument("--steps", type=int, default=5, help="--measure: timed steps (the fastest is kept)")
-    args = ap.parse_args()
-    if args.layers < 1 or args.ranks < 1 or args.layer_ms < 0 or args.message_ms < 0:
-        ap.error("--layers and --ranks must be >= 1, times >= 0")
-    if args.measure:
-        return _measure(args)
-    if not args.simulate:
-        ap.error("say --simulate or --measure")
-    print(f"{args.layers} layers, {args.ranks} ranks, {args.layer_ms:g} ms per layer forward, backward "
-          f"x{args.backward_ratio:g}, {args.message_ms:g} ms per message")
-    naive_t, _ = simulate(args.layers, args.ranks, args.layer_ms, args.message_ms, args.backward_ratio, "naive")
-    for schedule in ("naive", "wavefront"):
-        t, u = simulate(args.layers, args.ranks, args.layer_ms, args.message_ms, args.backward_ratio, schedule)
-        print(f"{schedule:>9}: step {t:9.1f} ms   utilisation {u:6.1%}   speedup over naive {naive_t / t:5.2f}x")
-    print(f"ideal wavefront utilisation L/(L+P-1) = {args.layers / (args.layers + args.ranks - 1):.1%}")
-
-
-if __name__ == "__main__":
-    main()
+def reduce_step(pipe: Pipeline | None, model: Transformer, loss: Tensor, stop: bool) -> tuple[float, bool]:
+    """After backward: (the loss, whether to stop). One process: as they are. A pipeline: gradients, loss
+    shares and stop requests summed over the ranks, so that every rank stops after the same step."""
+    if pipe is None:
+        return loss.item(), stop
+    total, stops = pipe.all_reduce(model, loss, flag=float(stop))
+    return total, stops > 0

@@ -9,7 +9,8 @@ CoMeT (model.py) streams a context without knowing the question; RAM knows the q
      with the query, summed, then mapped by a d x d alignment (skimming);
   5. the decoder reads kept tokens and skim vectors in the original order, then the query, and answers;
   6. training adds a multi-positive InfoNCE between the query and the segments that hold the answer.
-Reading order: RAMConfig -> segments -> RAM.encode -> select/skim -> reading_order -> RAM.loss / RAM.answer.
+Reading order: RAMConfig -> segments -> RAM.encode -> select/skim -> reading_order -> RAM.loss / RAM.answer,
+then what train.py and eval_passkey.py ask of RAM and of its truncated baseline: settings, batches, loss, loading.
 """
 from __future__ import annotations
 
@@ -21,8 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from checkpoint import load_weights, read_checkpoint
+from configurator import check_types
 from data import by_shape
-from model import ModelConfig, Transformer, _check_types
+from model import ModelConfig, Transformer
 
 
 @dataclass
@@ -34,14 +37,14 @@ class RAMConfig:
     contrast_weight: float = 1.0   # lambda: loss = answer NLL + lambda * InfoNCE
 
     def __post_init__(self):
-        _check_types(self)
-        if self.segment <= 0 or self.temperature <= 0 or self.contrast_weight < 0:
-            raise ValueError(f"RAMConfig: need segment > 0, temperature > 0, contrast_weight >= 0; got {self}")
+        check_types(self)
+        for name, ok, rule in (("segment", self.segment > 0, "> 0"), ("temperature", self.temperature > 0, "> 0"),
+                               ("contrast_weight", self.contrast_weight >= 0, ">= 0")):
+            if not ok:
+                raise ValueError(f"RAMConfig: {name}={getattr(self, name)} must be {rule}")
         if not 0 < self.keep_ratio <= 1:
             raise ValueError(f"RAMConfig: keep_ratio={self.keep_ratio} must lie in (0, 1]")
 
-
-METHODS = ("comet", "ram", "truncate")  # how a model reads a context: train.py and eval_passkey.py --method
 
 
 def n_keep(n_tokens: int, segment: int, keep_ratio: float) -> int:
@@ -233,6 +236,40 @@ class RAM(nn.Module):
         return out
 
 
+# --- train.py and eval_passkey.py: settings, batches, loss, loading ---------------------------------
+
+METHODS = ("comet", "ram", "truncate")  # how a model reads a context: train.py and eval_passkey.py --method
+# train.py's settings for method=ram|truncate, e.g. `python train.py --method=ram --segment=50` (-> RAMConfig)
+SETTINGS = dict(
+    segment=50,             # RAM: tokens per segment
+    keep_ratio=0.25,        # share of the context read closely (0.25 ~ 4x compression); truncate: the same budget
+    ram_shared=True,        # RAM: encoder and decoder share weights
+    contrast_weight=0.1,    # RAM: lambda of the InfoNCE term. The paper's 1 kept this tiny model's answer at
+                            # chance for 1,200 steps: the InfoNCE gradient dominated the clipped step (docs/ram.md)
+    temperature=0.05,       # RAM: InfoNCE temperature
+)
+FROZEN = {"ram": tuple(SETTINGS), "truncate": ("segment", "keep_ratio")}  # what a resumed run cannot change
+
+
+def config_of(settings: dict) -> RAMConfig:
+    """RAMConfig from train.py's settings (one clear error for a bad value)."""
+    return RAMConfig(segment=settings["segment"], keep_ratio=settings["keep_ratio"], shared=settings["ram_shared"],
+                     contrast_weight=settings["contrast_weight"], temperature=settings["temperature"])
+
+
+def check_settings(config: dict, question_len: int) -> None:
+    """train.py's settings for method=ram|truncate: one clear error now instead of deep inside the run."""
+    method = config["method"]
+    if config["chunk_size"]:
+        raise ValueError(f"method={method} reads with a plain decoder: set chunk_size=0")
+    if config["pipeline"] or config["init_from"] not in ("scratch", "resume"):
+        raise ValueError(f"method={method} trains from scratch in one process (no pipeline, no Llama init_from)")
+    config_of(config)
+    if method == "ram" and config["segment"] + question_len > max(config["max_len"], 1024):
+        raise ValueError(f"segment={config['segment']} + the question's {question_len} tokens exceed the decoder's "
+                         f"{max(config['max_len'], 1024)} positions: use a shorter segment")
+
+
 def positives(evidence: list[tuple[int, int]], n_tokens: int, segment: int) -> Tensor:
     """bool (B, S): segments overlapping each row's evidence span [start, end), the sentence holding the answer
     (the paper: segments containing the answer; here a segment with only part of that sentence counts too,
@@ -250,3 +287,41 @@ def groups(samples: list, segment: int, device) -> list[tuple[Tensor, Tensor, Te
         out.append((rows([s.question for s in group]), rows([s.tokens(0, n) for s in group]),
                     rows([s.answer for s in group]), positives([s.evidence for s in group], n, segment).to(device)))
     return out
+
+
+def train_batch(samples: list, segment: int, device) -> tuple[list, int]:
+    """method=ram: the batch (`groups`) and the tokens it holds (question + context + answer)."""
+    batch = groups(samples, segment, device)
+    return batch, sum(t.numel() for g in batch for t in g[:3])
+
+
+def train_loss(model: RAM, batch: list, lm_weight: float) -> tuple[Tensor, dict]:
+    """method=ram: `RAM.loss` of every group, weighted by its rows; the terms averaged alike, for the log."""
+    n, loss, parts = sum(g[0].size(0) for g in batch), 0.0, {}
+    for g in batch:
+        term, terms = model.loss(*g, lm_weight=lm_weight)
+        loss = loss + term * (g[0].size(0) / n)
+        for k, v in terms.items():
+            parts[k] = parts.get(k, 0.0) + v.item() * (g[0].size(0) / n)
+    return loss, parts
+
+
+def truncate_keep(samples: list, cfg: RAMConfig) -> int:
+    """method=truncate: how many of the sequences' last tokens a plain decoder reads: the context's last
+    tokens that fit RAM's budget, then the question and answer (rows with a shorter question keep a few more)."""
+    n_context = min(s.n_context for s in samples)
+    return samples[0].length - n_context + budget(n_context, cfg)
+
+
+def load_ram(path: str, device: str = "cpu", ckpt: dict | None = None) -> tuple[RAM, dict]:
+    """A RAM checkpoint (model_args + ram_args) -> (RAM in eval mode, ckpt); built on the meta device."""
+    ckpt = ckpt if ckpt is not None else read_checkpoint(path)
+    try:
+        cfg, ram = ModelConfig(**ckpt["model_args"]), RAMConfig(**ckpt["ram_args"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: bad model_args or ram_args: {e}") from None
+    if cfg.comet:
+        raise ValueError(f"{path}: bad model_args: a RAM checkpoint needs chunk_size=0")
+    with torch.device("meta"):
+        model = RAM(cfg, ram, verbose=False)
+    return load_weights(model, ckpt["model"], path).to(device).eval(), ckpt

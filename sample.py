@@ -1,4 +1,5 @@
-"""Stream a prompt of any length through the memories (S6), then generate.
+"""Stream a prompt of any length through the memories (S6), then generate; and what every inference script
+shares: opening a model (a checkpoint of ours, or a Llama), `generate`, the plain decoder's length limit.
 
     python sample.py --prompt="What is the pass key? The pass key is" --max_new_tokens=20
     python sample.py --prompt_file=book.txt --temperature=0.8 --top_k=40
@@ -9,10 +10,20 @@ Prints the continuation, the streaming and generation speed, and the peak memory
 """
 from __future__ import annotations
 
+import resource
 import time
 
 import torch
+import torch.nn.functional as F
+from torch import Tensor
 from tqdm import tqdm
+
+from checkpoint import load_model, read_checkpoint
+from configurator import configure_or_exit, pick_device, pick_dtype, settings_of
+from data import bos_id, get_tokenizer
+from llama import load_llama
+from model import StreamState, Transformer
+from ram import load_ram
 
 # -----------------------------------------------------------------------------
 ckpt = "out/ckpt.pt"      # checkpoint written by train.py
@@ -32,12 +43,71 @@ threads = 0               # torch CPU threads; 0 = torch's default
 # -----------------------------------------------------------------------------
 
 
-def main() -> None:
-    from checkpoint import check_fits, open_for_inference
-    from configurator import configure_or_exit, settings_of
-    from data import bos_id
-    from eval_passkey import peak_memory_mib
+def open_for_inference(cfg: dict):
+    """What eval_passkey.py and sample.py share: device, threads, the model and its tokenizer. The model is
+    cfg["ckpt"] (trained here: CoMeT, a plain decoder or RAM), or a Llama checkpoint directory or GGUF file
+    cfg["init_from"] (llama.py) with new, untrained memories if cfg["chunk_size"] > 0. Returns (model,
+    tokenizer, training settings, device); one clear error (ValueError/OSError) else."""
+    dev = pick_device(cfg["device"])
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
+    if cfg.get("init_from"):
+        model = load_llama(cfg["init_from"], pick_dtype(cfg["dtype"], dev), dev, chunk_size=cfg["chunk_size"])
+        name = cfg["init_from"] if cfg["tokenizer"] == "auto" else cfg["tokenizer"]
+        return model, get_tokenizer(name), {}, dev
+    ckpt = read_checkpoint(cfg["ckpt"])
+    model, _ = (load_ram if "ram_args" in ckpt else load_model)(cfg["ckpt"], dev, ckpt)
+    train = ckpt.get("config", {})
+    return model, get_tokenizer(train.get("tokenizer", "bytes")), train, dev
 
+
+def set_block_size(model, block_size: int) -> None:
+    """Let a plain decoder (or RAM's) read up to block_size positions, e.g. to test it beyond its training
+    length: RoPE has no weights, only a longer table; the positions beyond training were never seen."""
+    for net in model.modules():
+        if isinstance(net, Transformer):
+            net.config.block_size = block_size
+            net.build_rope(net.tok_embeddings.weight.device)
+
+
+def check_fits(model, n_tokens: int, rows: int | None = None) -> None:
+    """A plain decoder (chunk_size=0; RAM's too) cannot read past its block_size; CoMeT streams any length.
+    rows: what the decoder reads for n_tokens of input (RAM and truncate read fewer)."""
+    cfg, rows = model.config, n_tokens if rows is None else rows
+    if not cfg.comet and rows > cfg.block_size:
+        raise ValueError(f"this checkpoint is a plain decoder (chunk_size=0): {n_tokens:,} tokens need {rows:,} "
+                         f"positions, more than its block_size={cfg.block_size:,}; --block_size={rows} lets it "
+                         "try (positions beyond its training length were never trained)")
+
+
+def peak_memory_mib(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+@torch.no_grad()
+def generate(model: Transformer, idx: Tensor, max_new_tokens: int, temperature: float = 1.0,
+             top_k: int | None = None, state: StreamState | None = None) -> tuple[Tensor, StreamState]:
+    """Stream the prompt idx (B, n) of any length through `model.stream` (S6), then sample max_new_tokens
+    (temperature 0: greedy). Returns the new tokens (B, max_new_tokens) and the stream state after them."""
+    logits, state = model.stream(idx, state or model.new_stream(idx.size(0)))
+    out = []
+    for _ in range(max_new_tokens):
+        if temperature == 0:
+            nxt = logits.argmax(-1, keepdim=True)
+        else:
+            logits = logits / temperature
+            if top_k is not None:
+                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+                logits = logits.masked_fill(logits < kth, -float("inf"))
+            nxt = torch.multinomial(F.softmax(logits, -1), 1)
+        out.append(nxt)
+        logits, state = model.stream(nxt, state)
+    return torch.cat(out, 1) if out else idx[:, :0], state
+
+
+def main() -> None:
     cfg = configure_or_exit(settings_of(globals()))
     torch.manual_seed(cfg["seed"])
     try:
@@ -65,7 +135,7 @@ def main() -> None:
     for a in tqdm(range(0, head.size(1), cfg["piece"]), unit="piece", disable=head.size(1) <= cfg["piece"]):
         _, state = model.stream(head[:, a:a + cfg["piece"]], state)
     t1 = time.perf_counter()
-    out, state = model.generate(last, cfg["max_new_tokens"], temperature=cfg["temperature"],
+    out, state = generate(model, last, cfg["max_new_tokens"], temperature=cfg["temperature"],
                                 top_k=cfg["top_k"] or None, state=state)
     t2 = time.perf_counter()
     print(("..." if len(text) > 300 else "") + text[-300:])

@@ -1,4 +1,4 @@
-"""Train CoMeT on the passkey task (SPEC S8), nanoGPT style; or, to compare, RAM (S9) or a baseline.
+"""Train CoMeT on the passkey task (SPEC S8), nanoGPT style; or, to compare, a baseline or RAM (S9).
 
     python train.py                                  # the default job: tiny CoMeT, CPU, passkey
     python train.py config/NAME.py --batch_size=32   # config file, then overrides
@@ -6,8 +6,9 @@
     python train.py config/finetune_llama.py --init_from=/path/to/Llama-3.2-1B   # memories on a pretrained model
     torchrun --standalone --nproc_per_node=2 train.py --pipeline=True   # each sequence split over 2 ranks (S7)
 
-Batches are a pure function of (seed, iteration), so a resumed run sees the same data as an
-uninterrupted one and, on CPU, produces the same losses.
+Baselines are the same model with settings (chunk_size=0: full attention; window=48: sliding window); RAM
+and the truncated decoder (--method=ram|truncate) bring their batch and loss from ram.py (`Method`). Batches
+are a pure function of (seed, iteration): a resumed run sees the same data and, on CPU, the same losses.
 """
 from __future__ import annotations
 
@@ -19,19 +20,20 @@ import random
 import signal
 import time
 from dataclasses import asdict
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import llama
+import ram as ramlib
 from checkpoint import load_model, read_checkpoint, save_checkpoint
-from configurator import configure_or_exit, pick_device, settings_of
+from configurator import configure_or_exit, pick_device, pick_dtype, settings_of
 from data import TASKS, get_tokenizer, sample_batch, stack
 from eval_passkey import passkey_cell
-import llama
 from model import Block, ModelConfig, Transformer
-from pipeline import Pipeline, PipelineError, rank_chunks
-import ram as ramlib
+from pipeline import SCHEDULES, Pipeline, PipelineError, reduce_step
 
 # -----------------------------------------------------------------------------
 # run
@@ -57,21 +59,14 @@ n_embd = 128
 ffn_hidden = 320
 rope_theta = 10000.0
 tie_embeddings = True
-chunk_size = 64
+chunk_size = 64           # 0: a plain decoder (the full-attention baseline)
 n_global = 16
 stride = 8
 temp_budget = 32
 adapter_rank = 8
 global_gate = True        # False: each chunk overwrites the global memory (ablation, RMT-like)
 window = 0                # chunk_size=0 only: tokens see the last `window` positions (sliding-window baseline)
-# RAM (S9) and its truncated baseline: method=ram|truncate, with chunk_size=0
-method = "comet"          # comet (chunk_size=0: full attention) | ram (S9) | truncate (sees only RAM's budget)
-segment = 50              # RAM: tokens per segment
-keep_ratio = 0.25         # RAM: share of the context read closely (0.25 ~ 4x compression); truncate: same budget
-ram_shared = True         # RAM: encoder and decoder share weights
-contrast_weight = 0.1     # RAM: lambda of the InfoNCE term. The paper's 1 kept this tiny model's answer at chance
-                          # for 1,200 steps: the InfoNCE gradient dominated the clipped step (docs/ram.md)
-temperature = 0.05        # RAM: InfoNCE temperature
+method = "comet"          # comet (and its baselines) | ram (S9) | truncate (sees only RAM's budget); ram.SETTINGS
 # data (S8)
 task = "passkey"          # passkey (S8) | facts (several facts hidden, the question asks for one)
 tokenizer = "auto"        # auto (bytes; a Llama's own) | bytes | gpt2 (if cached) | a .tiktoken file | tokenizer.model
@@ -93,11 +88,9 @@ min_lr = 0.02             # final lr as a share of lr (cosine decay)
 grad_clip = 1.0           # 0: off
 bptt_chunks = 0           # truncate BPTT every k chunks; 0: through the whole sequence
 # -----------------------------------------------------------------------------
-DEFAULTS = settings_of(globals())
+DEFAULTS = {**settings_of(globals()), **ramlib.SETTINGS}  # RAM's own settings (segment, keep_ratio, ...) too
 MODEL_KEYS = ("n_layer", "n_head", "n_kv_head", "n_embd", "ffn_hidden", "rope_theta", "tie_embeddings",
               "chunk_size", "n_global", "stride", "temp_budget", "adapter_rank", "global_gate", "window")
-RAM_KEYS = {"segment": "segment", "keep_ratio": "keep_ratio", "ram_shared": "shared",
-            "contrast_weight": "contrast_weight", "temperature": "temperature"}  # setting -> RAMConfig field
 
 
 def get_lr(it: int) -> float:
@@ -109,32 +102,21 @@ def get_lr(it: int) -> float:
     return lr * (min_lr + (1 - min_lr) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def get_batch(enc, it: int, device: str):
-    """Iteration it's batch and its sequence length. comet: inputs, targets and the answer mask over
-    targets, all (B, L-1). truncate: the same with only the last `budget` context tokens. ram: (query, context, answer,
-    positives) tensors per shape (ram.groups). Curriculum: the length is uniform in [min_len, hi], hi
-    ramping from min_len to max_len."""
+def get_samples(enc, it: int) -> tuple[list, int]:
+    """Iteration it's task sequences (data.Passkey) and their length. Curriculum: the length is uniform
+    in [min_len, hi], hi ramping from min_len to max_len."""
     rng = random.Random(seed * 1_000_003 + it)
     ramp = min(1.0, it / (curriculum * max_iters)) if curriculum else 1.0
     length = rng.randint(min_len, round(min_len + ramp * (max_len - min_len)))
-    samples = sample_batch(enc, batch_size, length, rng.randrange(2**62), digits, task=task)
-    if method == "ram":
-        return ramlib.groups(samples, segment, device), length
+    return sample_batch(enc, batch_size, length, rng.randrange(2**62), digits, task=task), length
+
+
+def lm_batch(samples: list, device: str, keep: int = 0) -> tuple[tuple, int]:
+    """(inputs, targets, answer mask over targets), all (B, L-1), and the input token count; keep > 0:
+    only the sequences' last `keep` tokens (the truncated baseline)."""
     tokens, answer = stack(samples)
-    if method == "truncate":  # the context's last tokens that fit RAM's budget, then question and answer
-        n_context = min(s.n_context for s in samples)  # rows with a shorter question/answer keep a few more
-        keep = length - n_context + ramlib.budget(n_context, ram_config())
-        tokens, answer = tokens[:, -keep:], answer[:, -keep:]
-    tokens, answer = torch.from_numpy(tokens).to(device), torch.from_numpy(answer).to(device)
-    return (tokens[:, :-1], tokens[:, 1:], answer[:, 1:]), length
-
-
-def ram_config_of(config: dict) -> ramlib.RAMConfig:
-    return ramlib.RAMConfig(**{field: config[key] for key, field in RAM_KEYS.items()})
-
-
-def ram_config() -> ramlib.RAMConfig:
-    return ram_config_of(globals())
+    tokens, answer = torch.from_numpy(tokens[:, -keep:]).to(device), torch.from_numpy(answer[:, -keep:]).to(device)
+    return (tokens[:, :-1], tokens[:, 1:], answer[:, 1:]), tokens[:, :-1].numel()
 
 
 def passkey_loss(logits, targets, answer, whole=None):
@@ -145,6 +127,32 @@ def passkey_loss(logits, targets, answer, whole=None):
     nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none").view_as(targets)
     loss = nll[answer].sum() / whole.sum()
     return loss + lm_weight * nll[~answer].sum() / (~whole).sum() if lm_weight else loss
+
+
+def lm_loss(model: Transformer, batch: tuple, pipe: Pipeline | None) -> tuple[torch.Tensor, dict]:
+    """`passkey_loss` of the model reading the whole batch, in one process or over the pipeline's ranks
+    (S7: this rank's tokens; its loss share is their sum over the whole batch's counts)."""
+    x, y, answer = batch
+    if pipe is None:
+        logits, _ = model(x, bptt_chunks=bptt_chunks)
+        return passkey_loss(logits, y, answer), {}
+    logits, span = pipe.forward(model, x, bptt_chunks)
+    return passkey_loss(logits, y[:, span], answer[:, span], whole=answer), {}
+
+
+class Method(NamedTuple):
+    """What the training loop asks of a method, and nothing more."""
+    batch: Callable  # task samples -> (batch on the device, tokens it reads)
+    loss: Callable   # (model, batch) -> (loss to backpropagate, dict of floats to log)
+
+
+def pick_method(pipe: Pipeline | None, dev: str) -> Method:
+    """CoMeT and its baselines read whole sequences; RAM and the truncated decoder come from ram.py."""
+    cfg = ramlib.config_of(globals())  # RAM's settings (ram.SETTINGS): segment, keep_ratio, ...
+    if method == "ram":
+        return Method(lambda s: ramlib.train_batch(s, cfg.segment, dev), lambda m, b: ramlib.train_loss(m, b, lm_weight))
+    keep = (lambda s: ramlib.truncate_keep(s, cfg)) if method == "truncate" else (lambda s: 0)
+    return Method(lambda s: lm_batch(s, dev, keep(s)), lambda m, b: lm_loss(m, b, pipe))
 
 
 def make_optimizer(model: Transformer, fused: bool) -> torch.optim.AdamW:
@@ -159,62 +167,32 @@ def make_optimizer(model: Transformer, fused: bool) -> torch.optim.AdamW:
          for (mem, decay), ps in groups.items()], lr=lr, betas=(beta1, beta2), fused=fused)
 
 
-def train_step(model, pipe, autocast, batch, stop: bool) -> tuple[float, float, dict]:
-    """Forward + backward of one batch, in one process or over the pipeline's ranks (S7).
-    Returns (loss, number of ranks asking to stop, RAM's loss terms for the log)."""
-    parts = {}
-    with autocast:
-        if method == "ram":  # one term per shape of rows, weighted by its rows
-            n, loss = sum(g[0].size(0) for g in batch), 0.0
-            for g in batch:
-                term, terms = model.loss(*g, lm_weight=lm_weight)
-                loss = loss + term * (g[0].size(0) / n)
-                for k, v in terms.items():
-                    parts[k] = parts.get(k, 0.0) + v.item() * (g[0].size(0) / n)
-        elif pipe is None:
-            x, y, answer = batch
-            logits, _ = model(x, bptt_chunks=bptt_chunks)
-            loss = passkey_loss(logits, y, answer)
-        else:  # this rank's tokens; its loss share is their sum over the whole batch's counts
-            x, y, answer = batch
-            logits, span = pipe.forward(model, x, bptt_chunks)
-            loss = passkey_loss(logits, y[:, span], answer[:, span], whole=answer)
-    loss.backward()  # over the pipeline: the wavefront in reverse, memory gradients sent back (S7)
-    if pipe is None:
-        return loss.item(), float(stop), parts
-    return *pipe.all_reduce(model, loss, flag=float(stop)), parts  # gradients, loss, stop requests of every rank
-
-
-def batch_tokens(batch) -> int:
-    """Tokens in a batch: inputs (comet, truncate), or question + context + answer (ram)."""
-    return sum(t.numel() for g in batch for t in g[:3]) if method == "ram" else batch[0].numel()
-
-
 def evaluate(model, enc) -> float:
     """Exact-match accuracy on the task at max_len over 5 depths (fixed trials, never seen in training)."""
     model.eval()
     per_depth = max(1, eval_trials // 5)
     correct = sum(passkey_cell(model, enc, max_len, d, per_depth, 10**9 + 10 * seed + k, digits, task=task,
-                               method=method, ram=ram_config())
+                               method=method, ram=ramlib.config_of(globals()))
                   for k, d in enumerate((0.0, 0.25, 0.5, 0.75, 1.0)))
     model.train()
     return correct / (5 * per_depth)
 
 
-def build_model(config: dict, enc, ckpt: dict | None, dev: str, verbose: bool) -> Transformer:
+def build_model(config: dict, enc, ckpt: dict | None, dev: str, verbose: bool):
     """Resume: the checkpoint's model. Scratch: the settings' model. A Llama directory: its weights plus
     new memories (llama.py); the settings then record the loaded shape."""
+    ram = config["method"] == "ram"
     if ckpt is not None:
-        model, _ = load_model(os.path.join(config["out_dir"], "ckpt.pt"), dev, ckpt)
+        path = os.path.join(config["out_dir"], "ckpt.pt")
+        model, _ = ramlib.load_ram(path, dev, ckpt) if ram else load_model(path, dev, ckpt)
         model.train()
     elif config["init_from"] == "scratch":
         # a plain decoder (chunk_size=0) sees whole sequences: its RoPE table must cover max_len
         cfg = ModelConfig(vocab_size=enc.n_vocab, block_size=max(config["max_len"], 1024),
                           **{k: config[k] for k in MODEL_KEYS})
-        model = ramlib.RAM(cfg, ram_config(), verbose) if config["method"] == "ram" else Transformer(cfg, verbose)
+        model = ramlib.RAM(cfg, ramlib.config_of(config), verbose) if ram else Transformer(cfg, verbose)
     else:
-        comet = {k: config[k] for k in ("chunk_size", "n_global", "stride", "temp_budget", "adapter_rank",
-                                        "global_gate", "window")}
+        comet = {k: config[k] for k in MODEL_KEYS[7:]}  # chunk_size ... window: the memories to add
         model = llama.load_llama(config["init_from"], device=dev, **comet)
         config.update({k: getattr(model.config, k) for k in MODEL_KEYS})
         if verbose:
@@ -228,38 +206,26 @@ def build_model(config: dict, enc, ckpt: dict | None, dev: str, verbose: bool) -
     return model.to(dev)
 
 
-def check_settings(config: dict) -> None:
+def check_settings(config: dict, enc) -> None:
     """Settings that only fail deep inside a run: one clear error now instead."""
-    for key in ("batch_size", "max_iters", "max_len", "digits"):
-        if config[key] <= 0:
-            raise ValueError(f"{key}={config[key]} must be positive")
-    if not 0 < config["min_len"] <= config["max_len"]:
-        raise ValueError(f"need 0 < min_len={config['min_len']} <= max_len={config['max_len']}")
-    if not 0 <= config["curriculum"] <= 1:
-        raise ValueError(f"curriculum={config['curriculum']} must lie in [0, 1]")
-    if config["device"] not in ("auto", "cpu", "cuda") and not config["device"].startswith("cuda:"):
-        raise ValueError(f"device={config['device']!r} must be auto, cpu or cuda")
-    if config["dtype"] not in ("auto", "float32", "bfloat16"):
-        raise ValueError(f"dtype={config['dtype']!r} must be auto, float32 or bfloat16")
-    if config["freeze_base"] and not config["chunk_size"]:
-        raise ValueError("freeze_base=True trains only the memories: it needs chunk_size > 0")
-    if config["pipeline"] and not config["chunk_size"]:
-        raise ValueError("pipeline=True splits sequences by chunks: it needs chunk_size > 0")
-    if config["pipeline_schedule"] not in ("wavefront", "naive"):
-        raise ValueError(f"pipeline_schedule={config['pipeline_schedule']!r} must be wavefront or naive")
-    if config["pipeline_timeout"] <= 0:
-        raise ValueError(f"pipeline_timeout={config['pipeline_timeout']} must be positive")
-    if config["task"] not in TASKS:
-        raise ValueError(f"task={config['task']!r} must be one of {', '.join(TASKS)}")
-    if config["method"] not in ramlib.METHODS:
-        raise ValueError(f"method={config['method']!r} must be comet, ram or truncate")
-    if config["method"] != "comet":
-        if config["chunk_size"]:
-            raise ValueError(f"method={config['method']} reads with a plain decoder: set chunk_size=0")
-        if config["pipeline"] or config["init_from"] not in ("scratch", "resume"):
-            raise ValueError(f"method={config['method']} trains from scratch in one process (no pipeline, "
-                             "no Llama init_from)")
-        ram_config_of(config)  # segment, keep_ratio, ...: one clear error now
+    c = config
+    problems = [f"{k}={c[k]} must be positive" for k in ("batch_size", "max_iters", "max_len", "digits") if c[k] <= 0]
+    problems += [text for bad, text in (
+        (not 0 < c["min_len"] <= c["max_len"], f"need 0 < min_len={c['min_len']} <= max_len={c['max_len']}"),
+        (not 0 <= c["curriculum"] <= 1, f"curriculum={c['curriculum']} must lie in [0, 1]"),
+        (c["freeze_base"] and not c["chunk_size"], "freeze_base=True trains only the memories: it needs chunk_size > 0"),
+        (c["pipeline"] and not c["chunk_size"], "pipeline=True splits sequences by chunks: it needs chunk_size > 0"),
+        (c["pipeline_schedule"] not in SCHEDULES, f"pipeline_schedule={c['pipeline_schedule']!r} must be wavefront "
+                                                   "or naive"),
+        (c["pipeline_timeout"] <= 0, f"pipeline_timeout={c['pipeline_timeout']} must be positive"),
+        (c["task"] not in TASKS, f"task={c['task']!r} must be one of {', '.join(TASKS)}"),
+        (c["method"] not in ramlib.METHODS, f"method={c['method']!r} must be comet, ram or truncate")) if bad]
+    if problems:
+        raise ValueError(problems[0])
+    pick_device(c["device"]), pick_dtype(c["dtype"], "cpu")  # auto, cpu, cuda; auto, float32, bfloat16
+    (sample,) = sample_batch(enc, 1, c["min_len"], 0, c["digits"], task=c["task"])  # is min_len too short?
+    if c["method"] != "comet":
+        ramlib.check_settings(c, len(sample.question))
 
 
 def resume_settings(ckpt: dict, out: str) -> dict:
@@ -269,8 +235,8 @@ def resume_settings(ckpt: dict, out: str) -> dict:
         raise ValueError(f"it is not a training checkpoint (missing {', '.join(missing)})")
     config = configure_or_exit({**DEFAULTS, **ckpt["config"]})
     saved = ckpt["config"]
-    ram_keys = {"ram": tuple(RAM_KEYS), "truncate": ("segment", "keep_ratio")}.get(saved.get("method"), ())
-    changed = [k for k in (*MODEL_KEYS, *ram_keys, "method", "tokenizer") if config[k] != saved.get(k, DEFAULTS[k])]
+    frozen = (*MODEL_KEYS, *ramlib.FROZEN.get(saved.get("method"), ()), "method", "tokenizer")
+    changed = [k for k in frozen if config[k] != saved.get(k, DEFAULTS[k])]
     if changed:
         was = ", ".join(f"{k}={saved.get(k, DEFAULTS[k])!r}" for k in changed)
         raise ValueError(f"{', '.join(changed)} cannot change when resuming (the weights were trained with {was})")
@@ -282,10 +248,11 @@ def pretrained(path: str) -> bool:
     return os.path.isdir(path) or (path.endswith(".gguf") and os.path.isfile(path))
 
 
-def main() -> None:
+def read_settings() -> tuple[dict, dict | None]:
+    """The run's settings (defaults, config files, command line; a resumed run's own) and the checkpoint
+    it resumes, if any. Never overwrites a checkpoint: a new run into a used out_dir is an error."""
     config = configure_or_exit(DEFAULTS)
-    ckpt_path = os.path.join(config["out_dir"], "ckpt.pt")
-    ckpt = None
+    ckpt_path, ckpt = os.path.join(config["out_dir"], "ckpt.pt"), None
     if config["init_from"] == "resume":
         try:
             ckpt = read_checkpoint(ckpt_path)
@@ -300,40 +267,12 @@ def main() -> None:
                          "another --out_dir, or delete it first")
     if config["tokenizer"] == "auto":  # resolved here, so that the checkpoint records the real one
         config["tokenizer"] = config["init_from"] if pretrained(config["init_from"]) else "bytes"
-    globals().update(config)
+    return config, ckpt
 
-    try:
-        check_settings(config)
-        enc = get_tokenizer(tokenizer)
-        (sample,) = sample_batch(enc, 1, min_len, 0, digits, task=task)  # fail now if min_len is too short
-        if method == "ram" and segment + len(sample.question) > max(max_len, 1024):
-            raise ValueError(f"segment={segment} + the question's {len(sample.question)} tokens exceed the "
-                             f"decoder's {max(max_len, 1024)} positions: use a shorter segment")
-    except (OSError, TypeError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
-    dev = pick_device(device)
-    pipe = None
-    if pipeline:
-        try:
-            pipe = Pipeline.from_env(dev, pipeline_schedule, pipeline_timeout)
-            rank_chunks(math.ceil((min_len - 1) / chunk_size), 0, pipe.world)  # the shortest batch must split
-        except ValueError as e:
-            raise SystemExit(f"error: {e}")
-        dev = pipe.device
-        if dev == "cpu" and not threads:
-            torch.set_num_threads(1)  # one core per rank: oversubscribed cores slow gloo runs badly
-    master = pipe is None or pipe.rank == 0  # logs, prints and writes checkpoints
-    cuda = torch.device(dev).type == "cuda"  # dev may be cuda:N (a pipeline rank)
-    use_bf16 = dtype == "bfloat16" or (dtype == "auto" and cuda and torch.cuda.is_bf16_supported())
-    autocast = torch.autocast(torch.device(dev).type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
-    if threads:
-        torch.set_num_threads(threads)
-    torch.manual_seed(seed)
-    try:
-        model = build_model(config, enc, ckpt, dev, verbose=master)
-    except (OSError, TypeError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
-    optimizer = make_optimizer(model, fused=cuda)
+
+def start(model, optimizer, ckpt: dict | None, pipe: Pipeline | None, master: bool) -> tuple[int, float | None]:
+    """Resume (optimizer and RNG state, the log cut back to the checkpoint, a torn line dropped) or start a
+    fresh log; every rank takes rank 0's weights; compile. Returns (first iteration to run, last accuracy)."""
     iter_num, acc, log_path = 0, None, os.path.join(out_dir, "log.jsonl")
     if master:
         os.makedirs(out_dir, exist_ok=True)
@@ -341,13 +280,13 @@ def main() -> None:
         optimizer.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["rng"]["torch"])
         iter_num, acc = ckpt["iter_num"], ckpt.get("passkey_acc")
-        if master and os.path.exists(log_path):  # drop what was logged after the checkpoint (and a torn line)
+        if master and os.path.exists(log_path):
             with open(log_path) as f:
                 kept = [line for line in f if line.endswith("\n") and json.loads(line)["iter"] < iter_num]
             with open(log_path, "w") as f:
                 f.writelines(kept)
         if master:
-            print(f"resuming from {ckpt_path} at iteration {iter_num}")
+            print(f"resuming from {os.path.join(out_dir, 'ckpt.pt')} at iteration {iter_num}")
     elif master and os.path.exists(log_path):
         os.remove(log_path)
     if pipe:
@@ -356,13 +295,60 @@ def main() -> None:
         for block in model.modules():
             if isinstance(block, Block):
                 block.compile(dynamic=True)
+    return iter_num, acc
 
-    def checkpoint(it: int, acc: float | None) -> None:
-        extra = dict(ram_args=asdict(model.ram)) if method == "ram" else {}
-        save_checkpoint(dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
-                             model_args=asdict(model.config), iter_num=it, config=config, passkey_acc=acc,
-                             rng=dict(torch=torch.get_rng_state()), **extra), ckpt_path)
 
+def train_step(model, optimizer, train: Method, pipe: Pipeline | None, autocast, enc, it: int,
+               stop: bool) -> tuple[dict, int, bool]:
+    """One iteration: learning rate, batch, forward + backward, all-reduce (pipeline), clip, AdamW.
+    Returns (the log record, tokens read, whether to stop after this step)."""
+    lr_now = get_lr(it)
+    for group in optimizer.param_groups:
+        group["lr"] = lr_now * group["lr_mult"]
+    samples, length = get_samples(enc, it)
+    batch, tokens = train.batch(samples)
+    optimizer.zero_grad(set_to_none=True)
+    with autocast:
+        loss, parts = train.loss(model, batch)
+    loss.backward()  # over the pipeline: the wavefront in reverse, memory gradients sent back (S7)
+    loss, halt = reduce_step(pipe, model, loss, stop)  # a Ctrl-C during the step counts at the next one
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return dict(iter=it, loss=loss, lr=lr_now, len=length, **parts), tokens, halt
+
+
+def checkpoint(model, optimizer, it: int, acc: float | None, config: dict, path: str) -> None:
+    """Everything a run needs to resume exactly, written atomically (checkpoint.save_checkpoint)."""
+    extra = {"ram_args": asdict(model.ram)} if isinstance(model, ramlib.RAM) else {}
+    save_checkpoint(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), model_args=asdict(model.config),
+                         iter_num=it, config=config, passkey_acc=acc, rng=dict(torch=torch.get_rng_state()), **extra),
+                    path)
+
+
+def main() -> None:
+    config, ckpt = read_settings()
+    globals().update(config)
+    try:
+        enc = get_tokenizer(tokenizer)
+        check_settings(config, enc)
+        # pipeline: this process's place among the torchrun ranks; the shortest sequence must split over them
+        pipe = Pipeline.from_env(pick_device(device), pipeline_schedule, pipeline_timeout,
+                                 math.ceil((min_len - 1) / chunk_size), threads) if pipeline else None
+        dev = pipe.device if pipe else pick_device(device)
+        precision = pick_dtype(dtype, dev)  # bf16: autocast, the weights stay fp32
+        if threads:
+            torch.set_num_threads(threads)
+        torch.manual_seed(seed)
+        model = build_model(config, enc, ckpt, dev, verbose=pipe is None or pipe.rank == 0)
+    except (OSError, TypeError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+    master = pipe is None or pipe.rank == 0  # logs, prints and writes checkpoints
+    autocast = torch.autocast(torch.device(dev).type, dtype=torch.bfloat16, enabled=precision == torch.bfloat16)
+    optimizer = make_optimizer(model, fused=torch.device(dev).type == "cuda")
+    train = pick_method(pipe, dev)
+    iter_num, acc = start(model, optimizer, ckpt, pipe, master)
+    ckpt_path, log_path = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "log.jsonl")
     stop = []  # Ctrl-C: finish the step, checkpoint, exit
     signal.signal(signal.SIGINT, lambda *_: stop.append(True))
     t0, n_tok = time.perf_counter(), 0
@@ -371,19 +357,8 @@ def main() -> None:
     try:
         with open(log_path, "a") if master else contextlib.nullcontext() as log:
             for it in range(iter_num, max_iters):
-                lr_now = get_lr(it)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_now * group["lr_mult"]
-                batch, length = get_batch(enc, it, dev)
-                optimizer.zero_grad(set_to_none=True)
-                loss, stops, parts = train_step(model, pipe, autocast, batch, bool(stop))
-                # ranks stop together, on what they all-reduced (a Ctrl-C during the step counts next step)
-                halt = stops > 0 if pipe else bool(stop)
-                if grad_clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-                optimizer.step()
-                n_tok += batch_tokens(batch)
-                record = dict(iter=it, loss=loss, lr=lr_now, len=length, **parts)
+                record, tokens, halt = train_step(model, optimizer, train, pipe, autocast, enc, it, bool(stop))
+                n_tok += tokens
                 done = it + 1 == max_iters
                 if (eval_interval and (it + 1) % eval_interval == 0) or done:
                     record["passkey_acc"] = acc = evaluate(model, enc)  # every rank: no one waits for rank 0
@@ -392,7 +367,7 @@ def main() -> None:
                     log.write(json.dumps(record) + "\n")
                     log.flush()
                     if save:
-                        checkpoint(it + 1, acc)
+                        checkpoint(model, optimizer, it + 1, acc, config, ckpt_path)
                     tok_s = n_tok / (time.perf_counter() - t0)  # evaluations included: what a run really gets
                     bar.set_postfix(loss=f"{record['loss']:.3f}", len=record["len"], tok_s=f"{tok_s:,.0f}",
                                     acc="-" if acc is None else f"{acc:.0%}")

@@ -1,5 +1,6 @@
 """Checkpoints: atomic writes, a safe loader, a model that comes back identical."""
 import os
+import pickle
 
 import pytest
 import torch
@@ -34,8 +35,8 @@ def test_save_leaves_no_temporary_file_and_replaces_the_old_checkpoint(tmp_path)
 def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path):
     path = str(tmp_path / "ckpt.pt")
     save_checkpoint(dict(model={}, model_args={}, iter_num=1), path)
-    with pytest.raises(Exception):
-        save_checkpoint(dict(model={}, model_args={}, bad=lambda: 0), path)  # cannot be pickled
+    with pytest.raises(pickle.PicklingError, match="lambda"):
+        save_checkpoint(dict(model={}, model_args={}, bad=lambda: 0), path)  # cannot be pickled, mid-write
     assert os.listdir(tmp_path) == ["ckpt.pt"]
     assert read_checkpoint(path)["iter_num"] == 1
 

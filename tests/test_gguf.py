@@ -11,6 +11,7 @@ from gguf import GGMLQuantizationType as Q
 from transformers import AutoModelForCausalLM
 
 from llama import load_llama
+from sample import generate
 from test_llama import hf_model
 
 LAYER = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
@@ -84,7 +85,7 @@ def test_a_quantized_gguf_gives_transformers_logits_and_greedy_tokens(tmp_path, 
     ref = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf", dtype=torch.float32).eval()
     idx = torch.randint(300, (1, 64), generator=torch.Generator().manual_seed(1))
     assert (ours(idx)[0] - ref(idx).logits).abs().max() <= 1e-4
-    new, _ = ours.generate(idx, 20, temperature=0)
+    new, _ = generate(ours, idx, 20, temperature=0)
     with torch.no_grad():
         theirs = ref.generate(idx, max_new_tokens=20, do_sample=False, min_new_tokens=20)[:, 64:]
     assert torch.equal(new, theirs)
@@ -148,10 +149,10 @@ def test_the_real_smollm2_gguf_gives_transformers_logits_greedy_tokens_and_paris
     with torch.no_grad():
         assert (ours(idx)[0] - ref(idx).logits).abs().max() <= 1e-3
         theirs = ref.generate(idx, max_new_tokens=20, do_sample=False, min_new_tokens=20)[:, 64:]
-    new, _ = ours.generate(idx, 20, temperature=0)
+    new, _ = generate(ours, idx, 20, temperature=0)
     assert torch.equal(new, theirs)
     france = tok("The capital of France is", return_tensors="pt").input_ids
-    new, _ = ours.generate(france, 3, temperature=0)
+    new, _ = generate(ours, france, 3, temperature=0)
     assert tok.decode(new[0]).startswith(" Paris")
 
 

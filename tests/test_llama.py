@@ -2,7 +2,6 @@
 its greedy tokens and clear errors; CoMeT memories go on top of a frozen pretrained base."""
 import base64
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import data
 from llama import freeze_base, load_llama, meta_to_hf_rotary
+from sample import generate
 
 ROOT = Path(__file__).resolve().parents[1]
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -110,7 +110,7 @@ def test_meta_layout_converted_from_the_gqa_checkpoint_gives_transformers_logits
 def test_greedy_generation_of_20_tokens_equals_transformers(checkpoints, case):
     path, hf = checkpoints[case]
     prompt = ids(12, batch=1, seed=6)
-    ours, _ = load_llama(str(path)).generate(prompt, 20, temperature=0)
+    ours, _ = generate(load_llama(str(path)), prompt, 20, temperature=0)
     theirs = hf.generate(prompt, max_new_tokens=20, do_sample=False, pad_token_id=0)[:, 12:]
     assert torch.equal(ours, theirs)
     assert len(set(theirs[0].tolist())) >= 8  # a varied continuation, not one token repeated

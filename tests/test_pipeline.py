@@ -1,4 +1,4 @@
-"""pipeline.py (S7): P gloo processes give the loss and gradients of one process; failures stop every rank."""
+"""pipeline.py (S7) and pipeline_sim.py: P gloo processes give the loss and gradients of one process; failures stop every rank."""
 import json
 import os
 import signal
@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_model
-from pipeline import launch, rank_chunks, simulate
+from pipeline import launch, rank_chunks
+from pipeline_sim import simulate
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 20.0  # seconds any rank waits for another in these tests
@@ -152,7 +153,7 @@ def test_simulated_messages_only_add_time():
 
 
 def test_simulate_command_prints_both_schedules():
-    out = subprocess.run([sys.executable, "pipeline.py", "--simulate", "--layers", "28", "--ranks", "8"],
+    out = subprocess.run([sys.executable, "pipeline_sim.py", "--simulate", "--layers", "28", "--ranks", "8"],
                          cwd=ROOT, capture_output=True, text=True, timeout=60, check=True).stdout
     assert "naive: step" in out and "wavefront: step" in out and "80.0%" in out
 

@@ -10,11 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import ram as ramlib
-from checkpoint import load_model
 from data import get_tokenizer, make_facts, sample_batch
 from model import ModelConfig
-from ram import RAM, RAMConfig, budget, info_nce, n_keep, positives, reading_order, segments, select, skim_weights
+from checkpoint import load_model
+from ram import RAM, RAMConfig, budget, load_ram, info_nce, n_keep, positives, reading_order, segments, select, skim_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 ENC = get_tokenizer("bytes")
@@ -257,11 +256,17 @@ def test_shared_weights_have_one_transformer_and_unshared_two():
     assert n(unshared) == n(shared) + n(shared.decoder)
 
 
-@pytest.mark.parametrize("bad", [dict(keep_ratio=0.0), dict(keep_ratio=1.5), dict(segment=0), dict(temperature=0.0)])
-def test_bad_ram_settings_are_one_clear_error(bad):
-    with pytest.raises(ValueError, match="RAMConfig"):
+@pytest.mark.parametrize("bad, message", [
+    (dict(keep_ratio=0.0), "keep_ratio=0.0 must lie in"), (dict(keep_ratio=1.5), "keep_ratio=1.5 must lie in"),
+    (dict(segment=0), "segment=0 must be > 0"), (dict(temperature=0.0), "temperature=0.0 must be > 0"),
+    (dict(contrast_weight=-1.0), "contrast_weight=-1.0 must be >= 0")])
+def test_bad_ram_settings_are_one_clear_value_error(bad, message):
+    with pytest.raises(ValueError, match=f"^RAMConfig: {message}"):
         RAMConfig(**bad)
-    with pytest.raises(TypeError, match="RAMConfig: segment"):
+
+
+def test_a_ram_setting_of_the_wrong_type_is_a_type_error():
+    with pytest.raises(TypeError, match="RAMConfig: segment must be int, got 50.0"):
         RAMConfig(segment=50.0)
 
 
@@ -285,7 +290,7 @@ SMOKE_RAM = ["config/smoke.py", "--method=ram", "--chunk_size=0", "--segment=20"
 @pytest.mark.parametrize("task", ["passkey", "facts"])
 def test_train_ram_checkpoint_then_evaluate_with_method_ram(tmp_path, task):
     run("train.py", *SMOKE_RAM, f"--task={task}", f"--out_dir={tmp_path}")
-    model, ckpt = load_model(str(tmp_path / "ckpt.pt"))
+    model, ckpt = load_ram(str(tmp_path / "ckpt.pt"))
     assert isinstance(model, RAM) and ckpt["ram_args"]["segment"] == 20 and ckpt["config"]["task"] == task
     out = run("eval_passkey.py", f"--ckpt={tmp_path / 'ckpt.pt'}", "--method=ram", "--lengths=220",
               "--depths=0,1", "--trials=2", "--keep_ratio=0.125")

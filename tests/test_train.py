@@ -1,6 +1,7 @@
 """train.py end to end on a tiny config: deterministic losses, exact resume after SIGKILL, eval and sample."""
 import json
 import os
+import random
 import re
 import signal
 import subprocess
@@ -8,10 +9,19 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+
+import eval_passkey
+from checkpoint import load_model
+from conftest import tiny_model
+from data import get_tokenizer, make_sample
+from eval_passkey import passkey_cell
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["config/smoke.py"]
+ENC = get_tokenizer("bytes")
 
 
 def train_cmd(out_dir, *extra):
@@ -112,12 +122,14 @@ def test_eval_passkey_its_inspection_and_sample_run_on_a_trained_checkpoint(tmp_
     cells = json.load(open(tmp_path / "p.json"))["cells"]
     assert [(c["length"], c["depth"], c["trials"]) for c in cells] == [(150, 0, 3), (150, 1, 3), (1000, 0, 3),
                                                                         (1000, 1, 3)]
-    assert all(0 <= c["correct"] <= 3 for c in cells)
+    model, _ = load_model(ckpt)  # the grid reports what the model does: every cell recomputed in this process
+    for k, (n, d) in enumerate([(150, 0), (150, 1), (1000, 0), (1000, 1)]):
+        assert cells[k]["correct"] == passkey_cell(model, ENC, n, d, 3, 1234 + 1000 * (k // 2) + k % 2, piece=100)
     out = run([sys.executable, "eval_passkey.py", f"--ckpt={ckpt}", "--inspect", "--lengths=200", "--depths=0.5",
                "--threads=1", f"--png={tmp_path / 'look'}"])
     assert "global-memory gate" in out and "FIFO" in out and "answer (argmax" in out
-    pngs = sorted(p.name for p in tmp_path.glob("look_*.png"))
-    assert pngs == ["look_attention.png", "look_fifo.png", "look_gates.png"] or "matplotlib is not installed" in out
+    pngs = sorted(p.name for p in tmp_path.glob("look_*.png"))  # matplotlib is a test dependency (README)
+    assert pngs == ["look_attention.png", "look_fifo.png", "look_gates.png"]
     out = run([sys.executable, "sample.py", f"--ckpt={ckpt}", "--prompt=hello there", "--max_new_tokens=7",
                "--threads=1"])
     assert "7 tokens generated" in out and "peak memory" in out
@@ -142,8 +154,23 @@ def test_every_ablation_config_builds_and_trains_one_step(tmp_path, variant):
                     }[variant]
 
 
+def test_a_trial_counts_only_when_every_answer_token_is_right(monkeypatch):
+    # an oracle that answers every trial exactly, except one wrong digit in trial 0 and trial 3
+    rng = random.Random(5)
+    answers = np.stack([make_sample("passkey", ENC, 200, 0.5, rng, 5).answer for _ in range(6)])
+    answers[0, 2] = answers[0, 2] + 1 if answers[0, 2] < ord("9") else ord("0")
+    answers[3, -1] = ord("x")
+
+    def oracle(model, idx, n_new, temperature, state):
+        assert n_new == answers.shape[1] and idx.size(0) == 6
+        return torch.from_numpy(answers), state
+
+    monkeypatch.setattr(eval_passkey, "generate", oracle)
+    model = tiny_model(vocab_size=ENC.n_vocab)
+    assert passkey_cell(model, ENC, 200, 0.5, 6, seed=5) == 4
+
+
 def test_pipeline_ranks_loss_shares_add_up_to_the_passkey_loss():
-    import torch
     import train
     torch.manual_seed(0)
     logits, targets = torch.randn(3, 40, 11), torch.randint(11, (3, 40))
