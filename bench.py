@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from configurator import configure_or_exit, pick_device, pick_dtype, settings_of
 from model import ModelConfig, Transformer
+from stream import new_stream, stream
 
 SHAPES = {  # "124m": GPT-2 small's size as a Llama (SwiGLU 8/3 d); CoMeT as SPEC S5's run, chunk 2048
     "tiny": dict(vocab_size=259, n_layer=4, n_head=4, n_embd=128, ffn_hidden=320,
@@ -103,11 +104,11 @@ def random_tokens(cfg: ModelConfig, n: int, dev: str, gen: torch.Generator) -> t
 @torch.no_grad()
 def run_comet(model: Transformer, ctx: int, dev: str, gen: torch.Generator, between=None) -> list[float]:
     """Stream ctx tokens; returns the seconds of every piece. between(): called after every piece, untimed."""
-    state, seconds = model.new_stream(1), []
+    state, seconds = new_stream(model, 1), []
     for a in tqdm(range(0, ctx, piece), desc=f"comet {ctx:,}", leave=False, disable=ctx <= piece):
         ids = random_tokens(model.config, min(piece, ctx - a), dev, gen)
         t0 = time.perf_counter()
-        _, state = model.stream(ids, state)
+        _, state = stream(model, ids, state)
         if dev.startswith("cuda"):
             torch.cuda.synchronize()
         seconds.append(time.perf_counter() - t0)

@@ -28,7 +28,8 @@ import ram as ramlib
 from configurator import configure_or_exit, settings_of
 from data import TASKS, by_shape, make_sample
 from inspection import ascii_view, record, save_figures
-from sample import check_fits, generate, open_for_inference, peak_memory_mib, set_block_size
+from sample import check_fits, open_for_inference, peak_memory_mib, set_block_size
+from stream import generate, new_stream, stream
 
 # -----------------------------------------------------------------------------
 ckpt = "out/ckpt.pt"            # checkpoint written by train.py
@@ -70,12 +71,12 @@ def passkey_cell(model, enc, length: int, depth: float, trials: int, seed: int, 
             model = model.decoder
         n_prompt = length - n_answer
         start = n_context - ramlib.budget(n_context, ram or ramlib.RAMConfig()) if method == "truncate" else 0
-        state = model.new_stream(len(group))
+        state = new_stream(model, len(group))
         for a in range(start, n_prompt, piece):
             b = min(a + piece, n_prompt)
             idx = torch.from_numpy(np.stack([s.tokens(a, b) for s in group])).to(device)
             if b < n_prompt:
-                _, state = model.stream(idx, state)
+                _, state = stream(model, idx, state)
             else:
                 out, state = generate(model, idx, n_answer, temperature=0, state=state)
         correct += int((out == answers).all(1).sum())

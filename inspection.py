@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from model import SlidingWindowAttention, Transformer
+from model import Transformer
 
 GROUPS = ("G", "T", "local")  # key groups of an extended chunk [G; T; chunk rows] (S2)
 
@@ -31,14 +31,15 @@ class Inspection:
     chunk_size: int
 
 
-def attention_weights(attn, x: Tensor, rope, past=None, n_prefix: int = 0) -> Tensor:
-    """The softmax weights (B, nh, T, S) that `attn` (model.Attention) applies to these inputs (its forward's)."""
+def attention_weights(attn, x: Tensor, rope, past=None, n_prefix: int = 0, window: int = 0) -> Tensor:
+    """The softmax weights (B, nh, T, S) that `attn` (model.Attention) applies to these inputs (its forward's);
+    window > 0: the sliding-window baseline's (ModelConfig.window)."""
     q, k, _, _ = attn.project(x, rope, past, n_prefix)
     T, S = q.size(2), k.size(2)
     scores = q @ k.transpose(-1, -2) / math.sqrt(q.size(-1))
     seen = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)  # causal, bottom-right aligned
-    if isinstance(attn, SlidingWindowAttention):
-        seen &= ~seen.tril(S - T - attn.window)  # the sliding-window baseline: the last `window` positions
+    if window:
+        seen &= ~seen.tril(S - T - window)  # the sliding-window baseline: the last `window` positions
     return scores.masked_fill(~seen, float("-inf")).softmax(-1)
 
 
@@ -58,7 +59,7 @@ def record(model: Transformer, idx: Tensor) -> Inspection:
         raise ValueError("inspection looks at CoMeT's memories: this model is a plain decoder (chunk_size=0)")
     weights, gates = {}, {}
     hooks = [block.attention.register_forward_hook(
-        lambda m, args, out, l=l: weights.__setitem__(l, attention_weights(m, *args)))
+        lambda m, args, out, l=l: weights.__setitem__(l, attention_weights(m, *args, window=cfg.window)))
         for l, block in enumerate(model.layers)]
     hooks += [mem.global_mem.register_forward_hook(lambda m, args, out, l=l: gates.__setitem__(l, out[2]))
               for l, mem in enumerate(model.memories) if mem.global_mem is not None]

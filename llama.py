@@ -69,6 +69,11 @@ def meta_to_hf_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.view(n_heads, rows // n_heads // 2, 2, d).transpose(1, 2).reshape(rows, d)
 
 
+def is_pretrained(path: str) -> bool:
+    """A Llama checkpoint directory or GGUF file (what `load_llama` reads), as train.py's init_from."""
+    return os.path.isdir(path) or (path.endswith(".gguf") and os.path.isfile(path))
+
+
 def read_config(path: str) -> tuple[dict, str]:
     """ModelConfig fields of a checkpoint directory or .gguf file, and its layout ("hf", "meta" or "gguf")."""
     if os.path.isfile(path) and path.endswith(".gguf"):

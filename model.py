@@ -1,15 +1,15 @@
 """nanocomet model: a small Llama-style decoder that also runs as CoMeT (SPEC S1-S6).
 
-Reading order: config -> RoPE -> attention -> MLP -> block -> chunk layout (S2) -> model -> streaming (S6)
--> the sliding-window baseline.
-With chunk_size=0 the model is an ordinary causal decoder. With chunk_size>0 the sequence is cut into
-chunks and every layer carries its own global and temporary memory (memory.py) from chunk to chunk.
+Reading order: config -> RoPE -> attention -> MLP -> block -> chunk layout (S2) -> model. With chunk_size=0
+the model is an ordinary causal decoder. With chunk_size>0 the sequence is cut into chunks and every layer
+carries its own global and temporary memory (memory.py) from chunk to chunk. Streaming inference over the
+same step (S6) is in stream.py; the sliding-window baseline's attention in baselines.py.
 """
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -17,8 +17,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention.bias import causal_lower_right
 
+from baselines import sliding_window_attention
 from configurator import check_types
 from memory import LayerMemory, MemoryState
+
+
+POSITIVE = ("vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "ffn_hidden", "rope_theta", "rope_factor",
+            "rope_low_freq", "rope_high_freq", "rope_original_context", "norm_eps", "block_size", "stride",
+            "adapter_rank", "init_std")  # ModelConfig fields that must be > 0 (or None, where allowed)
 
 
 @dataclass
@@ -49,28 +55,26 @@ class ModelConfig:
 
     def __post_init__(self):
         check_types(self)
-        positive = ("vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "ffn_hidden", "rope_theta", "rope_factor",
-                    "rope_low_freq", "rope_high_freq", "rope_original_context", "norm_eps", "block_size", "stride",
-                    "adapter_rank", "init_std")
-        problems = [f"{k}={getattr(self, k)} must be positive" for k in positive if getattr(self, k) is not None and getattr(self, k) <= 0]
-        problems += [f"{k}={getattr(self, k)} must be >= 0 (0 turns it off)"
-                     for k in ("chunk_size", "n_global", "temp_budget", "window") if getattr(self, k) < 0]
-        if problems:
-            raise ValueError(f"ModelConfig: {problems[0]}")
-        self.n_kv_head = self.n_kv_head or self.n_head
-        self.ffn_hidden = self.ffn_hidden or 32 * math.ceil(8 * self.n_embd / 3 / 32)
-        self.init_std = self.init_std or math.sqrt(2 / (5 * self.n_embd))
-        problems = [text for bad, text in (
-            (self.n_embd % self.n_head, f"n_head={self.n_head} must divide n_embd={self.n_embd}"),
-            (self.n_head % self.n_kv_head, f"n_kv_head={self.n_kv_head} must divide n_head={self.n_head}"),
-            (self.head_dim % 2, f"head size n_embd/n_head={self.head_dim} must be even for RoPE"),
-            (self.rope_factor != 1 and self.rope_high_freq <= self.rope_low_freq,
-             f"rope_high_freq={self.rope_high_freq} must exceed rope_low_freq={self.rope_low_freq}"),
-            (self.chunk_size and self.window, f"window={self.window} is a plain-decoder baseline: it needs chunk_size=0"),
-            (self.chunk_size and self.stride > self.chunk_size, f"stride={self.stride} must be <= chunk_size="
-             f"{self.chunk_size} (one compression token per `stride` tokens of a chunk)")) if bad]
-        if problems:
-            raise ValueError(f"ModelConfig: {problems[0]}")
+        v = vars(self)
+        bad = [f"{k}={v[k]} must be positive" for k in POSITIVE if v[k] is not None and v[k] <= 0]
+        bad += [f"{k}={v[k]} must be >= 0 (0 turns it off)" for k in ("chunk_size", "n_global", "temp_budget", "window")
+                if v[k] < 0]
+        if not bad:  # derived defaults, then the rules between fields
+            self.n_kv_head = self.n_kv_head or self.n_head
+            self.ffn_hidden = self.ffn_hidden or 32 * math.ceil(8 * self.n_embd / 3 / 32)
+            self.init_std = self.init_std or math.sqrt(2 / (5 * self.n_embd))
+            bad = [text for broken, text in (
+                (self.n_embd % self.n_head, f"n_head={self.n_head} must divide n_embd={self.n_embd}"),
+                (self.n_head % self.n_kv_head, f"n_kv_head={self.n_kv_head} must divide n_head={self.n_head}"),
+                (self.head_dim % 2, f"head size n_embd/n_head={self.head_dim} must be even for RoPE"),
+                (self.rope_factor != 1 and self.rope_high_freq <= self.rope_low_freq,
+                 f"rope_high_freq={self.rope_high_freq} must exceed rope_low_freq={self.rope_low_freq}"),
+                (self.chunk_size and self.window, f"window={self.window} is a plain-decoder baseline: it needs "
+                                                  "chunk_size=0"),
+                (self.chunk_size and self.stride > self.chunk_size, f"stride={self.stride} must be <= chunk_size="
+                 f"{self.chunk_size} (one compression token per `stride` tokens of a chunk)")) if broken]
+        if bad:
+            raise ValueError(f"ModelConfig: {bad[0]}")
 
     @property
     def head_dim(self) -> int:
@@ -93,8 +97,9 @@ class ModelConfig:
     @property
     def max_positions(self) -> int:
         """Longest sequence one attention call sees: one extended chunk [G, T, X, R] (S2), or block_size."""
-        return 2 * self.n_global + self.temp_budget + self.chunk_size + self.n_compression if self.comet else \
-            self.block_size
+        if not self.comet:
+            return self.block_size
+        return self.n_global + self.temp_budget + self.chunk_size + self.n_compression + self.n_global
 
 
 # --- RoPE -------------------------------------------------------------------------------------------
@@ -127,8 +132,9 @@ class Attention(nn.Module):
     """Causal grouped-query attention. It is given the RoPE angles of exactly the rows it runs (their
     positions are the caller's business: the chunk layout's for CoMeT, token counts for a plain decoder)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, kernel: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None):
         super().__init__()
+        self.kernel = kernel or causal_attention  # of q, k, v; a baseline may bring its own (baselines.py)
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.wq = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=False)
         self.wk = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=False)
@@ -137,13 +143,11 @@ class Attention(nn.Module):
 
     def _heads(self, x: Tensor, n: int) -> Tensor:
         return x.view(x.size(0), x.size(1), n, self.head_dim).transpose(1, 2)  # (B, n, T, hs)
-
     def project(self, x: Tensor, rope: tuple[Tensor, Tensor], past: tuple[Tensor, Tensor] | None = None,
                 n_prefix: int = 0) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor]]:
-        """x (B, n_prefix + T, C): normed rows, rope (cos, sin) (n_prefix + T, hs) their angles. The first
-        n_prefix rows give only keys and values; the T rows after them also query, after the `past` keys/values
-        (B, n_kv, S0, hs) if given. Returns q (B, nh, T, hs), k and v (B, nh, S0 + n_prefix + T, hs) with GQA
-        heads repeated, and the cache (k, v)."""
+        """x (B, n_prefix + T, C): normed rows, rope (cos, sin) (n_prefix + T, hs) their angles. The first n_prefix
+        rows give only keys and values; the T after them also query, after `past` keys/values (B, n_kv, S0, hs).
+        Returns q (B, nh, T, hs), k and v (B, nh, S0 + n_prefix + T, hs) with GQA heads repeated, cache (k, v)."""
         cos, sin = rope
         q = apply_rope(self._heads(self.wq(x[:, n_prefix:]), self.n_head), cos[n_prefix:], sin[n_prefix:])
         k = apply_rope(self._heads(self.wk(x), self.n_kv_head), cos, sin)  # (B, n_kv, L, hs)
@@ -156,20 +160,19 @@ class Attention(nn.Module):
             v = v.repeat_interleave(self.n_head // self.n_kv_head, 1)
         return q, k, v, kv
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """Causal attention of the T queries, the last T of the S keys -> (B, nh, T, hs)."""
-        T, S = q.size(2), k.size(2)
-        if S == T or T == 1:  # plain causal square, or one new row that sees everything
-            return F.scaled_dot_product_attention(q, k, v, is_causal=S == T and T > 1)
-        # causal, aligned to the bottom right (is_causal aligns top left)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=_lower_right_causal(T, S, q.device))
-
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], past: tuple[Tensor, Tensor] | None = None,
                 n_prefix: int = 0):
         """Rows as in `project` -> (output of the T query rows (B, T, C), cache (k, v))."""
         q, k, v, kv = self.project(x, rope, past, n_prefix)
-        y = self.attend(q, k, v)
-        return self.wo(y.transpose(1, 2).reshape(q.size(0), q.size(2), -1)), kv
+        return self.wo(self.kernel(q, k, v).transpose(1, 2).reshape(q.size(0), q.size(2), -1)), kv
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Causal attention of the T queries q (B, nh, T, hs), the last T of the S keys -> (B, nh, T, hs)."""
+    T, S = q.size(2), k.size(2)
+    if S == T or T == 1:  # plain causal square, or one new row that sees everything
+        return F.scaled_dot_product_attention(q, k, v, is_causal=S == T and T > 1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=_lower_right_causal(T, S, q.device))  # bottom right
 
 
 def _lower_right_causal(T: int, S: int, device: torch.device):
@@ -203,15 +206,16 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.attention_norm = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
-        self.attention = SlidingWindowAttention(cfg) if cfg.window else Attention(cfg)  # the baseline: below
+        # the sliding-window baseline (window > 0) is this attention with another kernel (baselines.py)
+        window = functools.partial(sliding_window_attention, window=cfg.window) if cfg.window else None
+        self.attention = Attention(cfg, window)
         self.ffn_norm = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], past: tuple[Tensor, Tensor] | None = None,
                 prefix: Tensor | None = None):
-        """x (B, T, C) -> (x, (k, v) of past + prefix + these rows). prefix (B, n, C): CoMeT's memory rows
-        [G; T] in front of x (S2), rope the angles of prefix + x. The prefix rows give only keys and values
-        (one projection together with x's): their outputs would be overwritten at the next layer."""
+        """x (B, T, C) -> (x, (k, v) of past + prefix + x). prefix (B, n, C): the memory rows [G; T] (S2) in front,
+        keys and values only (their outputs would be overwritten at the next layer). rope: prefix + x's angles."""
         rows = x if prefix is None else torch.cat([prefix, x], 1)
         a, kv = self.attention(self.attention_norm(rows), rope, past, rows.size(1) - x.size(1))
         x = x + a
@@ -239,8 +243,7 @@ class ChunkLayout:
     closed: bool         # a closed chunk updates the memories; an open one (still generating) does not
 
     @property
-    def length(self) -> int:
-        """The chunk's own rows (prefix excluded)."""
+    def length(self) -> int:  # the chunk's own rows (prefix excluded)
         return self.order.numel()
 
     @property
@@ -279,14 +282,6 @@ def bptt_cut(chunk: int, bptt_chunks: int) -> bool:
 
 # --- the model --------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class StreamState:
-    """Everything streaming inference (S6) keeps: constant size, whatever the context length."""
-    memory: tuple[MemoryState, ...]         # per layer, after the last closed chunk
-    tokens: Tensor                          # (B, n_open) tokens of the open chunk, n_open < chunk_size
-    cache: tuple[tuple[Tensor, Tensor], ...]  # per layer (k, v) of [G; T; open chunk]; () while it is empty
-
-
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig, verbose: bool = True):
         super().__init__()
@@ -313,8 +308,8 @@ class Transformer(nn.Module):
                   f"({100 * mem / base:.1f}%)")
 
     def build_rope(self, device=None) -> None:
-        """(Re)compute the RoPE table, e.g. after building the model on the meta device."""
-        # S2: positions restart at 0 in every chunk, so the table never exceeds one extended chunk
+        """(Re)compute the RoPE table, e.g. after building the model on the meta device. S2: positions
+        restart at 0 in every chunk, so the table never exceeds one extended chunk."""
         cos, sin = rope_table(self.config, self.config.max_positions, device)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -326,9 +321,7 @@ class Transformer(nn.Module):
         NOTE: GPT-2's fixed 0.02 is too small for a tiny model: on the passkey task it stayed at chance
         for 1,400 steps where sqrt(2/(5d)) (0.056 at d=128) started copying within 150."""
         std = self.config.init_std
-        for name, p in self.named_parameters():
-            if names is not None and name not in names:
-                continue
+        for name, p in ((n, p) for n, p in self.named_parameters() if names is None or n in names):
             if name.endswith("norm.weight"):
                 nn.init.ones_(p)
             elif name.endswith("adapter.up.weight"):
@@ -385,17 +378,13 @@ class Transformer(nn.Module):
 
     def layer_step(self, l: int, h: Tensor, mem: MemoryState, layout: ChunkLayout,
                    past: tuple[Tensor, Tensor] | None = None):
-        """S1, the unit of work: layer l over one chunk's rows h (B, L, C), given layer l's memory.
-
-        Without `past`, the layer's memory [G; T] goes in front of the rows (S2) and every row of the
-        extended chunk runs. With `past` (the keys/values of an open chunk's earlier rows, generation), h
-        holds only its newest rows, the last rows of `layout`. Returns (layer output, keys/values, memory
-        for the next chunk); the memory only changes when the layout is closed."""
+        """S1, the unit of work: layer l over one chunk's rows h (B, L, C), given layer l's memory. With
+        `past` (keys/values of an open chunk's earlier rows: streaming) h holds only the layout's last rows.
+        Returns (layer output, keys/values, memory for the next chunk: changed only if the layout is closed)."""
         assert mem.prefix_len == layout.n_prefix, "the layout was made for another memory size"
-        if past is None:  # S2: this layer's [G; T] in front of the rows; positions from 0
-            rows, prefix = layout.positions, mem.prefix() if layout.n_prefix else None
-        else:  # the newest rows of an open chunk, after the cached ones
-            rows, prefix = layout.positions[-h.size(1):], None
+        rows, prefix = layout.positions, mem.prefix() if layout.n_prefix else None  # S2: [G; T] in front
+        if past is not None:  # the newest rows of an open chunk, after the cached ones
+            rows, prefix = rows[-h.size(1):], None
         h, kv = self.layers[l](h, self.rope_at(rows), past, prefix)
         if layout.closed:  # S3, S4: readout rows feed the global memory, compression rows the FIFO
             mem = self.memories[l](mem, h[:, layout.readout], h[:, layout.compression])
@@ -413,9 +402,9 @@ class Transformer(nn.Module):
         return h[:, layout.tokens], tuple(new_memory)
 
     def chunks(self, idx: Tensor, bptt_chunks: int = 0) -> Iterator[tuple[Tensor, tuple[MemoryState, ...]]]:
-        """S1, chunk-major: idx (B, N) chunk by chunk from empty memories. Yields each chunk's real-token
-        hidden states (B, n, C) and the memories after it. A final partial chunk is left open, exactly as
-        streaming inference sees it. Gradients flow through the memories (BPTT), cut at `bptt_cut`."""
+        """S1, chunk-major: idx (B, N) chunk by chunk from empty memories; yields each chunk's real-token states
+        (B, n, C) and the memories after it. A last partial chunk stays open, as streaming sees it. BPTT: cut
+        at `bptt_cut`."""
         cs, memory = self.config.chunk_size, self.empty_memory(idx.size(0))
         for i, start in enumerate(range(0, idx.size(1), cs)):
             if bptt_cut(i, bptt_chunks):
@@ -437,76 +426,5 @@ class Transformer(nn.Module):
         else:
             h, _ = self.run_blocks(self.tok_embeddings(idx))
         logits = self.output(self.norm(h))
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
+        loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
         return logits, loss
-
-    # --- S6: streaming inference --------------------------------------------------------------------
-
-    def new_stream(self, batch: int = 1) -> StreamState:
-        device = self.tok_embeddings.weight.device
-        return StreamState(self.empty_memory(batch), torch.zeros(batch, 0, dtype=torch.long, device=device), ())
-
-    @torch.no_grad()
-    def stream(self, idx: Tensor, state: StreamState) -> tuple[Tensor, StreamState]:
-        """S6: feed any number of tokens (B, n). Each completed chunk is closed (run whole with its
-        readout and compression tokens, memories updated); the rest extends the open chunk through
-        its KV cache. Returns the next-token logits after the last token (B, V) and the new state."""
-        cfg = self.config
-        limit = cfg.chunk_size if cfg.comet else cfg.block_size  # the plain decoder is one open chunk
-        h = None
-        while idx.size(1):
-            take = min(idx.size(1), limit - state.tokens.size(1))
-            if take == 0:
-                raise ValueError(f"plain decoder: context longer than block_size={cfg.block_size}")
-            tokens, idx = torch.cat([state.tokens, idx[:, :take]], 1), idx[:, take:]
-            if cfg.comet and tokens.size(1) == cfg.chunk_size:  # close: its open part is recomputed once
-                h, memory = self.forward_chunk(tokens, state.memory, closed=True)
-                state = StreamState(memory, tokens[:, :0], ())
-            else:
-                h, state = self._extend_open_chunk(tokens, state)
-        if h is None:
-            raise ValueError("stream() needs at least one token")
-        return self.output(self.norm(h[:, -1])), state
-
-    def _extend_open_chunk(self, tokens: Tensor, state: StreamState) -> tuple[Tensor, StreamState]:
-        """Run only the new rows of the open chunk (now `tokens`), attending to the cached rows."""
-        n_prefix = state.memory[0].prefix_len
-        old = self.layout(state.tokens.size(1), False, n_prefix)
-        new = self.layout(tokens.size(1), False, n_prefix)
-        h = self.embed_chunk(tokens, new)[:, old.length:]  # new rows: maybe a compression token, then tokens
-        cache = []
-        for l, mem in enumerate(state.memory):
-            h, kv, _ = self.layer_step(l, h, mem, new, state.cache[l] if state.cache else None)
-            cache.append(kv)
-        return h, StreamState(state.memory, tokens, tuple(cache))
-
-
-# --- a baseline: sliding-window attention (chunk_size=0, window > 0; docs/ablations.md) ---------------
-
-class SlidingWindowAttention(Attention):
-    """A plain decoder's attention where a token sees only the last `window` positions."""
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__(cfg)
-        self.window = cfg.window
-
-    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        return sliding_window_attention(q, k, v, self.window)
-
-
-def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int, block: int = 256) -> Tensor:
-    """Causal attention where the query at position p sees only keys p-window+1..p. q (B, nh, T, hs) are
-    the last T of the S keys. Queries go in blocks, each with just the keys its window reaches, so work
-    and memory grow with T * (block + window), not T * S."""
-    T, S = q.size(2), k.size(2)
-    out = []
-    for a in range(0, T, block):
-        b = min(a + block, T)
-        lo, hi = max(0, S - T + a - window + 1), S - T + b  # keys the block's first and last queries reach
-        qpos = torch.arange(S - T + a, hi, device=q.device)[:, None]
-        kpos = torch.arange(lo, hi, device=q.device)[None]
-        mask = (kpos <= qpos) & (kpos > qpos - window)  # (b - a, hi - lo)
-        out.append(F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, lo:hi], v[:, :, lo:hi], attn_mask=mask))
-    return torch.cat(out, 2)

@@ -137,22 +137,20 @@ class Pipeline:
             raise self._fail(what, peer, layer, None)
         self.wait_s += time.perf_counter() - t0
 
+    def _post(self, op, buf: Tensor, peer: int, layer: int, what: str):
+        try:  # gloo: a dead peer may fail the call itself
+            return op(buf, peer)
+        except Exception as e:
+            raise self._fail(what, peer, layer, e) from None
+
     def _send(self, buf: Tensor, peer: int, layer: int, what: str) -> None:
         """Start sending; `finish_sends` waits for it (and keeps the buffer alive until then)."""
         buf = buf.contiguous()
-        try:
-            work = dist.isend(buf, peer)
-        except Exception as e:
-            raise self._fail(what, peer, layer, e) from None
-        self.pending.append((work, buf, what, peer, layer))
+        self.pending.append((self._post(dist.isend, buf, peer, layer, what), buf, what, peer, layer))
 
     def _receive(self, shape, dtype, peer: int, layer: int, what: str) -> Tensor:
         buf = torch.empty(shape, device=self.device, dtype=dtype)
-        try:
-            work = dist.irecv(buf, peer)
-        except Exception as e:
-            raise self._fail(what, peer, layer, e) from None
-        self._wait(work, what, peer, layer)
+        self._wait(self._post(dist.irecv, buf, peer, layer, what), what, peer, layer)
         return buf
 
     def finish_sends(self) -> None:

@@ -1,5 +1,5 @@
 """Stream a prompt of any length through the memories (S6), then generate; and what every inference script
-shares: opening a model (a checkpoint of ours, or a Llama), `generate`, the plain decoder's length limit.
+shares: opening a model (a checkpoint of ours, or a Llama) and the plain decoder's length limit.
 
     python sample.py --prompt="What is the pass key? The pass key is" --max_new_tokens=20
     python sample.py --prompt_file=book.txt --temperature=0.8 --top_k=40
@@ -14,16 +14,15 @@ import resource
 import time
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor
 from tqdm import tqdm
 
 from checkpoint import load_model, read_checkpoint
 from configurator import configure_or_exit, pick_device, pick_dtype, settings_of
 from data import bos_id, get_tokenizer
 from llama import load_llama
-from model import StreamState, Transformer
+from model import Transformer
 from ram import load_ram
+from stream import generate, new_stream, stream
 
 # -----------------------------------------------------------------------------
 ckpt = "out/ckpt.pt"      # checkpoint written by train.py
@@ -86,27 +85,6 @@ def peak_memory_mib(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-@torch.no_grad()
-def generate(model: Transformer, idx: Tensor, max_new_tokens: int, temperature: float = 1.0,
-             top_k: int | None = None, state: StreamState | None = None) -> tuple[Tensor, StreamState]:
-    """Stream the prompt idx (B, n) of any length through `model.stream` (S6), then sample max_new_tokens
-    (temperature 0: greedy). Returns the new tokens (B, max_new_tokens) and the stream state after them."""
-    logits, state = model.stream(idx, state or model.new_stream(idx.size(0)))
-    out = []
-    for _ in range(max_new_tokens):
-        if temperature == 0:
-            nxt = logits.argmax(-1, keepdim=True)
-        else:
-            logits = logits / temperature
-            if top_k is not None:
-                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-                logits = logits.masked_fill(logits < kth, -float("inf"))
-            nxt = torch.multinomial(F.softmax(logits, -1), 1)
-        out.append(nxt)
-        logits, state = model.stream(nxt, state)
-    return torch.cat(out, 1) if out else idx[:, :0], state
-
-
 def main() -> None:
     cfg = configure_or_exit(settings_of(globals()))
     torch.manual_seed(cfg["seed"])
@@ -114,7 +92,7 @@ def main() -> None:
         if cfg["piece"] <= 0 or cfg["top_k"] < 0 or cfg["temperature"] < 0 or cfg["max_new_tokens"] < 0:
             raise ValueError("piece must be positive; top_k, temperature and max_new_tokens must be >= 0")
         model, enc, _, dev = open_for_inference(cfg)
-        if not hasattr(model, "stream"):
+        if not isinstance(model, Transformer):
             raise ValueError(f"{cfg['ckpt']} is a RAM checkpoint (ram.py): it answers a question about a context "
                              "given apart; evaluate it with eval_passkey.py --method ram")
         if cfg["prompt_file"]:
@@ -129,11 +107,11 @@ def main() -> None:
         check_fits(model, ids.size(1) + cfg["max_new_tokens"])
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}")
-    state = model.new_stream(1)
+    state = new_stream(model, 1)
     t0 = time.perf_counter()
     head, last = ids[:, :-1], ids[:, -1:]  # the last prompt token goes to generate()
     for a in tqdm(range(0, head.size(1), cfg["piece"]), unit="piece", disable=head.size(1) <= cfg["piece"]):
-        _, state = model.stream(head[:, a:a + cfg["piece"]], state)
+        _, state = stream(model, head[:, a:a + cfg["piece"]], state)
     t1 = time.perf_counter()
     out, state = generate(model, last, cfg["max_new_tokens"], temperature=cfg["temperature"],
                                 top_k=cfg["top_k"] or None, state=state)

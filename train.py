@@ -19,7 +19,7 @@ import os
 import random
 import signal
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from typing import Callable, NamedTuple
 
 import torch
@@ -89,8 +89,8 @@ grad_clip = 1.0           # 0: off
 bptt_chunks = 0           # truncate BPTT every k chunks; 0: through the whole sequence
 # -----------------------------------------------------------------------------
 DEFAULTS = {**settings_of(globals()), **ramlib.SETTINGS}  # RAM's own settings (segment, keep_ratio, ...) too
-MODEL_KEYS = ("n_layer", "n_head", "n_kv_head", "n_embd", "ffn_hidden", "rope_theta", "tie_embeddings",
-              "chunk_size", "n_global", "stride", "temp_budget", "adapter_rank", "global_gate", "window")
+MODEL_KEYS = tuple(f.name for f in fields(ModelConfig) if f.name in DEFAULTS)  # the settings above that shape it
+MEMORY_KEYS = ("chunk_size", "n_global", "stride", "temp_budget", "adapter_rank", "global_gate", "window")
 
 
 def get_lr(it: int) -> float:
@@ -192,8 +192,7 @@ def build_model(config: dict, enc, ckpt: dict | None, dev: str, verbose: bool):
                           **{k: config[k] for k in MODEL_KEYS})
         model = ramlib.RAM(cfg, ramlib.config_of(config), verbose) if ram else Transformer(cfg, verbose)
     else:
-        comet = {k: config[k] for k in MODEL_KEYS[7:]}  # chunk_size ... window: the memories to add
-        model = llama.load_llama(config["init_from"], device=dev, **comet)
+        model = llama.load_llama(config["init_from"], device=dev, **{k: config[k] for k in MEMORY_KEYS})
         config.update({k: getattr(model.config, k) for k in MODEL_KEYS})
         if verbose:
             base, mem = model.param_counts()
@@ -243,11 +242,6 @@ def resume_settings(ckpt: dict, out: str) -> dict:
     return {**config, "out_dir": out}  # it lives where it was found, wherever it was first written
 
 
-def pretrained(path: str) -> bool:
-    """A Llama checkpoint directory or GGUF file to start from (llama.load_llama reads both)."""
-    return os.path.isdir(path) or (path.endswith(".gguf") and os.path.isfile(path))
-
-
 def read_settings() -> tuple[dict, dict | None]:
     """The run's settings (defaults, config files, command line; a resumed run's own) and the checkpoint
     it resumes, if any. Never overwrites a checkpoint: a new run into a used out_dir is an error."""
@@ -259,36 +253,35 @@ def read_settings() -> tuple[dict, dict | None]:
             config = resume_settings(ckpt, config["out_dir"])
         except (OSError, ValueError) as e:
             raise SystemExit(f"error: cannot resume: {e}")
-    elif config["init_from"] != "scratch" and not pretrained(config["init_from"]):
+    elif config["init_from"] != "scratch" and not llama.is_pretrained(config["init_from"]):
         raise SystemExit(f"error: init_from={config['init_from']!r} must be 'scratch', 'resume', a Llama "
                          "checkpoint directory or a .gguf file")
     elif os.path.exists(ckpt_path):
         raise SystemExit(f"error: {ckpt_path} exists: continue it with --init_from=resume, or train into "
                          "another --out_dir, or delete it first")
     if config["tokenizer"] == "auto":  # resolved here, so that the checkpoint records the real one
-        config["tokenizer"] = config["init_from"] if pretrained(config["init_from"]) else "bytes"
+        config["tokenizer"] = config["init_from"] if llama.is_pretrained(config["init_from"]) else "bytes"
     return config, ckpt
 
 
 def start(model, optimizer, ckpt: dict | None, pipe: Pipeline | None, master: bool) -> tuple[int, float | None]:
-    """Resume (optimizer and RNG state, the log cut back to the checkpoint, a torn line dropped) or start a
-    fresh log; every rank takes rank 0's weights; compile. Returns (first iteration to run, last accuracy)."""
+    """Resume (optimizer and RNG state) or start; the log keeps only the lines before the first iteration to
+    run (none for a new run; a torn last line goes too); every rank takes rank 0's weights; compile.
+    Returns (first iteration to run, last accuracy)."""
     iter_num, acc, log_path = 0, None, os.path.join(out_dir, "log.jsonl")
-    if master:
-        os.makedirs(out_dir, exist_ok=True)
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["rng"]["torch"])
         iter_num, acc = ckpt["iter_num"], ckpt.get("passkey_acc")
-        if master and os.path.exists(log_path):
-            with open(log_path) as f:
-                kept = [line for line in f if line.endswith("\n") and json.loads(line)["iter"] < iter_num]
-            with open(log_path, "w") as f:
-                f.writelines(kept)
         if master:
             print(f"resuming from {os.path.join(out_dir, 'ckpt.pt')} at iteration {iter_num}")
-    elif master and os.path.exists(log_path):
-        os.remove(log_path)
+    if master:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(log_path, "a+") as f:
+            f.seek(0)
+            kept = [line for line in f if line.endswith("\n") and json.loads(line)["iter"] < iter_num]
+        with open(log_path, "w") as f:
+            f.writelines(kept)
     if pipe:
         pipe.broadcast_parameters(model)  # every rank holds rank 0's weights, whatever happened before
     if compile:

@@ -1,7 +1,8 @@
 """Settings: config files and --key=value overrides, with one clear error for a mistake."""
 import pytest
+import torch
 
-from configurator import configure
+from configurator import configure, pick_device, pick_dtype, type_ok
 
 DEFAULTS = dict(batch_size=16, lr=1e-3, compile=False, out_dir="out", lengths="512,2048")
 
@@ -78,3 +79,24 @@ def test_a_bad_override_exits_with_one_line(tmp_path):
     assert r.returncode != 0
     assert r.stderr.strip().splitlines() == [r.stderr.strip()]  # exactly one line, no traceback
     assert "unknown setting 'n_layers'" in r.stderr
+
+
+def test_dtype_auto_is_bfloat16_only_on_a_cuda_device_that_has_it(monkeypatch):
+    assert pick_dtype("auto", "cpu") == torch.float32 and pick_dtype("bfloat16", "cpu") == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert pick_dtype("auto", "cuda:1") == torch.bfloat16 and pick_dtype("auto", "cpu") == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert pick_dtype("auto", "cuda") == torch.float32 and pick_dtype("float32", "cuda") == torch.float32
+
+
+@pytest.mark.parametrize("rule, call, message", [
+    ("dtype", lambda: pick_dtype("float16", "cpu"), "dtype='float16' must be auto, float32 or bfloat16"),
+    ("device", lambda: pick_device("gpu"), "device='gpu' must be auto, cpu or cuda")])
+def test_an_unknown_dtype_or_device_is_one_clear_error(rule, call, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        call()
+
+
+def test_the_type_rule_takes_an_int_for_a_float_and_never_a_bool_for_a_number():
+    assert type_ok(3, float) and type_ok(3.0, float) and type_ok(3, int) and type_ok(True, bool)
+    assert not type_ok(True, int) and not type_ok(False, float) and not type_ok(3.0, int) and not type_ok(1, bool)

@@ -11,7 +11,7 @@ from gguf import GGMLQuantizationType as Q
 from transformers import AutoModelForCausalLM
 
 from llama import load_llama
-from sample import generate
+from stream import generate
 from test_llama import hf_model
 
 LAYER = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",

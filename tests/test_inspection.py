@@ -26,7 +26,7 @@ def test_recorded_attention_weights_are_the_ones_the_layer_applies(n_prefix, win
     attn = model.layers[0].attention
     x = torch.randn(2, n_prefix + 7, 32)
     rope = model.rope_at(range(n_prefix + 7))
-    w = attention_weights(attn, x, rope, None, n_prefix)  # (B, nh, 7, n_prefix + 7)
+    w = attention_weights(attn, x, rope, None, n_prefix, window)  # (B, nh, 7, n_prefix + 7)
     _, _, v, _ = attn.project(x, rope, None, n_prefix)
     y = (w @ v).transpose(1, 2).reshape(2, 7, 32)
     torch.testing.assert_close(attn.wo(y), attn(x, rope, None, n_prefix)[0], rtol=0, atol=1e-6)

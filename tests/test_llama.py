@@ -13,7 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import data
 from llama import freeze_base, load_llama, meta_to_hf_rotary
-from sample import generate
+from stream import generate
 
 ROOT = Path(__file__).resolve().parents[1]
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

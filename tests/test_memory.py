@@ -7,6 +7,7 @@ import torch
 from conftest import tiny_config, tiny_model
 from memory import GlobalMemory, LowRankAdapter, MemoryState, TemporaryMemory, memory_param_count
 from model import ModelConfig, Transformer
+from stream import new_stream, stream
 
 
 def stream_chunks(model, n_chunks, seed=1):
@@ -14,7 +15,7 @@ def stream_chunks(model, n_chunks, seed=1):
     cfg = model.config
     torch.manual_seed(seed)
     idx = torch.randint(cfg.vocab_size, (2, 100 * cfg.chunk_size))
-    _, state = model.stream(idx[:, :n_chunks * cfg.chunk_size], model.new_stream(2))
+    _, state = stream(model, idx[:, :n_chunks * cfg.chunk_size], new_stream(model, 2))
     return state
 
 

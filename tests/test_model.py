@@ -6,7 +6,7 @@ import torch
 
 from conftest import tiny_config, tiny_model
 from model import Transformer, chunk_layout
-from sample import generate
+from stream import generate, new_stream, stream
 
 
 def tokens(n, batch=2, seed=1, vocab=32):
@@ -75,20 +75,20 @@ def test_streaming_prefill_and_decoding_give_the_full_forward_logits(model, n_ch
     idx = tokens(n)
     full, _ = model(idx)
     n_prompt = max(1, n - 11)  # decode the last 11 tokens one by one: crosses a chunk border
-    logits, state = model.stream(idx[:, :n_prompt], model.new_stream(2))
+    logits, state = stream(model, idx[:, :n_prompt], new_stream(model, 2))
     assert (logits - full[:, n_prompt - 1]).abs().max() <= 1e-5
     for p in range(n_prompt, n):
-        logits, state = model.stream(idx[:, p:p + 1], state)
+        logits, state = stream(model, idx[:, p:p + 1], state)
         assert (logits - full[:, p]).abs().max() <= 1e-5, f"position {p}"
 
 
 def test_streaming_in_uneven_pieces_gives_the_same_logits_and_memories(model):
     idx = tokens(43)
     full, _ = model(idx)
-    _, whole = model.stream(idx, model.new_stream(2))
-    state = model.new_stream(2)
+    _, whole = stream(model, idx, new_stream(model, 2))
+    state = new_stream(model, 2)
     for a, b in [(0, 3), (3, 13), (13, 14), (14, 40), (40, 43)]:
-        logits, state = model.stream(idx[:, a:b], state)
+        logits, state = stream(model, idx[:, a:b], state)
         torch.testing.assert_close(logits, full[:, b - 1], rtol=0, atol=1e-5)
     assert torch.equal(state.tokens, whole.tokens)
     for m1, m2 in zip(whole.memory, state.memory):
@@ -108,9 +108,9 @@ def test_plain_decoder_streams_with_a_kv_cache():
     model = tiny_model(chunk_size=0, block_size=40)
     idx = tokens(30)
     full, _ = model(idx)
-    logits, state = model.stream(idx[:, :20], model.new_stream(2))
+    logits, state = stream(model, idx[:, :20], new_stream(model, 2))
     for p in range(20, 30):
-        logits, state = model.stream(idx[:, p:p + 1], state)
+        logits, state = stream(model, idx[:, p:p + 1], state)
         torch.testing.assert_close(logits, full[:, p], rtol=0, atol=1e-5)
 
 
@@ -190,7 +190,7 @@ def test_rope_table_is_never_longer_than_one_extended_chunk(model):
     cfg = model.config
     extended = cfg.n_global + cfg.temp_budget + cfg.chunk_size + math.ceil(cfg.chunk_size / cfg.stride) + cfg.n_global
     model(tokens(50 * cfg.chunk_size + 3))
-    model.stream(tokens(30 * cfg.chunk_size + 5), model.new_stream(2))
+    stream(model, tokens(30 * cfg.chunk_size + 5), new_stream(model, 2))
     assert model.rope_cos.shape == model.rope_sin.shape == (extended, cfg.head_dim)
 
 
@@ -271,7 +271,7 @@ def band_attention(q, k, v, window):
 
 @pytest.mark.parametrize("T,S", [(600, 600), (300, 700), (1, 50)])  # whole sequence, after a cache, decoding
 def test_blockwise_sliding_window_attention_equals_the_dense_band_mask(T, S):
-    from model import sliding_window_attention
+    from baselines import sliding_window_attention
     torch.manual_seed(0)
     q, k, v = torch.randn(1, 2, T, 8), torch.randn(1, 2, S, 8), torch.randn(1, 2, S, 8)
     torch.testing.assert_close(sliding_window_attention(q, k, v, 48, block=256), band_attention(q, k, v, 48))
@@ -301,8 +301,8 @@ def test_sliding_window_decoder_streams_with_its_cache_like_the_full_forward():
     model = tiny_model(chunk_size=0, window=6, block_size=64)
     idx = tokens(50)
     full, _ = model(idx)
-    logits, state = model.stream(idx[:, :30], model.new_stream(2))
+    logits, state = stream(model, idx[:, :30], new_stream(model, 2))
     torch.testing.assert_close(logits, full[:, 29], rtol=0, atol=1e-5)
     for p in range(30, 50):
-        logits, state = model.stream(idx[:, p:p + 1], state)
+        logits, state = stream(model, idx[:, p:p + 1], state)
         torch.testing.assert_close(logits, full[:, p], rtol=0, atol=1e-5)

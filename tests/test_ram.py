@@ -12,7 +12,9 @@ import torch.nn.functional as F
 
 from data import get_tokenizer, make_facts, sample_batch
 from model import ModelConfig
+import stream as streaming
 from checkpoint import load_model
+from eval_passkey import passkey_cell
 from ram import RAM, RAMConfig, budget, load_ram, info_nce, n_keep, positives, reading_order, segments, select, skim_weights
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -307,13 +309,13 @@ def test_ram_training_losses_are_deterministic_and_resume_refuses_other_ram_sett
     assert "keep_ratio cannot change when resuming" in err
 
 
-def test_truncate_baseline_trains_and_reads_only_the_budget(tmp_path):
+def test_truncate_baseline_trains_and_reads_only_the_budget(tmp_path, monkeypatch):
     run("train.py", "config/smoke.py", "--method=truncate", "--chunk_size=0", "--task=facts", "--min_len=300",
         "--max_len=300", "--max_iters=2", "--eval_interval=0", f"--out_dir={tmp_path}")
     model, _ = load_model(str(tmp_path / "ckpt.pt"))
     seen = []
-    model.stream = lambda idx, state, f=model.stream: (seen.append(idx.size(1)), f(idx, state))[1]
-    from eval_passkey import passkey_cell
+    monkeypatch.setattr(streaming, "stream", lambda m, idx, state, f=streaming.stream: (seen.append(idx.size(1)),
+                                                                                      f(m, idx, state))[1])
     passkey_cell(model, ENC, 300, 0.5, 1, 0, task="facts", method="truncate", ram=RAMConfig(keep_ratio=0.25))
     s = sample_batch(ENC, 1, 300, 0, task="facts")[0]
     n = s.n_context
