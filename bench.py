@@ -150,6 +150,10 @@ def measure(settings: dict, method: str, results) -> None:
     torch.set_num_threads(threads or torch.get_num_threads())
     wdtype = pick_dtype(dtype, dev)
     use_bf16 = wdtype == torch.bfloat16
+
+    def put(record: dict) -> None:  # every line says the dtype this process measured in
+        results.put({"dtype": str(wdtype).removeprefix("torch."), **record})
+
     torch.manual_seed(seed)  # every process builds the same weights
     cfg = ModelConfig(**SHAPES[shape])
     model = Transformer(cfg, verbose=False)
@@ -190,7 +194,7 @@ def measure(settings: dict, method: str, results) -> None:
     stopped = ""
     for i, ctx in enumerate([train_len] if method == "train" else [int(x) for x in lengths.split(",")]):
         if stopped or (method == "full" and ctx > longest_full):
-            results.put(dict(method=method, ctx=ctx, status="skipped",
+            put(dict(method=method, ctx=ctx, status="skipped",
                              note=stopped or f"beyond full_max={longest_full} (quadratic time)"))
             continue
         gen = torch.Generator().manual_seed(seed)
@@ -219,7 +223,7 @@ def measure(settings: dict, method: str, results) -> None:
                 best, peak = min(best, took), max(peak, peak_mib(dev))
         except torch.cuda.OutOfMemoryError:  # the same class as torch.OutOfMemoryError on torch >= 2.5
             stopped = f"out of memory at {ctx:,} tokens"
-            results.put(dict(method=method, ctx=ctx, status="oom", note=stopped))
+            put(dict(method=method, ctx=ctx, status="oom", note=stopped))
             torch.cuda.empty_cache()
             continue
         tokens = ctx * (batch if method == "train" else 1)
@@ -230,7 +234,7 @@ def measure(settings: dict, method: str, results) -> None:
         for key, ratios in paired.items():  # median and range over every piece of every repeat
             if ratios:
                 record[key] = [round(x, 3) for x in (statistics.median(ratios), min(ratios), max(ratios))]
-        results.put(record)
+        put(record)
 
 
 def main() -> None:
@@ -253,7 +257,7 @@ def main() -> None:
             raise ValueError(f"lengths={settings['lengths']!r} must be positive token counts")
         if pick_device(settings["device"]).startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device={settings['device']!r}, but torch sees no CUDA device")
-        wdtype = str(pick_dtype(settings["dtype"], pick_device(settings["device"]))).removeprefix("torch.")
+        pick_dtype(settings["dtype"], "cpu")  # auto, float32 or bfloat16; each measuring process picks its own
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     cfg, dev = ModelConfig(**SHAPES[settings["shape"]]), pick_device(settings["device"])
@@ -261,7 +265,7 @@ def main() -> None:
     results, out = [], open(settings["json"], "a") if settings["json"] else None
 
     def emit(**record) -> None:
-        line = jsonlib.dumps(dict(shape=name, device=dev, dtype=wdtype, **record))
+        line = jsonlib.dumps(dict(shape=name, device=dev, **record))
         print(line, flush=True)
         results.append(record)
         if out:
@@ -305,7 +309,7 @@ def summary(results: list[dict], cfg: ModelConfig, emit) -> None:
             continue
         work = flops_per_token(cfg, "ceiling", r["ctx"]) / flops_per_token(cfg, "comet", r["ctx"])  # FLOP share
         raw = r["vs_ceiling"]
-        emit(method="comet/ceiling", ctx=r["ctx"], status="ok", vs_comet_8k=r["vs_comet_8k"], raw=raw,
+        emit(method="comet/ceiling", ctx=r["ctx"], dtype=r["dtype"], status="ok", vs_comet_8k=r["vs_comet_8k"], raw=raw,
              rows_factor=round(rows, 3), flops_factor=round(work, 3),
              adjusted_rows=[round(x / rows, 3) for x in raw], adjusted_flops=[round(x / work, 3) for x in raw])
 

@@ -59,7 +59,7 @@ def record(model: Transformer, idx: Tensor) -> Inspection:
         raise ValueError("inspection looks at CoMeT's memories: this model is a plain decoder (chunk_size=0)")
     weights, gates = {}, {}
     hooks = [block.attention.register_forward_hook(
-        lambda m, args, out, l=l: weights.__setitem__(l, attention_weights(m, *args, window=cfg.window)))
+        lambda m, args, out, l=l: weights.__setitem__(l, attention_weights(m, *args)))  # no window: CoMeT
         for l, block in enumerate(model.layers)]
     hooks += [mem.global_mem.register_forward_hook(lambda m, args, out, l=l: gates.__setitem__(l, out[2]))
               for l, mem in enumerate(model.memories) if mem.global_mem is not None]

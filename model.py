@@ -143,6 +143,7 @@ class Attention(nn.Module):
 
     def _heads(self, x: Tensor, n: int) -> Tensor:
         return x.view(x.size(0), x.size(1), n, self.head_dim).transpose(1, 2)  # (B, n, T, hs)
+
     def project(self, x: Tensor, rope: tuple[Tensor, Tensor], past: tuple[Tensor, Tensor] | None = None,
                 n_prefix: int = 0) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor]]:
         """x (B, n_prefix + T, C): normed rows, rope (cos, sin) (n_prefix + T, hs) their angles. The first n_prefix
@@ -242,9 +243,7 @@ class ChunkLayout:
     readout: Tensor      # (n_r,) rows of the readout tokens
     closed: bool         # a closed chunk updates the memories; an open one (still generating) does not
 
-    @property
-    def length(self) -> int:  # the chunk's own rows (prefix excluded)
-        return self.order.numel()
+    length = property(lambda self: self.order.numel())  # the chunk's own rows (prefix excluded)
 
     @property
     def positions(self) -> range:

@@ -98,7 +98,7 @@ class Pipeline:
         self.wait_s = 0.0  # time this rank spent blocked on a peer (for utilisation)
 
     @staticmethod
-    def from_env(device: str, schedule: str = "wavefront", timeout: float = 60.0, min_chunks: int = 0,
+    def from_env(device: str, schedule: str = "wavefront", timeout: float = 60.0, min_chunks: int | None = None,
                  threads: int = 0) -> Pipeline:
         """Join the process group torchrun describes in the environment (RANK, WORLD_SIZE, ...); one clear
         ValueError without torchrun, or if a sequence of `min_chunks` chunks cannot split over the ranks.
@@ -106,7 +106,7 @@ class Pipeline:
         if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
             raise ValueError("pipeline=True needs torchrun, e.g. "
                              "torchrun --standalone --nproc_per_node=2 train.py ... --pipeline=True")
-        if min_chunks:
+        if min_chunks is not None:
             rank_chunks(min_chunks, 0, int(os.environ["WORLD_SIZE"]))
         cuda = torch.device(device).type == "cuda"
         if cuda:

@@ -1,6 +1,6 @@
 """RAM, "Read As Human" (SPEC S9): query-aware context compression by close reading and skimming.
 
-CoMeT (model.py) streams a context without knowing the question; RAM knows the question first:
+CoMeT (model.py, stream.py) streams a context without knowing the question; RAM knows the question first:
   1. cut the context into segments of `segment` tokens;
   2. encode every segment with the query in front of it, all segments as one batch (no attention
      across segments); a representation is the mean of last-layer states;

@@ -29,8 +29,9 @@ ckpt = "out/ckpt.pt"      # checkpoint written by train.py
 init_from = ""            # instead: a Llama checkpoint directory (Hugging Face or Meta layout) or .gguf file
 chunk_size = 0            # with init_from: 0 = the pretrained decoder as it is; > 0 = CoMeT, memories untrained
 tokenizer = "auto"        # with init_from: auto = its own (tokenizer.model, or the GGUF's); or bytes, a file
-dtype = "auto"            # with init_from: auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16
-prompt = "The grass is green. The sky is blue. The pass key is 12345. Remember it. What is the pass key? The pass key is"
+dtype = "auto"            # with init_from: auto (bf16 on a CUDA device that has it, else fp32) | float32 | bfloat16
+prompt = ("The grass is green. The sky is blue. The pass key is 12345. Remember it. What is the pass key? "
+          "The pass key is")
 prompt_file = ""          # read the prompt from this file instead (any length)
 max_new_tokens = 20
 temperature = 0.0         # 0: greedy
@@ -114,7 +115,7 @@ def main() -> None:
         _, state = stream(model, head[:, a:a + cfg["piece"]], state)
     t1 = time.perf_counter()
     out, state = generate(model, last, cfg["max_new_tokens"], temperature=cfg["temperature"],
-                                top_k=cfg["top_k"] or None, state=state)
+                          top_k=cfg["top_k"] or None, state=state)
     t2 = time.perf_counter()
     print(("..." if len(text) > 300 else "") + text[-300:])
     print("=> " + enc.decode(out[0].tolist()))

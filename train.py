@@ -150,7 +150,8 @@ def pick_method(pipe: Pipeline | None, dev: str) -> Method:
     """CoMeT and its baselines read whole sequences; RAM and the truncated decoder come from ram.py."""
     cfg = ramlib.config_of(globals())  # RAM's settings (ram.SETTINGS): segment, keep_ratio, ...
     if method == "ram":
-        return Method(lambda s: ramlib.train_batch(s, cfg.segment, dev), lambda m, b: ramlib.train_loss(m, b, lm_weight))
+        return Method(lambda s: ramlib.train_batch(s, cfg.segment, dev),
+                      lambda m, b: ramlib.train_loss(m, b, lm_weight))
     keep = (lambda s: ramlib.truncate_keep(s, cfg)) if method == "truncate" else (lambda s: 0)
     return Method(lambda s: lm_batch(s, dev, keep(s)), lambda m, b: lm_loss(m, b, pipe))
 
@@ -212,7 +213,8 @@ def check_settings(config: dict, enc) -> None:
     problems += [text for bad, text in (
         (not 0 < c["min_len"] <= c["max_len"], f"need 0 < min_len={c['min_len']} <= max_len={c['max_len']}"),
         (not 0 <= c["curriculum"] <= 1, f"curriculum={c['curriculum']} must lie in [0, 1]"),
-        (c["freeze_base"] and not c["chunk_size"], "freeze_base=True trains only the memories: it needs chunk_size > 0"),
+        (c["freeze_base"] and not c["chunk_size"], "freeze_base=True trains only the memories: it needs "
+                                                   "chunk_size > 0"),
         (c["pipeline"] and not c["chunk_size"], "pipeline=True splits sequences by chunks: it needs chunk_size > 0"),
         (c["pipeline_schedule"] not in SCHEDULES, f"pipeline_schedule={c['pipeline_schedule']!r} must be wavefront "
                                                    "or naive"),
@@ -223,6 +225,7 @@ def check_settings(config: dict, enc) -> None:
         raise ValueError(problems[0])
     pick_device(c["device"]), pick_dtype(c["dtype"], "cpu")  # auto, cpu, cuda; auto, float32, bfloat16
     (sample,) = sample_batch(enc, 1, c["min_len"], 0, c["digits"], task=c["task"])  # is min_len too short?
+    ramlib.config_of(c)  # RAM's settings (segment, ...): the evaluation reads them whatever the method
     if c["method"] != "comet":
         ramlib.check_settings(c, len(sample.question))
 
@@ -265,23 +268,24 @@ def read_settings() -> tuple[dict, dict | None]:
 
 
 def start(model, optimizer, ckpt: dict | None, pipe: Pipeline | None, master: bool) -> tuple[int, float | None]:
-    """Resume (optimizer and RNG state) or start; the log keeps only the lines before the first iteration to
-    run (none for a new run; a torn last line goes too); every rank takes rank 0's weights; compile.
-    Returns (first iteration to run, last accuracy)."""
+    """Resume (optimizer and RNG state, the log cut back to the checkpoint, a torn line dropped) or start a
+    fresh log; every rank takes rank 0's weights; compile. Returns (first iteration to run, last accuracy)."""
     iter_num, acc, log_path = 0, None, os.path.join(out_dir, "log.jsonl")
+    if master:
+        os.makedirs(out_dir, exist_ok=True)
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["rng"]["torch"])
         iter_num, acc = ckpt["iter_num"], ckpt.get("passkey_acc")
+        if master and os.path.exists(log_path):
+            with open(log_path) as f:
+                kept = [line for line in f if line.endswith("\n") and json.loads(line)["iter"] < iter_num]
+            with open(log_path, "w") as f:
+                f.writelines(kept)
         if master:
             print(f"resuming from {os.path.join(out_dir, 'ckpt.pt')} at iteration {iter_num}")
-    if master:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(log_path, "a+") as f:
-            f.seek(0)
-            kept = [line for line in f if line.endswith("\n") and json.loads(line)["iter"] < iter_num]
-        with open(log_path, "w") as f:
-            f.writelines(kept)
+    elif master and os.path.exists(log_path):
+        os.remove(log_path)
     if pipe:
         pipe.broadcast_parameters(model)  # every rank holds rank 0's weights, whatever happened before
     if compile:
@@ -292,9 +296,9 @@ def start(model, optimizer, ckpt: dict | None, pipe: Pipeline | None, master: bo
 
 
 def train_step(model, optimizer, train: Method, pipe: Pipeline | None, autocast, enc, it: int,
-               stop: bool) -> tuple[dict, int, bool]:
+               stop: list) -> tuple[dict, int, bool]:
     """One iteration: learning rate, batch, forward + backward, all-reduce (pipeline), clip, AdamW.
-    Returns (the log record, tokens read, whether to stop after this step)."""
+    Returns (the log record, tokens read, whether to stop after this step: a Ctrl-C so far, on any rank)."""
     lr_now = get_lr(it)
     for group in optimizer.param_groups:
         group["lr"] = lr_now * group["lr_mult"]
@@ -304,7 +308,7 @@ def train_step(model, optimizer, train: Method, pipe: Pipeline | None, autocast,
     with autocast:
         loss, parts = train.loss(model, batch)
     loss.backward()  # over the pipeline: the wavefront in reverse, memory gradients sent back (S7)
-    loss, halt = reduce_step(pipe, model, loss, stop)  # a Ctrl-C during the step counts at the next one
+    loss, halt = reduce_step(pipe, model, loss, bool(stop))
     if grad_clip:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
@@ -350,7 +354,7 @@ def main() -> None:
     try:
         with open(log_path, "a") if master else contextlib.nullcontext() as log:
             for it in range(iter_num, max_iters):
-                record, tokens, halt = train_step(model, optimizer, train, pipe, autocast, enc, it, bool(stop))
+                record, tokens, halt = train_step(model, optimizer, train, pipe, autocast, enc, it, stop)
                 n_tok += tokens
                 done = it + 1 == max_iters
                 if (eval_interval and (it + 1) % eval_interval == 0) or done:

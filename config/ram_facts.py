@@ -6,7 +6,7 @@ chunk_size = 0            # RAM's encoder and decoder are plain decoders
 task = "facts"
 segment = 50
 keep_ratio = 0.25
-contrast_weight = 0.1     # as train.py's default (the paper's 1 stalled this tiny model: docs/ram.md)
+contrast_weight = 0.1     # as ram.SETTINGS' default (the paper's 1 stalled this tiny model: docs/ram.md)
 min_len = 256             # four facts + question + answer take 135 tokens; leave room for filler
 max_iters = 5000          # the measured model (docs/ram.md): this file with --max_iters=3000 until step 2,073,
 eval_interval = 500       # then resumed with --max_iters=5000 (the cosine schedule stretched from there on)

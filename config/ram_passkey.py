@@ -6,6 +6,6 @@ chunk_size = 0            # RAM's encoder and decoder are plain decoders
 task = "passkey"
 segment = 50
 keep_ratio = 0.25
-contrast_weight = 0.1     # as train.py's default (the paper's 1 stalled this tiny model: docs/ram.md)
+contrast_weight = 0.1     # as ram.SETTINGS' default (the paper's 1 stalled this tiny model: docs/ram.md)
 max_iters = 1500
 eval_interval = 300

@@ -10,6 +10,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from transformers import AutoModelForCausalLM
 
+from data import get_tokenizer
 from llama import load_llama
 from stream import generate
 from test_llama import hf_model
@@ -187,7 +188,6 @@ def test_sample_names_a_truncated_gguf_in_one_line(tmp_path):
 
 
 def test_a_gguf_tokenizer_that_is_not_byte_level_bpe_is_named(tmp_path):
-    from data import get_tokenizer
     path = write_gguf(tmp_path / "m.gguf", hf_model(), tokenizer="llama")
     with pytest.raises(ValueError, match=r"m\.gguf: tokenizer type 'llama' is not supported"):
         get_tokenizer(path)
@@ -197,7 +197,6 @@ def test_a_gguf_tokenizer_that_is_not_byte_level_bpe_is_named(tmp_path):
 def test_the_gguf_tokenizer_gives_transformers_ids_on_real_english_and_edge_cases():
     from transformers import AutoTokenizer
 
-    from data import get_tokenizer
     path = smollm2_path()
     enc = get_tokenizer(path)
     ref = AutoTokenizer.from_pretrained(str(Path(path).parent), gguf_file=Path(path).name)

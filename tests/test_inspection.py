@@ -4,6 +4,7 @@ import torch
 
 from conftest import tiny_model
 from inspection import GROUPS, attention_weights, record
+from memory import TemporaryMemory
 
 
 def tokens(n, seed=1):
@@ -80,7 +81,6 @@ def test_fifo_sources_follow_the_queue():
 
 
 def test_fifo_sources_are_read_off_the_queue_not_assumed(monkeypatch):
-    from memory import TemporaryMemory
 
     def keep_the_oldest(self, compressed, fifo):  # a broken FIFO: drops the new slots once full
         return torch.cat([fifo, self.adapter(self.norm(compressed))], 1)[:, :self.budget]

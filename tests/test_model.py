@@ -4,8 +4,9 @@ import math
 import pytest
 import torch
 
+from baselines import sliding_window_attention
 from conftest import tiny_config, tiny_model
-from model import Transformer, chunk_layout
+from model import Transformer, _bool_mask, chunk_layout
 from stream import generate, new_stream, stream
 
 
@@ -252,7 +253,6 @@ def test_plain_decoder_rejects_a_sequence_longer_than_block_size():
 def test_cpu_bool_mask_and_cudas_causal_bias_mean_the_same_lower_right_causal_attention():
     from torch.nn.attention.bias import causal_lower_right
 
-    from model import _bool_mask
     q, k, v = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 12, 8), torch.randn(1, 2, 12, 8)  # 7 keys before
     bias = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(5, 12))
     mask = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=_bool_mask(5, 12, q.device))
@@ -271,7 +271,6 @@ def band_attention(q, k, v, window):
 
 @pytest.mark.parametrize("T,S", [(600, 600), (300, 700), (1, 50)])  # whole sequence, after a cache, decoding
 def test_blockwise_sliding_window_attention_equals_the_dense_band_mask(T, S):
-    from baselines import sliding_window_attention
     torch.manual_seed(0)
     q, k, v = torch.randn(1, 2, T, 8), torch.randn(1, 2, S, 8), torch.randn(1, 2, S, 8)
     torch.testing.assert_close(sliding_window_attention(q, k, v, 48, block=256), band_attention(q, k, v, 48))

@@ -1,4 +1,5 @@
-"""pipeline.py (S7) and pipeline_sim.py: P gloo processes give the loss and gradients of one process; failures stop every rank."""
+"""pipeline.py (S7): P gloo processes give the loss and gradients of one process; failures stop every rank;
+pipeline_sim.py's simulator."""
 import json
 import os
 import signal

@@ -10,12 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from data import get_tokenizer, make_facts, sample_batch
-from model import ModelConfig
+import eval_passkey
 import stream as streaming
 from checkpoint import load_model
+from data import get_tokenizer, make_facts, sample_batch
 from eval_passkey import passkey_cell
-from ram import RAM, RAMConfig, budget, load_ram, info_nce, n_keep, positives, reading_order, segments, select, skim_weights
+from model import ModelConfig
+from ram import (RAM, RAMConfig, budget, info_nce, load_ram, n_keep, positives, reading_order, segments, select,
+                 skim_weights)
 
 ROOT = Path(__file__).resolve().parents[1]
 ENC = get_tokenizer("bytes")
@@ -314,8 +316,12 @@ def test_truncate_baseline_trains_and_reads_only_the_budget(tmp_path, monkeypatc
         "--max_len=300", "--max_iters=2", "--eval_interval=0", f"--out_dir={tmp_path}")
     model, _ = load_model(str(tmp_path / "ckpt.pt"))
     seen = []
-    monkeypatch.setattr(streaming, "stream", lambda m, idx, state, f=streaming.stream: (seen.append(idx.size(1)),
-                                                                                      f(m, idx, state))[1])
+    def counting(m, idx, state, f=streaming.stream):
+        seen.append(idx.size(1))
+        return f(m, idx, state)
+
+    monkeypatch.setattr(streaming, "stream", counting)  # the calls inside generate
+    monkeypatch.setattr(eval_passkey, "stream", counting)  # and eval_passkey's own, for long prompts
     passkey_cell(model, ENC, 300, 0.5, 1, 0, task="facts", method="truncate", ram=RAMConfig(keep_ratio=0.25))
     s = sample_batch(ENC, 1, 300, 0, task="facts")[0]
     n = s.n_context

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import eval_passkey
+import train
 from checkpoint import load_model
 from conftest import tiny_model
 from data import get_tokenizer, make_sample
@@ -71,6 +72,18 @@ def test_a_run_killed_after_a_checkpoint_resumes_with_the_same_losses(tmp_path):
     start = int(re.search(r"resuming from .* at iteration (\d+)", out).group(1))
     assert 10 <= start <= n_logged
     assert losses(killed) == losses(tmp_path / "whole")
+
+
+def test_ctrl_c_finishes_the_step_and_leaves_a_checkpoint_of_every_logged_step(tmp_path):
+    proc = subprocess.Popen(train_cmd(tmp_path, "--max_iters=100000", "--eval_interval=0", "--ckpt_interval=0"),
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log, deadline = tmp_path / "log.jsonl", time.time() + 120
+    while (not log.exists() or len(log.read_text().splitlines()) < 3) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "interrupted: checkpoint at iteration" in out, err[-2000:]
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["iter_num"] == len(log.read_text().splitlines()) >= 3
 
 
 def test_resume_refuses_to_change_the_model_and_keeps_the_log_in_place(tmp_path):
@@ -171,7 +184,6 @@ def test_a_trial_counts_only_when_every_answer_token_is_right(monkeypatch):
 
 
 def test_pipeline_ranks_loss_shares_add_up_to_the_passkey_loss():
-    import train
     torch.manual_seed(0)
     logits, targets = torch.randn(3, 40, 11), torch.randint(11, (3, 40))
     answer = torch.zeros(3, 40, dtype=torch.bool)
