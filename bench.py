@@ -142,6 +142,25 @@ def run_train(model: Transformer, optimizer, ctx: int, dev: str, gen: torch.Gene
     optimizer.zero_grad(set_to_none=True)
 
 
+def build_net(cfg: ModelConfig, method: str, dev: str, wdtype: torch.dtype, longest_full: int) -> Transformer:
+    """The model one method measures, from the same seeded weights in every process: CoMeT (inference in the
+    benchmark dtype; training in fp32 weights + autocast), or its base without memories (full, ceiling)."""
+    torch.manual_seed(seed)  # every process builds the same weights
+    model = Transformer(cfg, verbose=False)
+    if method in ("full", "ceiling"):  # the same base weights without memories
+        ctx_max = max(int(x) for x in lengths.split(","))
+        longest = min(longest_full, ctx_max) if method == "full" else cfg.chunk_size  # the RoPE table it needs
+        net = Transformer(replace(cfg, chunk_size=0, block_size=max(longest, cfg.chunk_size)), verbose=False)
+        net.load_state_dict({k: v for k, v in model.state_dict().items() if not model.is_memory_param(k)})
+        net = net.to(dev, wdtype)
+    else:
+        net = model.to(dev) if method == "train" else model.to(dev, wdtype).eval()
+    if compile:
+        for block in net.layers:
+            block.compile(dynamic=True)
+    return net
+
+
 def measure(settings: dict, method: str, results) -> None:
     """Every context of one method, in a fresh process: its peak memory owes nothing to another method."""
     globals().update(settings)
@@ -154,22 +173,9 @@ def measure(settings: dict, method: str, results) -> None:
     def put(record: dict) -> None:  # every line says the dtype this process measured in
         results.put({"dtype": str(wdtype).removeprefix("torch."), **record})
 
-    torch.manual_seed(seed)  # every process builds the same weights
     cfg = ModelConfig(**SHAPES[shape])
-    model = Transformer(cfg, verbose=False)
     longest_full = full_max or (10**12 if cuda else 65536)
-    if method in ("full", "ceiling"):  # the same base weights without memories
-        ctx_max = max(int(x) for x in lengths.split(","))
-        longest = min(longest_full, ctx_max) if method == "full" else cfg.chunk_size  # the RoPE table it needs
-        net = Transformer(replace(cfg, chunk_size=0, block_size=max(longest, cfg.chunk_size)), verbose=False)
-        net.load_state_dict({k: v for k, v in model.state_dict().items() if not model.is_memory_param(k)})
-        net = net.to(dev, wdtype)
-        del model
-    else:  # inference in the benchmark dtype; training in fp32 weights (+ bf16 autocast)
-        net = model.to(dev) if method == "train" else model.to(dev, wdtype).eval()
-    if compile:
-        for block in net.layers:
-            block.compile(dynamic=True)
+    net = build_net(cfg, method, dev, wdtype, longest_full)
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=cuda) if method == "train" else None
     autocast = torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=use_bf16)
     name = torch.cuda.get_device_name() if cuda else ""
@@ -195,7 +201,7 @@ def measure(settings: dict, method: str, results) -> None:
     for i, ctx in enumerate([train_len] if method == "train" else [int(x) for x in lengths.split(",")]):
         if stopped or (method == "full" and ctx > longest_full):
             put(dict(method=method, ctx=ctx, status="skipped",
-                             note=stopped or f"beyond full_max={longest_full} (quadratic time)"))
+                     note=stopped or f"beyond full_max={longest_full} (quadratic time)"))
             continue
         gen = torch.Generator().manual_seed(seed)
         try:

@@ -22,11 +22,6 @@ from configurator import check_types
 from memory import LayerMemory, MemoryState
 
 
-POSITIVE = ("vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "ffn_hidden", "rope_theta", "rope_factor",
-            "rope_low_freq", "rope_high_freq", "rope_original_context", "norm_eps", "block_size", "stride",
-            "adapter_rank", "init_std")  # ModelConfig fields that must be > 0 (or None, where allowed)
-
-
 @dataclass
 class ModelConfig:
     vocab_size: int = 256          # real tokens (compression/readout tokens are extra embeddings, S2)
@@ -55,26 +50,34 @@ class ModelConfig:
 
     def __post_init__(self):
         check_types(self)
-        v = vars(self)
-        bad = [f"{k}={v[k]} must be positive" for k in POSITIVE if v[k] is not None and v[k] <= 0]
-        bad += [f"{k}={v[k]} must be >= 0 (0 turns it off)" for k in ("chunk_size", "n_global", "temp_budget", "window")
-                if v[k] < 0]
-        if not bad:  # derived defaults, then the rules between fields
-            self.n_kv_head = self.n_kv_head or self.n_head
-            self.ffn_hidden = self.ffn_hidden or 32 * math.ceil(8 * self.n_embd / 3 / 32)
-            self.init_std = self.init_std or math.sqrt(2 / (5 * self.n_embd))
-            bad = [text for broken, text in (
-                (self.n_embd % self.n_head, f"n_head={self.n_head} must divide n_embd={self.n_embd}"),
-                (self.n_head % self.n_kv_head, f"n_kv_head={self.n_kv_head} must divide n_head={self.n_head}"),
-                (self.head_dim % 2, f"head size n_embd/n_head={self.head_dim} must be even for RoPE"),
-                (self.rope_factor != 1 and self.rope_high_freq <= self.rope_low_freq,
-                 f"rope_high_freq={self.rope_high_freq} must exceed rope_low_freq={self.rope_low_freq}"),
-                (self.chunk_size and self.window, f"window={self.window} is a plain-decoder baseline: it needs "
-                                                  "chunk_size=0"),
-                (self.chunk_size and self.stride > self.chunk_size, f"stride={self.stride} must be <= chunk_size="
-                 f"{self.chunk_size} (one compression token per `stride` tokens of a chunk)")) if broken]
-        if bad:
-            raise ValueError(f"ModelConfig: {bad[0]}")
+        for name in ("vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "ffn_hidden", "rope_theta",
+                     "rope_factor", "rope_low_freq", "rope_high_freq", "rope_original_context", "norm_eps",
+                     "block_size", "stride", "adapter_rank", "init_std"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"ModelConfig: {name}={getattr(self, name)} must be positive")
+        for name in ("chunk_size", "n_global", "temp_budget", "window"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"ModelConfig: {name}={getattr(self, name)} must be >= 0 (0 turns it off)")
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.ffn_hidden is None:
+            self.ffn_hidden = 32 * math.ceil(8 * self.n_embd / 3 / 32)
+        if self.init_std is None:
+            self.init_std = math.sqrt(2 / (5 * self.n_embd))
+        if self.n_embd % self.n_head:
+            raise ValueError(f"ModelConfig: n_head={self.n_head} must divide n_embd={self.n_embd}")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"ModelConfig: n_kv_head={self.n_kv_head} must divide n_head={self.n_head}")
+        if self.head_dim % 2:
+            raise ValueError(f"ModelConfig: head size n_embd/n_head={self.head_dim} must be even for RoPE")
+        if self.rope_factor != 1 and self.rope_high_freq <= self.rope_low_freq:
+            raise ValueError(f"ModelConfig: rope_high_freq={self.rope_high_freq} must exceed "
+                             f"rope_low_freq={self.rope_low_freq}")
+        if self.chunk_size and self.window:
+            raise ValueError(f"ModelConfig: window={self.window} is a plain-decoder baseline: it needs chunk_size=0")
+        if self.chunk_size and self.stride > self.chunk_size:
+            raise ValueError(f"ModelConfig: stride={self.stride} must be <= chunk_size={self.chunk_size} "
+                             "(one compression token per `stride` tokens of a chunk)")
 
     @property
     def head_dim(self) -> int:
@@ -208,8 +211,8 @@ class Block(nn.Module):
         super().__init__()
         self.attention_norm = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
         # the sliding-window baseline (window > 0) is this attention with another kernel (baselines.py)
-        window = functools.partial(sliding_window_attention, window=cfg.window) if cfg.window else None
-        self.attention = Attention(cfg, window)
+        kernel = functools.partial(sliding_window_attention, window=cfg.window) if cfg.window else None
+        self.attention = Attention(cfg, kernel)
         self.ffn_norm = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
@@ -243,7 +246,10 @@ class ChunkLayout:
     readout: Tensor      # (n_r,) rows of the readout tokens
     closed: bool         # a closed chunk updates the memories; an open one (still generating) does not
 
-    length = property(lambda self: self.order.numel())  # the chunk's own rows (prefix excluded)
+    @property
+    def length(self) -> int:
+        """The chunk's own rows (prefix excluded)."""
+        return self.order.numel()
 
     @property
     def positions(self) -> range:
@@ -320,7 +326,9 @@ class Transformer(nn.Module):
         NOTE: GPT-2's fixed 0.02 is too small for a tiny model: on the passkey task it stayed at chance
         for 1,400 steps where sqrt(2/(5d)) (0.056 at d=128) started copying within 150."""
         std = self.config.init_std
-        for name, p in ((n, p) for n, p in self.named_parameters() if names is None or n in names):
+        for name, p in self.named_parameters():
+            if names is not None and name not in names:
+                continue
             if name.endswith("norm.weight"):
                 nn.init.ones_(p)
             elif name.endswith("adapter.up.weight"):

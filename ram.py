@@ -258,13 +258,13 @@ def config_of(settings: dict) -> RAMConfig:
 
 
 def check_settings(config: dict, question_len: int) -> None:
-    """train.py's settings for method=ram|truncate: one clear error now instead of deep inside the run."""
+    """train.py's settings for method=ram|truncate: one clear error now instead of deep inside the run
+    (RAMConfig's own values are checked by train.check_settings for every method, `config_of`)."""
     method = config["method"]
     if config["chunk_size"]:
         raise ValueError(f"method={method} reads with a plain decoder: set chunk_size=0")
     if config["pipeline"] or config["init_from"] not in ("scratch", "resume"):
         raise ValueError(f"method={method} trains from scratch in one process (no pipeline, no Llama init_from)")
-    config_of(config)
     if method == "ram" and config["segment"] + question_len > max(config["max_len"], 1024):
         raise ValueError(f"segment={config['segment']} + the question's {question_len} tokens exceed the decoder's "
                          f"{max(config['max_len'], 1024)} positions: use a shorter segment")

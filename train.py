@@ -223,7 +223,7 @@ def check_settings(config: dict, enc) -> None:
         (c["method"] not in ramlib.METHODS, f"method={c['method']!r} must be comet, ram or truncate")) if bad]
     if problems:
         raise ValueError(problems[0])
-    pick_device(c["device"]), pick_dtype(c["dtype"], "cpu")  # auto, cpu, cuda; auto, float32, bfloat16
+    pick_dtype(c["dtype"], "cpu")  # auto, float32 or bfloat16, before torchrun joins (the device: main)
     (sample,) = sample_batch(enc, 1, c["min_len"], 0, c["digits"], task=c["task"])  # is min_len too short?
     ramlib.config_of(c)  # RAM's settings (segment, ...): the evaluation reads them whatever the method
     if c["method"] != "comet":
@@ -329,18 +329,19 @@ def main() -> None:
     try:
         enc = get_tokenizer(tokenizer)
         check_settings(config, enc)
+        dev = pick_device(device)
         # pipeline: this process's place among the torchrun ranks; the shortest sequence must split over them
-        pipe = Pipeline.from_env(pick_device(device), pipeline_schedule, pipeline_timeout,
-                                 math.ceil((min_len - 1) / chunk_size), threads) if pipeline else None
-        dev = pipe.device if pipe else pick_device(device)
+        pipe = Pipeline.from_env(dev, pipeline_schedule, pipeline_timeout, math.ceil((min_len - 1) / chunk_size),
+                                 threads) if pipeline else None
+        dev = pipe.device if pipe else dev  # cuda:N on a pipeline rank
+        master = pipe is None or pipe.rank == 0  # logs, prints and writes checkpoints
         precision = pick_dtype(dtype, dev)  # bf16: autocast, the weights stay fp32
         if threads:
             torch.set_num_threads(threads)
         torch.manual_seed(seed)
-        model = build_model(config, enc, ckpt, dev, verbose=pipe is None or pipe.rank == 0)
+        model = build_model(config, enc, ckpt, dev, verbose=master)
     except (OSError, TypeError, ValueError) as e:
         raise SystemExit(f"error: {e}")
-    master = pipe is None or pipe.rank == 0  # logs, prints and writes checkpoints
     autocast = torch.autocast(torch.device(dev).type, dtype=torch.bfloat16, enabled=precision == torch.bfloat16)
     optimizer = make_optimizer(model, fused=torch.device(dev).type == "cuda")
     train = pick_method(pipe, dev)
