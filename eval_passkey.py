@@ -4,6 +4,9 @@
         --json out/passkey.json
     python eval_passkey.py --ckpt out/ram/ckpt.pt --method ram --keep_ratio 0.125   # RAM (S9) at 8x
     python eval_passkey.py --inspect --lengths 1024 --depths 0.3 --png docs/inspect  # inside the memories
+    python eval_passkey.py --ckpt docs/smollm2/memories.safetensors --dtype bfloat16   # memories on SmolLM2
+    python eval_passkey.py --init_from model.gguf --chunk_size 0 --filler out/data/paul_graham_essays.txt
+    python eval_passkey.py --ckpt out/smollm2/ckpt.pt --perplexity --lengths 512,2048   # the language model
 
 Each trial is a fresh sequence of the task (passkey, or facts: several facts, one asked); the model
 reads the context by its method, then decodes the answer greedily. A trial counts when every answer
@@ -16,23 +19,35 @@ from __future__ import annotations
 
 import dataclasses
 import json as jsonlib
+import math
 import os
 import random
 import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 import ram as ramlib
 from configurator import configure_or_exit, settings_of
-from data import TASKS, by_shape, make_sample
+from data import TASKS, by_shape, filler_tokens, make_sample
 from inspection import ascii_view, record, save_figures
 from sample import check_fits, open_for_inference, peak_memory_mib, set_block_size
 from stream import generate, new_stream, stream
 
 # -----------------------------------------------------------------------------
-ckpt = "out/ckpt.pt"            # checkpoint written by train.py
+ckpt = "out/ckpt.pt"            # checkpoint written by train.py, or trained memories (memories.safetensors)
+init_from = ""                  # instead: a Llama directory or .gguf file, as pretrained (chunk_size=0) or with
+chunk_size = 0                  #   untrained memories (chunk_size > 0; n_global = temp_budget = 0: the
+n_global = 16                   #   chunk-local baseline, every chunk alone); with a memories file: its base
+temp_budget = 32
+stride = 8
+tokenizer = "auto"              # with init_from: auto = its own
+dtype = "auto"                  # auto (fp32 on CPU) | float32 | bfloat16 (about 2x faster on a CPU with AMX)
+filler = "auto"                 # auto (as trained) | grass | a text file; its held-out 20% is read
+perplexity = False              # instead: perplexity of held-out filler's last ppl_tail tokens at each length
+ppl_tail = 256
 method = "auto"                 # auto (as trained) | comet | ram | truncate
 task = "auto"                   # auto (as trained) | passkey | facts
 keep_ratio = 0.0                # ram/truncate: share of the context read closely; 0 = as trained
@@ -53,11 +68,12 @@ threads = 0                     # torch CPU threads; 0 = torch's default
 @torch.no_grad()
 def passkey_cell(model, enc, length: int, depth: float, trials: int, seed: int, digits: int = 5,
                  piece: int = 65536, task: str = "passkey", method: str = "comet",
-                 ram: ramlib.RAMConfig | None = None) -> int:
+                 ram: ramlib.RAMConfig | None = None, filler: np.ndarray | None = None) -> int:
     """Number of `trials` sequences of `length` tokens whose answer the model gives exactly.
-    ram: RAM's settings (segment, keep_ratio) for method ram (its keep_ratio) and truncate (the budget)."""
+    ram: RAM's settings (segment, keep_ratio) for method ram (its keep_ratio) and truncate (the budget).
+    filler: the filler's token ids (data.filler_tokens; None: S8's repeated sentences)."""
     rng = random.Random(seed)
-    samples = [make_sample(task, enc, length, depth, rng, digits) for _ in range(trials)]
+    samples = [make_sample(task, enc, length, depth, rng, digits, filler) for _ in range(trials)]
     device = next(model.parameters()).device
     correct = 0
     for (n_context, _, n_answer), group in by_shape(samples).items():  # BPE may vary these token counts
@@ -81,6 +97,22 @@ def passkey_cell(model, enc, length: int, depth: float, trials: int, seed: int, 
                 out, state = generate(model, idx, n_answer, temperature=0, state=state)
         correct += int((out == answers).all(1).sum())
     return correct
+
+
+@torch.no_grad()
+def held_out_perplexity(model, ids: np.ndarray, length: int, tail: int, windows: int) -> float:
+    """exp(mean NLL) of the last `tail` tokens of `windows` evenly spaced windows of `length` tokens of `ids`,
+    each read whole by the model's forward (CoMeT: chunk by chunk through its memories; a plain decoder:
+    full attention), so the context before the tail is what differs between models."""
+    if not 0 < tail < length <= len(ids):
+        raise ValueError(f"perplexity needs 0 < ppl_tail={tail} < length={length} <= {len(ids):,} held-out tokens")
+    device = next(model.parameters()).device
+    nll = []
+    for a in np.linspace(0, len(ids) - length, windows).astype(int):
+        x = torch.from_numpy(ids[a:a + length]).to(device)[None]  # (1, length)
+        logits, _ = model(x)
+        nll.append(F.cross_entropy(logits[0, -tail - 1:-1].float(), x[0, -tail:]))
+    return math.exp(torch.stack(nll).mean().item())
 
 
 def ascii_heatmap(grid: np.ndarray, lens: list[int], deps: list[float], trials: int) -> str:
@@ -161,6 +193,29 @@ def inspect_one(model, enc, task: str, length: int, depth: float, seed: int, dig
         print("\n".join(f"wrote {p}" for p in paths) or "no PNG: matplotlib is not installed")
 
 
+def write_json(path: str, result: dict) -> None:
+    """Write `result` to path atomically (a temporary file, then rename)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        jsonlib.dump(result, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def run_perplexity(model, held: np.ndarray, lens: list[int], cfg: dict) -> None:
+    """Print (and write to --json) the perplexity of the held-out filler's last ppl_tail tokens at each length."""
+    rows = []
+    for n in tqdm(lens, unit="length"):
+        t0 = time.perf_counter()
+        rows.append(dict(length=n, tail=cfg["ppl_tail"], windows=cfg["trials"],
+                         perplexity=held_out_perplexity(model, held, n, cfg["ppl_tail"], cfg["trials"])))
+        tqdm.write(f"length {n:>7,}: perplexity of the last {cfg['ppl_tail']} tokens {rows[-1]['perplexity']:8.3f} "
+                   f"({cfg['trials']} windows, {n * cfg['trials'] / (time.perf_counter() - t0):,.0f} tok/s)")
+    if cfg["json"]:
+        write_json(cfg["json"], dict(ckpt=cfg["ckpt"], init_from=cfg["init_from"], chunk_size=cfg["chunk_size"],
+                                     dtype=cfg["dtype"], perplexity=rows))
+        print(f"wrote {cfg['json']}")
+
+
 def main() -> None:
     cfg = configure_or_exit(settings_of(globals()))
     try:
@@ -181,6 +236,11 @@ def main() -> None:
         for d in deps:  # bad depth, too short
             make_sample(what, enc, min(lens), d, random.Random(0), train.get("digits", 5))
         check_fits(model, max(lens), decoder_rows(how, ram, enc, what, max(lens), train.get("digits", 5)))
+        held = filler_tokens(enc, train.get("filler", "grass") if cfg["filler"] == "auto" else cfg["filler"], "heldout")
+        if cfg["perplexity"]:
+            if held is None:
+                raise ValueError("--perplexity reads held-out real text: give --filler=a text file")
+            return run_perplexity(model, held, lens, cfg)
         if cfg["inspect"]:
             if how != "comet" or not model.config.comet:
                 raise ValueError(f"--inspect looks inside CoMeT's memories; {cfg['ckpt']} has none (it is "
@@ -199,7 +259,7 @@ def main() -> None:
         t0 = time.perf_counter()
         for j, d in enumerate(deps):
             c = passkey_cell(model, enc, n, d, cfg["trials"], cfg["seed"] + 1000 * i + j, digits, cfg["piece"],
-                             what, how, ram)
+                             what, how, ram, held)
             grid[i, j] = 100 * c / cfg["trials"]
             cells.append(dict(length=n, depth=d, correct=c, trials=cfg["trials"], accuracy=grid[i, j] / 100))
             bar.update(n * cfg["trials"])
@@ -207,14 +267,14 @@ def main() -> None:
         peaks[n] = peak_memory_mib(dev)
         bar.write(f"length {n:>9,}: mean accuracy {grid[i].mean():5.1f}%  {tok_s:9,.0f} tok/s  "
                   f"peak memory so far {peaks[n]:7.1f} MiB")
+        if cfg["json"]:  # after every length: a long run killed midway keeps what it measured
+            write_json(cfg["json"], dict(ckpt=cfg["ckpt"], init_from=cfg["init_from"], device=dev, dtype=cfg["dtype"],
+                                         task=what, method=how, keep_ratio=ram.keep_ratio if how in ("ram", "truncate")
+                                         else None, cells=cells, tok_s=tok_s,
+                                         peak_memory_mib={str(k): v for k, v in peaks.items()}))
     bar.close()
     print(ascii_heatmap(grid, lens, deps, cfg["trials"]))
     if cfg["json"]:
-        os.makedirs(os.path.dirname(os.path.abspath(cfg["json"])), exist_ok=True)
-        with open(cfg["json"], "w") as f:
-            jsonlib.dump(dict(ckpt=cfg["ckpt"], device=dev, task=what, method=how,
-                              keep_ratio=ram.keep_ratio if how in ("ram", "truncate") else None, cells=cells,
-                              peak_memory_mib={str(k): v for k, v in peaks.items()}), f, indent=1)
         print(f"wrote {cfg['json']}")
     png_path = cfg["png"] or (os.path.splitext(cfg["json"])[0] + ".png" if cfg["json"] else "")
     if png_path:

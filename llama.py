@@ -14,12 +14,15 @@ large model never exists twice in memory (and never as an fp32 copy when loading
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import math
 import os
+import tempfile
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from checkpoint import torch_load
@@ -348,3 +351,91 @@ def freeze_base(model: Transformer) -> list[str]:
         if p.requires_grad:
             trainable.append(name)
     return trainable
+
+
+# --- CoMeT's parameters alone, on top of a base model they name ---------------------------------------
+
+MEMORIES_FORMAT = "nanocomet-memories/1"
+MEMORY_ARGS = ("chunk_size", "n_global", "stride", "temp_budget", "adapter_rank", "global_gate")
+
+
+def fingerprint(path: str) -> str:
+    """A short identity of a base checkpoint (a .gguf file or a directory): sha256 over each weight file's
+    name, size and first and last MiB. Cheap for an 8B model, and different for different weights."""
+    files = [path] if os.path.isfile(path) else sorted(
+        f for ext in ("*.gguf", "*.safetensors", "*.pth", "*.json", "*.model") for f in glob.glob(os.path.join(path, ext)))
+    if not files:
+        raise FileNotFoundError(f"no base model at {path}")
+    h = hashlib.sha256()
+    for f in files:
+        size = os.path.getsize(f)
+        h.update(f"{os.path.basename(f)}:{size}".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(2**20))
+            fh.seek(max(0, size - 2**20))
+            h.update(fh.read(2**20))
+    return h.hexdigest()[:16]
+
+
+def memory_state(model: Transformer) -> dict[str, torch.Tensor]:
+    """What CoMeT adds to a base model (S5), by name: the only tensors a frozen-base run changes."""
+    return {n: p.detach() for n, p in model.named_parameters() if model.is_memory_param(n)}
+
+
+def base_header(path: str, model: Transformer) -> dict:
+    """What memories trained on the base model at `path` record of it: name, path, fingerprint, and the
+    memory settings that shape them."""
+    return dict(base=os.path.basename(os.path.normpath(path)), base_path=path, base_fingerprint=fingerprint(path),
+                memory_args={k: getattr(model.config, k) for k in MEMORY_ARGS})
+
+
+def save_memories(model: Transformer, path: str, header: dict, settings: dict) -> None:
+    """CoMeT's parameters as safetensors (a few MB) with `base_header` and the training settings in the
+    file's header; written atomically."""
+    meta = dict(format=MEMORIES_FORMAT, base=header["base"], base_path=header["base_path"],
+                base_fingerprint=header["base_fingerprint"], settings=json.dumps(settings),
+                memory_args=json.dumps(header["memory_args"]))
+    tensors = {n: t.float().contiguous().cpu() for n, t in memory_state(model).items()}
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def read_memories(path: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, header) of a `save_memories` file; one clear error for anything else. Never runs code."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no memories file at {path}")
+    try:
+        with safe_open(path, "pt") as f:
+            meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"cannot read {path} (corrupt or truncated?): {e}") from None
+    if meta.get("format") != MEMORIES_FORMAT:
+        raise ValueError(f"{path} is not a nanocomet memories file (format {meta.get('format')!r})")
+    return tensors, {**meta, "settings": json.loads(meta["settings"]), "memory_args": json.loads(meta["memory_args"])}
+
+
+def attach_memories(base: str, tensors: dict, header: dict, source: str, dtype: torch.dtype = torch.float32,
+                    device: str = "cpu") -> Transformer:
+    """The base model at `base` with the memories `tensors` (from `read_memories` or a frozen-base training
+    checkpoint) on top. A different base model is refused: the memories were trained for one."""
+    if not os.path.exists(base):
+        raise FileNotFoundError(f"{source} needs its base model {header['base']} (fingerprint "
+                                f"{header['base_fingerprint']}), not found at {base}: pass --init_from=PATH")
+    if fingerprint(base) != header["base_fingerprint"]:
+        raise ValueError(f"{source} was trained on {header['base']} (fingerprint {header['base_fingerprint']}), "
+                         f"not on {base} (fingerprint {fingerprint(base)}): refusing to load it onto another model")
+    model = load_llama(base, dtype, device, **header["memory_args"])
+    expected = memory_state(model)
+    bad = sorted(set(expected) ^ set(tensors)) or [n for n in expected if expected[n].shape != tensors[n].shape]
+    if bad:
+        raise ValueError(f"{source}: memory tensor {bad[0]} does not match the memory settings it records")
+    with torch.no_grad():
+        for name, t in tensors.items():
+            model.get_parameter(name).copy_(t)
+    return model

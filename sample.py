@@ -19,15 +19,18 @@ from tqdm import tqdm
 from checkpoint import load_model, read_checkpoint
 from configurator import configure_or_exit, pick_device, pick_dtype, settings_of
 from data import bos_id, get_tokenizer
-from llama import load_llama
+from llama import attach_memories, load_llama, read_memories
 from model import Transformer
 from ram import load_ram
 from stream import generate, new_stream, stream
 
 # -----------------------------------------------------------------------------
-ckpt = "out/ckpt.pt"      # checkpoint written by train.py
+ckpt = "out/ckpt.pt"      # checkpoint written by train.py, or trained memories (memories.safetensors) on their base
 init_from = ""            # instead: a Llama checkpoint directory (Hugging Face or Meta layout) or .gguf file
 chunk_size = 0            # with init_from: 0 = the pretrained decoder as it is; > 0 = CoMeT, memories untrained
+n_global = 16             # with init_from and chunk_size > 0: the untrained memories' sizes (0 turns one off;
+temp_budget = 32          #   both 0: every chunk read alone, the chunk-local baseline)
+stride = 8
 tokenizer = "auto"        # with init_from: auto = its own (tokenizer.model, or the GGUF's); or bytes, a file
 dtype = "auto"            # with init_from: auto (bf16 on a CUDA device that has it, else fp32) | float32 | bfloat16
 prompt = ("The grass is green. The sky is blue. The pass key is 12345. Remember it. What is the pass key? "
@@ -45,20 +48,39 @@ threads = 0               # torch CPU threads; 0 = torch's default
 
 def open_for_inference(cfg: dict):
     """What eval_passkey.py and sample.py share: device, threads, the model and its tokenizer. The model is
-    cfg["ckpt"] (trained here: CoMeT, a plain decoder or RAM), or a Llama checkpoint directory or GGUF file
-    cfg["init_from"] (llama.py) with new, untrained memories if cfg["chunk_size"] > 0. Returns (model,
-    tokenizer, training settings, device); one clear error (ValueError/OSError) else."""
+    trained memories (a memories.safetensors cfg["ckpt"]) on their base model (cfg["init_from"], else the
+    path they record); or cfg["ckpt"] (trained here: CoMeT, a plain decoder, RAM, or memories on a frozen
+    base); or a Llama checkpoint directory or GGUF file cfg["init_from"] (llama.py) with new, untrained
+    memories if cfg["chunk_size"] > 0. Returns (model, tokenizer, training settings, device); one clear
+    error (ValueError/OSError) else."""
     dev = pick_device(cfg["device"])
+    dtype = pick_dtype(cfg.get("dtype", "auto"), dev)
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
+    if cfg["ckpt"].endswith(".safetensors"):
+        tensors, header = read_memories(cfg["ckpt"])
+        base = cfg.get("init_from") or header["base_path"]
+        return attach_memories(base, tensors, header, cfg["ckpt"], dtype, dev), \
+            base_tokenizer(base, header, header["settings"]), header["settings"], dev
     if cfg.get("init_from"):
-        model = load_llama(cfg["init_from"], pick_dtype(cfg["dtype"], dev), dev, chunk_size=cfg["chunk_size"])
+        sizes = {k: cfg[k] for k in ("chunk_size", "n_global", "temp_budget", "stride") if k in cfg}
+        model = load_llama(cfg["init_from"], dtype, dev, **sizes)
         name = cfg["init_from"] if cfg["tokenizer"] == "auto" else cfg["tokenizer"]
         return model, get_tokenizer(name), {}, dev
     ckpt = read_checkpoint(cfg["ckpt"])
-    model, _ = (load_ram if "ram_args" in ckpt else load_model)(cfg["ckpt"], dev, ckpt)
     train = ckpt.get("config", {})
+    if "base" in ckpt:  # memories trained on a frozen base (train.py --freeze_base): the base is read again
+        model = attach_memories(ckpt["base"]["base_path"], ckpt["model"], ckpt["base"], cfg["ckpt"], dtype, dev)
+        return model, base_tokenizer(ckpt["base"]["base_path"], ckpt["base"], train), train, dev
+    model, _ = (load_ram if "ram_args" in ckpt else load_model)(cfg["ckpt"], dev, ckpt)
     return model, get_tokenizer(train.get("tokenizer", "bytes")), train, dev
+
+
+def base_tokenizer(base: str, header: dict, train: dict):
+    """The tokenizer memories were trained with: the base model's own (found at `base`, wherever it is now),
+    or the one the training settings name instead (e.g. bytes)."""
+    name = train.get("tokenizer", "auto")
+    return get_tokenizer(base if name in ("auto", header["base_path"]) else name)
 
 
 def set_block_size(model, block_size: int) -> None:

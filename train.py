@@ -30,7 +30,7 @@ import llama
 import ram as ramlib
 from checkpoint import load_model, read_checkpoint, save_checkpoint
 from configurator import configure_or_exit, pick_device, pick_dtype, settings_of
-from data import TASKS, get_tokenizer, sample_batch, stack
+from data import TASKS, filler_tokens, get_tokenizer, sample_batch, stack
 from eval_passkey import passkey_cell
 from model import Block, ModelConfig, Transformer
 from pipeline import SCHEDULES, Pipeline, PipelineError, reduce_step
@@ -69,6 +69,7 @@ window = 0                # chunk_size=0 only: tokens see the last `window` posi
 method = "comet"          # comet (and its baselines) | ram (S9) | truncate (sees only RAM's budget); ram.SETTINGS
 # data (S8)
 task = "passkey"          # passkey (S8) | facts (several facts hidden, the question asks for one)
+filler = "grass"          # grass (S8's repeated sentences) | a text file: real English, 80% train / 20% held out
 tokenizer = "auto"        # auto (bytes; a Llama's own) | bytes | gpt2 (if cached) | a .tiktoken file | tokenizer.model
 digits = 5                # passkey length
 min_len = 128             # shortest training sequence, tokens
@@ -108,7 +109,8 @@ def get_samples(enc, it: int) -> tuple[list, int]:
     rng = random.Random(seed * 1_000_003 + it)
     ramp = min(1.0, it / (curriculum * max_iters)) if curriculum else 1.0
     length = rng.randint(min_len, round(min_len + ramp * (max_len - min_len)))
-    return sample_batch(enc, batch_size, length, rng.randrange(2**62), digits, task=task), length
+    return sample_batch(enc, batch_size, length, rng.randrange(2**62), digits, task=task,
+                        filler=filler_tokens(enc, filler, "train")), length
 
 
 def lm_batch(samples: list, device: str, keep: int = 0) -> tuple[tuple, int]:
@@ -173,7 +175,8 @@ def evaluate(model, enc) -> float:
     model.eval()
     per_depth = max(1, eval_trials // 5)
     correct = sum(passkey_cell(model, enc, max_len, d, per_depth, 10**9 + 10 * seed + k, digits, task=task,
-                               method=method, ram=ramlib.config_of(globals()))
+                               method=method, ram=ramlib.config_of(globals()),
+                               filler=filler_tokens(enc, filler, "heldout"))
                   for k, d in enumerate((0.0, 0.25, 0.5, 0.75, 1.0)))
     model.train()
     return correct / (5 * per_depth)
@@ -182,9 +185,11 @@ def evaluate(model, enc) -> float:
 def build_model(config: dict, enc, ckpt: dict | None, dev: str, verbose: bool):
     """Resume: the checkpoint's model. Scratch: the settings' model. A Llama directory: its weights plus
     new memories (llama.py); the settings then record the loaded shape."""
-    ram = config["method"] == "ram"
-    if ckpt is not None:
-        path = os.path.join(config["out_dir"], "ckpt.pt")
+    ram, path = config["method"] == "ram", os.path.join(config["out_dir"], "ckpt.pt")
+    if ckpt is not None and "base" in ckpt:  # a frozen base: the checkpoint holds only the memories
+        model = llama.attach_memories(ckpt["base"]["base_path"], ckpt["model"], ckpt["base"], path, device=dev)
+        model.train()
+    elif ckpt is not None:
         model, _ = ramlib.load_ram(path, dev, ckpt) if ram else load_model(path, dev, ckpt)
         model.train()
     elif config["init_from"] == "scratch":
@@ -224,7 +229,9 @@ def check_settings(config: dict, enc) -> None:
     if problems:
         raise ValueError(problems[0])
     pick_dtype(c["dtype"], "cpu")  # auto, float32 or bfloat16, before torchrun joins (the device: main)
-    (sample,) = sample_batch(enc, 1, c["min_len"], 0, c["digits"], task=c["task"])  # is min_len too short?
+    filler_tokens(enc, c["filler"], "heldout")  # a missing or too short text file
+    (sample,) = sample_batch(enc, 1, c["min_len"], 0, c["digits"], task=c["task"],  # is min_len too short?
+                             filler=filler_tokens(enc, c["filler"], "train"))
     ramlib.config_of(c)  # RAM's settings (segment, ...): the evaluation reads them whatever the method
     if c["method"] != "comet":
         ramlib.check_settings(c, len(sample.question))
@@ -315,12 +322,17 @@ def train_step(model, optimizer, train: Method, pipe: Pipeline | None, autocast,
     return dict(iter=it, loss=loss, lr=lr_now, len=length, **parts), tokens, halt
 
 
-def checkpoint(model, optimizer, it: int, acc: float | None, config: dict, path: str) -> None:
-    """Everything a run needs to resume exactly, written atomically (checkpoint.save_checkpoint)."""
-    extra = {"ram_args": asdict(model.ram)} if isinstance(model, ramlib.RAM) else {}
-    save_checkpoint(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), model_args=asdict(model.config),
+def checkpoint(model, optimizer, it: int, acc: float | None, config: dict, path: str, base: dict | None) -> None:
+    """Everything a run needs to resume exactly, written atomically (checkpoint.save_checkpoint). A frozen
+    pretrained base (base: llama.base_header) is not written again: the checkpoint holds only the memories
+    and names the base, and memories.safetensors beside it is what to ship (a few MB, no optimizer)."""
+    extra = {"ram_args": asdict(model.ram)} if isinstance(model, ramlib.RAM) else {"base": base} if base else {}
+    weights = llama.memory_state(model) if base else model.state_dict()
+    save_checkpoint(dict(model=weights, optimizer=optimizer.state_dict(), model_args=asdict(model.config),
                          iter_num=it, config=config, passkey_acc=acc, rng=dict(torch=torch.get_rng_state()), **extra),
                     path)
+    if base:
+        llama.save_memories(model, os.path.join(os.path.dirname(path), "memories.safetensors"), base, config)
 
 
 def main() -> None:
@@ -340,6 +352,8 @@ def main() -> None:
             torch.set_num_threads(threads)
         torch.manual_seed(seed)
         model = build_model(config, enc, ckpt, dev, verbose=master)
+        base = (ckpt or {}).get("base") or (llama.base_header(init_from, model)
+                                            if freeze_base and llama.is_pretrained(init_from) else None)
     except (OSError, TypeError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     autocast = torch.autocast(torch.device(dev).type, dtype=torch.bfloat16, enabled=precision == torch.bfloat16)
@@ -365,7 +379,7 @@ def main() -> None:
                     log.write(json.dumps(record) + "\n")
                     log.flush()
                     if save:
-                        checkpoint(model, optimizer, it + 1, acc, config, ckpt_path)
+                        checkpoint(model, optimizer, it + 1, acc, config, ckpt_path, base)
                     tok_s = n_tok / (time.perf_counter() - t0)  # evaluations included: what a run really gets
                     bar.set_postfix(loss=f"{record['loss']:.3f}", len=record["len"], tok_s=f"{tok_s:,.0f}",
                                     acc="-" if acc is None else f"{acc:.0%}")

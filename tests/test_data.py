@@ -2,6 +2,7 @@
 import base64
 import hashlib
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -141,3 +142,53 @@ def test_facts_lazy_slices_equal_the_whole_sequence():
     assert len(whole) == 700
     for a, b in [(0, 700), (100, 350), (699, 700)] + [(i - 1, i + 2) for i in s.inserts]:
         assert np.array_equal(s.tokens(a, b), whole[a:b])
+
+
+# --- real English filler (issue 17): a text file, split into training and held-out tokens ---------------
+
+def english_file(tmp_path, chars=40_000):
+    """Real prose the repository holds (README and docs), enough of it for both splits: a test asset made here."""
+    root = Path(__file__).resolve().parents[1]
+    text = "".join(p.read_text() for p in sorted((root / "docs").glob("*.md")))
+    path = tmp_path / "english.txt"
+    path.write_text((root / "README.md").read_text() + text[:chars])
+    return str(path)
+
+
+def test_training_and_held_out_filler_split_the_text_at_one_token_without_overlap(tmp_path):
+    path = english_file(tmp_path)
+    train, held = data.filler_tokens(ENC, path, "train"), data.filler_tokens(ENC, path, "heldout")
+    whole = np.array(ENC.encode_ordinary(open(path).read()))
+    assert np.array_equal(np.concatenate([train, held]), whole)
+    assert len(held) == len(whole) - round(len(whole) * (1 - data.HELD_OUT))
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.13, 0.5, 0.97, 1.0])
+def test_real_filler_passkey_has_the_length_depth_key_and_answer_span_asked_for(tmp_path, depth):
+    held = data.filler_tokens(ENC, english_file(tmp_path), "heldout")
+    s = make_passkey(ENC, 3000, depth, random.Random(3), filler=held)
+    tokens = s.tokens()
+    assert tokens.shape == (3000,)
+    n_filler = s.n_context - len(s.sentence)
+    assert s.insert == round(depth * n_filler)
+    assert np.array_equal(tokens[s.insert:s.insert + len(s.sentence)], s.sentence)
+    key = decode(s.answer)[1:]
+    assert decode(s.sentence) == "\n" + PASSKEY.format(key=key) and len(key) == 5
+    assert np.array_equal(tokens[-len(s.answer):], s.answer) and decode(s.question) == "\n" + QUESTION
+    # around the sentence, the filler is the held-out text itself, read on from a random offset
+    filler = np.concatenate([tokens[:s.insert], tokens[s.insert + len(s.sentence):s.n_context]])
+    assert np.array_equal(filler, held[(s.phase + np.arange(n_filler)) % len(held)])
+
+
+def test_a_missing_filler_file_says_how_to_make_the_essays(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"python data.py essays"):
+        data.filler_tokens(ENC, data.ESSAYS, "train")
+    with pytest.raises(FileNotFoundError, match=r"must be grass or a text file"):
+        data.filler_tokens(ENC, str(tmp_path / "nope.txt"), "train")
+
+
+def test_a_filler_text_too_short_to_split_is_a_clear_error(tmp_path):
+    (tmp_path / "short.txt").write_text("Too short to hide a passkey in. " * 20)
+    with pytest.raises(ValueError, match=r"too short to split"):
+        data.filler_tokens(ENC, str(tmp_path / "short.txt"), "train")

@@ -1,5 +1,6 @@
 """llama.py reads GGUF files (llama.cpp's format): tiny random Llamas written here with the gguf package give
 the logits of the model they were written from, transformers' logits for the same file, and clear errors."""
+import json
 import sys
 from pathlib import Path
 
@@ -11,8 +12,9 @@ from gguf import GGMLQuantizationType as Q
 from transformers import AutoModelForCausalLM
 
 from data import get_tokenizer
-from llama import load_llama
+from llama import fingerprint, load_llama, read_memories
 from stream import generate
+from test_data import english_file
 from test_llama import hf_model
 
 LAYER = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
@@ -209,3 +211,21 @@ def test_the_gguf_tokenizer_gives_transformers_ids_on_real_english_and_edge_case
         assert enc.encode_ordinary(text) == ref(text, add_special_tokens=False).input_ids, text[:40]
     assert enc.encode("<|im_start|>user", allowed_special="all") == ref("<|im_start|>user").input_ids
     assert enc.decode(enc.encode_ordinary(english)) == english
+
+
+@pytest.mark.slow
+def test_the_smollm2_recipe_trains_one_step_on_the_real_gguf_and_writes_only_the_memories(tmp_path):
+    import subprocess
+    filler = english_file(tmp_path)  # real English made here; the recipe's essays come from `python data.py essays`
+    cmd = [sys.executable, "train.py", "config/finetune_smollm2.py", f"--filler={filler}", "--max_iters=1",
+           "--batch_size=1", "--min_len=256", "--max_len=256", "--eval_interval=0", "--threads=1",
+           f"--out_dir={tmp_path / 'run'}"]
+    out = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    (record,) = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
+    assert np.isfinite(record["loss"]) and record["len"] == 256
+    tensors, header = read_memories(str(tmp_path / "run" / "memories.safetensors"))
+    assert header["base"] == "SmolLM2-135M-Instruct.Q4_1.gguf" and header["base_fingerprint"] == fingerprint(
+        smollm2_path())
+    assert header["memory_args"]["chunk_size"] == 128 and sum(t.numel() for t in tensors.values()) == 631_872
+    assert (tmp_path / "run" / "ckpt.pt").stat().st_size < 20 * 2**20  # memories + optimizer, not the 540 MB base

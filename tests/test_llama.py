@@ -12,7 +12,8 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import data
-from llama import freeze_base, load_llama, meta_to_hf_rotary
+from llama import (attach_memories, base_header, fingerprint, freeze_base, load_llama, meta_to_hf_rotary,
+                   read_memories, save_memories)
 from stream import generate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -288,18 +289,89 @@ def test_a_directory_without_a_tokenizer_says_what_to_pass(tmp_path):
 
 # --- train.py and sample.py on a loaded checkpoint ------------------------------------------------------
 
-def test_train_puts_memories_on_a_frozen_pretrained_model_and_leaves_its_weights_alone(checkpoints, tmp_path):
-    path = checkpoints["gqa_untied_theta500k"][0]
+def train_frozen(path, out_dir, *extra):
     cmd = [sys.executable, "train.py", "config/smoke.py", f"--init_from={path}", "--tokenizer=bytes",
-           "--freeze_base=True", "--max_iters=3", "--eval_interval=0", f"--out_dir={tmp_path}"]
+           "--freeze_base=True", "--max_iters=3", "--eval_interval=0", f"--out_dir={out_dir}", *extra]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
+    return r
+
+
+def test_a_frozen_base_checkpoint_holds_only_the_memories_and_names_its_base(checkpoints, tmp_path):
+    path = checkpoints["gqa_untied_theta500k"][0]
+    train_frozen(path, tmp_path)
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert ckpt["model_args"]["n_embd"] == 64 and ckpt["model_args"]["chunk_size"] == 16  # loaded + smoke's memories
-    hf = load_file(path / "model.safetensors")
-    assert torch.equal(ckpt["model"]["layers.1.feed_forward.w2.weight"], hf["model.layers.1.mlp.down_proj.weight"])
-    n_memory = sum(1 for name in ckpt["model"] if name.startswith(("memories.", "compression_emb", "readout_emb")))
-    assert len(ckpt["optimizer"]["state"]) == n_memory  # the optimizer holds the memories only
+    assert set(ckpt["model"]) == {n for n in ckpt["model"] if n.startswith(("memories.", "compression_emb",
+                                                                             "readout_emb"))}
+    assert len(ckpt["optimizer"]["state"]) == len(ckpt["model"])  # the optimizer holds the memories only
+    assert ckpt["base"]["base_path"] == str(path) and ckpt["base"]["base_fingerprint"] == fingerprint(str(path))
+    tensors, header = read_memories(str(tmp_path / "memories.safetensors"))  # the file to ship: the same tensors
+    assert tensors.keys() == ckpt["model"].keys() and all(torch.equal(tensors[k], ckpt["model"][k]) for k in tensors)
+    assert header["settings"]["max_iters"] == 3 and header["memory_args"]["chunk_size"] == 16
+
+
+def test_a_frozen_base_run_resumed_from_its_memories_gives_the_same_losses(checkpoints, tmp_path):
+    path = checkpoints["gqa_untied_theta500k"][0]
+    flat = ["--min_lr=1", "--curriculum=0"]  # lr and lengths independent of max_iters: 4 + 2 steps = 6 steps
+    train_frozen(path, tmp_path / "b", "--max_iters=4", *flat)
+    (tmp_path / "b" / "log.jsonl").write_text("")  # only what the resumed run logs from iteration 4 on
+    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["iter_num"] == 4
+    r = subprocess.run([sys.executable, "train.py", "--init_from=resume", f"--out_dir={tmp_path / 'b'}",
+                        "--max_iters=6"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    train_frozen(path, tmp_path / "c", "--max_iters=6", *flat)
+    logs = [[json.loads(line) for line in open(tmp_path / d / "log.jsonl")] for d in ("b", "c")]
+    assert [r["loss"] for r in logs[0]] == [r["loss"] for r in logs[1] if r["iter"] >= 4]
+
+
+def test_memories_saved_and_attached_to_their_base_give_bitwise_the_same_logits(checkpoints, tmp_path):
+    path = str(checkpoints["gqa_untied_theta500k"][0])
+    model = load_llama(path, chunk_size=16, n_global=4, stride=4, temp_budget=8)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if model.is_memory_param(name):
+                p.add_(torch.randn_like(p) * 0.1)  # trained-looking memories, adapters away from identity
+    save_memories(model, str(tmp_path / "m.safetensors"), base_header(path, model), {"max_len": 40})
+    tensors, header = read_memories(str(tmp_path / "m.safetensors"))
+    again = attach_memories(path, tensors, header, "m.safetensors")
+    x = ids(40)
+    with torch.no_grad():
+        assert torch.equal(again(x)[0], model(x)[0])
+    assert (tmp_path / "m.safetensors").stat().st_size < 200_000  # the memories alone, not the base
+
+
+def test_memories_are_refused_on_another_base_model_in_one_line(checkpoints, tmp_path):
+    path, other = (str(checkpoints[c][0]) for c in ("gqa_untied_theta500k", "sharded"))
+    model = load_llama(path, chunk_size=16, n_global=4, stride=4, temp_budget=8)
+    save_memories(model, str(tmp_path / "m.safetensors"), base_header(path, model), {})
+    tensors, header = read_memories(str(tmp_path / "m.safetensors"))
+    with pytest.raises(ValueError, match=r"m.safetensors was trained on .*refusing to load it onto another model"):
+        attach_memories(other, tensors, header, "m.safetensors")
+    with pytest.raises(FileNotFoundError, match=r"needs its base model .* pass --init_from=PATH"):
+        attach_memories(str(tmp_path / "gone"), tensors, header, "m.safetensors")
+
+
+def test_a_truncated_or_foreign_memories_file_is_one_clear_error(checkpoints, tmp_path):
+    path = str(checkpoints["gqa_untied_theta500k"][0])
+    model = load_llama(path, chunk_size=16, n_global=4, stride=4, temp_budget=8)
+    save_memories(model, str(tmp_path / "m.safetensors"), base_header(path, model), {})
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "m.safetensors").read_bytes()[:1000])
+    with pytest.raises(ValueError, match=r"cut.safetensors \(corrupt or truncated\?\)"):
+        read_memories(str(tmp_path / "cut.safetensors"))
+    with pytest.raises(ValueError, match=r"is not a nanocomet memories file"):
+        read_memories(str(checkpoints["gqa_untied_theta500k"][0] / "model.safetensors"))
+
+
+def test_sample_and_eval_read_trained_memories_from_their_safetensors_file(checkpoints, tmp_path):
+    train_frozen(checkpoints["gqa_untied_theta500k"][0], tmp_path)  # bytes: the tiny base has no tokenizer
+    memories = tmp_path / "memories.safetensors"
+    r = subprocess.run([sys.executable, "sample.py", f"--ckpt={memories}", "--max_new_tokens=0", "--threads=1",
+                        "--prompt=The pass key is 12345."], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "prompt 22 tokens streamed" in r.stdout, r.stderr[-2000:]  # one byte a token
+    r = subprocess.run([sys.executable, "eval_passkey.py", f"--ckpt={memories}", "--lengths=150", "--depths=0.5",
+                        "--trials=2", "--threads=1"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "trained to 150 tokens" in r.stdout, r.stderr[-2000:]
 
 
 def test_sample_generates_from_a_llama_directory_with_and_without_memories(checkpoints, tmp_path):

@@ -111,6 +111,23 @@ def test_bad_settings_stop_training_with_one_clear_line(tmp_path, bad, message):
     assert len(err.strip().splitlines()) == 1
 
 
+def test_a_missing_filler_file_stops_training_with_one_clear_line(tmp_path):
+    err = fail(train_cmd(tmp_path, f"--filler={tmp_path / 'essays.txt'}"))
+    assert err.startswith("error: filler=") and "does not exist" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "ckpt.pt").exists()
+
+
+def test_held_out_perplexity_is_the_exp_of_the_mean_nll_of_each_windows_tail():
+    model, ids = tiny_model(chunk_size=0), np.random.default_rng(0).integers(32, size=100)
+    got = eval_passkey.held_out_perplexity(model, ids, 40, 8, 2)  # windows at tokens 0 and 60
+    with torch.no_grad():
+        nll = [torch.nn.functional.cross_entropy(model(torch.from_numpy(ids[a:a + 40])[None])[0][0, 31:39],
+                                                 torch.from_numpy(ids[a + 32:a + 40])) for a in (0, 60)]
+    assert got == pytest.approx(float(torch.exp((nll[0] + nll[1]) / 2)), rel=1e-6)
+    with pytest.raises(ValueError, match="ppl_tail=40 < length=40"):
+        eval_passkey.held_out_perplexity(model, ids, 40, 40, 1)
+
+
 def test_resume_without_a_checkpoint_is_one_clear_error(tmp_path):
     assert fail(train_cmd(tmp_path, "--init_from=resume")).strip().startswith("error: cannot resume: no checkpoint at")
 
