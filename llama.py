@@ -360,16 +360,20 @@ MEMORY_ARGS = ("chunk_size", "n_global", "stride", "temp_budget", "adapter_rank"
 
 
 def fingerprint(path: str) -> str:
-    """A short identity of a base checkpoint (a .gguf file or a directory): sha256 over each weight file's
-    name, size and first and last MiB. Cheap for an 8B model, and different for different weights."""
-    files = [path] if os.path.isfile(path) else sorted(
-        f for ext in ("*.gguf", "*.safetensors", "*.pth", "*.json", "*.model") for f in glob.glob(os.path.join(path, ext)))
+    """A short identity of a base model's weights (a .gguf file, or a directory's config.json / params.json
+    and weight files): sha256 over each file's size and first and last MiB, and a directory's file names.
+    Cheap for an 8B model; a renamed or moved copy keeps it, other weights do not."""
+    if os.path.isfile(path):
+        files = [path]
+    else:
+        files = sorted(f for pattern in ("config.json", "params.json", "*.safetensors", "*.pth")
+                       for f in glob.glob(os.path.join(path, pattern)))
     if not files:
         raise FileNotFoundError(f"no base model at {path}")
     h = hashlib.sha256()
     for f in files:
         size = os.path.getsize(f)
-        h.update(f"{os.path.basename(f)}:{size}".encode())
+        h.update(f"{os.path.basename(f) if len(files) > 1 else ''}:{size}".encode())
         with open(f, "rb") as fh:
             h.update(fh.read(2**20))
             fh.seek(max(0, size - 2**20))
@@ -417,7 +421,11 @@ def read_memories(path: str) -> tuple[dict[str, torch.Tensor], dict]:
         raise ValueError(f"cannot read {path} (corrupt or truncated?): {e}") from None
     if meta.get("format") != MEMORIES_FORMAT:
         raise ValueError(f"{path} is not a nanocomet memories file (format {meta.get('format')!r})")
-    return tensors, {**meta, "settings": json.loads(meta["settings"]), "memory_args": json.loads(meta["memory_args"])}
+    try:
+        return tensors, {**meta, "settings": json.loads(meta["settings"]), "memory_args": json.loads(meta["memory_args"]),
+                         "base": meta["base"], "base_path": meta["base_path"], "base_fingerprint": meta["base_fingerprint"]}
+    except (KeyError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: damaged header ({type(e).__name__}: {e})") from None
 
 
 def attach_memories(base: str, tensors: dict, header: dict, source: str, dtype: torch.dtype = torch.float32,
@@ -426,7 +434,7 @@ def attach_memories(base: str, tensors: dict, header: dict, source: str, dtype: 
     checkpoint) on top. A different base model is refused: the memories were trained for one."""
     if not os.path.exists(base):
         raise FileNotFoundError(f"{source} needs its base model {header['base']} (fingerprint "
-                                f"{header['base_fingerprint']}), not found at {base}: pass --init_from=PATH")
+                                f"{header['base_fingerprint']}), not found at {base}: pass --base=PATH")
     if fingerprint(base) != header["base_fingerprint"]:
         raise ValueError(f"{source} was trained on {header['base']} (fingerprint {header['base_fingerprint']}), "
                          f"not on {base} (fingerprint {fingerprint(base)}): refusing to load it onto another model")

@@ -26,13 +26,14 @@ from stream import generate, new_stream, stream
 
 # -----------------------------------------------------------------------------
 ckpt = "out/ckpt.pt"      # checkpoint written by train.py, or trained memories (memories.safetensors) on their base
+base = ""                 # trained memories: their base model's path, if not where they were trained
 init_from = ""            # instead: a Llama checkpoint directory (Hugging Face or Meta layout) or .gguf file
 chunk_size = 0            # with init_from: 0 = the pretrained decoder as it is; > 0 = CoMeT, memories untrained
 n_global = 16             # with init_from and chunk_size > 0: the untrained memories' sizes (0 turns one off;
 temp_budget = 32          #   both 0: every chunk read alone, the chunk-local baseline)
 stride = 8
 tokenizer = "auto"        # with init_from: auto = its own (tokenizer.model, or the GGUF's); or bytes, a file
-dtype = "auto"            # with init_from: auto (bf16 on a CUDA device that has it, else fp32) | float32 | bfloat16
+dtype = "auto"            # pretrained weights: auto (bf16 on a CUDA device that has it, else fp32) | float32 | bfloat16
 prompt = ("The grass is green. The sky is blue. The pass key is 12345. Remember it. What is the pass key? "
           "The pass key is")
 prompt_file = ""          # read the prompt from this file instead (any length)
@@ -48,18 +49,18 @@ threads = 0               # torch CPU threads; 0 = torch's default
 
 def open_for_inference(cfg: dict):
     """What eval_passkey.py and sample.py share: device, threads, the model and its tokenizer. The model is
-    trained memories (a memories.safetensors cfg["ckpt"]) on their base model (cfg["init_from"], else the
-    path they record); or cfg["ckpt"] (trained here: CoMeT, a plain decoder, RAM, or memories on a frozen
-    base); or a Llama checkpoint directory or GGUF file cfg["init_from"] (llama.py) with new, untrained
-    memories if cfg["chunk_size"] > 0. Returns (model, tokenizer, training settings, device); one clear
-    error (ValueError/OSError) else."""
+    trained memories (a memories.safetensors cfg["ckpt"]) on their base model (cfg["base"], else the path
+    they record); or a Llama checkpoint directory or GGUF file cfg["init_from"] (llama.py) with new,
+    untrained memories if cfg["chunk_size"] > 0; or cfg["ckpt"] (trained here: CoMeT, a plain decoder, RAM,
+    or memories on a frozen base). Returns (model, tokenizer, training settings, device); one clear error
+    (ValueError/OSError) else."""
     dev = pick_device(cfg["device"])
     dtype = pick_dtype(cfg.get("dtype", "auto"), dev)
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
     if cfg["ckpt"].endswith(".safetensors"):
         tensors, header = read_memories(cfg["ckpt"])
-        base = cfg.get("init_from") or header["base_path"]
+        base = cfg.get("base") or header["base_path"]
         return attach_memories(base, tensors, header, cfg["ckpt"], dtype, dev), \
             base_tokenizer(base, header, header["settings"]), header["settings"], dev
     if cfg.get("init_from"):
@@ -70,8 +71,9 @@ def open_for_inference(cfg: dict):
     ckpt = read_checkpoint(cfg["ckpt"])
     train = ckpt.get("config", {})
     if "base" in ckpt:  # memories trained on a frozen base (train.py --freeze_base): the base is read again
-        model = attach_memories(ckpt["base"]["base_path"], ckpt["model"], ckpt["base"], cfg["ckpt"], dtype, dev)
-        return model, base_tokenizer(ckpt["base"]["base_path"], ckpt["base"], train), train, dev
+        base = cfg.get("base") or ckpt["base"]["base_path"]
+        model = attach_memories(base, ckpt["model"], ckpt["base"], cfg["ckpt"], dtype, dev)
+        return model, base_tokenizer(base, ckpt["base"], train), train, dev
     model, _ = (load_ram if "ram_args" in ckpt else load_model)(cfg["ckpt"], dev, ckpt)
     return model, get_tokenizer(train.get("tokenizer", "bytes")), train, dev
 

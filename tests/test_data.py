@@ -192,3 +192,13 @@ def test_a_filler_text_too_short_to_split_is_a_clear_error(tmp_path):
     (tmp_path / "short.txt").write_text("Too short to hide a passkey in. " * 20)
     with pytest.raises(ValueError, match=r"too short to split"):
         data.filler_tokens(ENC, str(tmp_path / "short.txt"), "train")
+
+
+def test_the_grass_filler_gives_the_same_sequences_as_before_real_filler_existed():
+    # sha256 of these sequences as commit 6beb837 (before the filler setting) generated them
+    h = hashlib.sha256()
+    for seed in range(5):
+        for s in data.sample_batch(ENC, 4, 300 + 37 * seed, seed):
+            h.update(s.tokens().astype(np.int64).tobytes())
+        h.update(data.make_sample("facts", ENC, 500, 0.3, random.Random(seed)).tokens().astype(np.int64).tobytes())
+    assert h.hexdigest() == "d696f3928f9e1a01133d2b93f309432c965470ff99f937f85fd25293274f66ae"

@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import data
+from checkpoint import load_model
 from llama import (attach_memories, base_header, fingerprint, freeze_base, load_llama, meta_to_hf_rotary,
                    read_memories, save_memories)
 from stream import generate
@@ -348,8 +349,43 @@ def test_memories_are_refused_on_another_base_model_in_one_line(checkpoints, tmp
     tensors, header = read_memories(str(tmp_path / "m.safetensors"))
     with pytest.raises(ValueError, match=r"m.safetensors was trained on .*refusing to load it onto another model"):
         attach_memories(other, tensors, header, "m.safetensors")
-    with pytest.raises(FileNotFoundError, match=r"needs its base model .* pass --init_from=PATH"):
+    with pytest.raises(FileNotFoundError, match=r"needs its base model .* pass --base=PATH"):
         attach_memories(str(tmp_path / "gone"), tensors, header, "m.safetensors")
+
+
+def test_a_base_model_moved_or_renamed_keeps_its_fingerprint_and_other_weights_do_not(checkpoints, tmp_path):
+    path = checkpoints["gqa_untied_theta500k"][0]
+    moved = copy_checkpoint(path, tmp_path / "elsewhere")
+    (moved / "tokenizer_config.json").write_text("{}")  # files beside the weights do not count
+    assert fingerprint(str(moved)) == fingerprint(str(path)) != fingerprint(str(checkpoints["mha_tied"][0]))
+    (tmp_path / "renamed.bin").write_bytes((path / "model.safetensors").read_bytes())
+    assert fingerprint(str(tmp_path / "renamed.bin")) == fingerprint(str(path / "model.safetensors"))
+
+
+def test_trained_memories_follow_their_base_to_a_new_path_with_base(checkpoints, tmp_path):
+    path = copy_checkpoint(checkpoints["gqa_untied_theta500k"][0], tmp_path / "base")
+    train_frozen(path, tmp_path / "run")
+    moved = path.rename(tmp_path / "moved")
+    for ckpt in ("memories.safetensors", "ckpt.pt"):
+        args = [sys.executable, "eval_passkey.py", f"--ckpt={tmp_path / 'run' / ckpt}", "--lengths=150",
+                "--depths=0.5", "--trials=1", "--threads=1"]
+        r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 1 and r.stderr.startswith("error: ") and "pass --base=PATH" in r.stderr
+        r = subprocess.run(args + [f"--base={moved}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0 and "length       150" in r.stdout, r.stderr[-2000:]
+    r = subprocess.run([sys.executable, "train.py", "--init_from=resume", f"--out_dir={tmp_path / 'run'}",
+                        "--max_iters=4", f"--base={moved}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["base"]["base_path"] == str(moved)
+
+
+def test_a_frozen_base_run_cannot_resume_with_the_base_unfrozen(checkpoints, tmp_path):
+    train_frozen(checkpoints["gqa_untied_theta500k"][0], tmp_path)
+    r = subprocess.run([sys.executable, "train.py", "--init_from=resume", f"--out_dir={tmp_path}", "--max_iters=4",
+                        "--freeze_base=False"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "freeze_base cannot change when resuming" in r.stderr, r.stderr[-2000:]
+    with pytest.raises(ValueError, match=r"holds only memories trained on a frozen .* open it with sample.py"):
+        load_model(str(tmp_path / "ckpt.pt"))
 
 
 def test_a_truncated_or_foreign_memories_file_is_one_clear_error(checkpoints, tmp_path):

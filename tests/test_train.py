@@ -200,6 +200,17 @@ def test_a_trial_counts_only_when_every_answer_token_is_right(monkeypatch):
     assert passkey_cell(model, ENC, 200, 0.5, 6, seed=5) == 4
 
 
+def test_right_answer_tokens_are_counted_per_position(monkeypatch):
+    rng = random.Random(5)
+    answers = np.stack([make_sample("passkey", ENC, 200, 0.5, rng, 5).answer for _ in range(6)])
+    answers[0, 2], answers[3, 2], answers[3, -1] = ord("x"), ord("x"), ord("x")  # the oracle gets these wrong
+    monkeypatch.setattr(eval_passkey, "generate", lambda model, idx, n, temperature, state: (torch.from_numpy(answers),
+                                                                                            state))
+    tokens_right = []
+    passkey_cell(tiny_model(vocab_size=ENC.n_vocab), ENC, 200, 0.5, 6, seed=5, tokens_right=tokens_right)
+    assert tokens_right == [6, 6, 4, 6, 6, 5]
+
+
 def test_pipeline_ranks_loss_shares_add_up_to_the_passkey_loss():
     torch.manual_seed(0)
     logits, targets = torch.randn(3, 40, 11), torch.randint(11, (3, 40))
