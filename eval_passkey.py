@@ -220,6 +220,7 @@ def write_json(path: str, result: dict) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             jsonlib.dump(result, f, indent=1)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; results are for reading
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

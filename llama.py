@@ -404,6 +404,7 @@ def save_memories(model: Transformer, path: str, header: dict, settings: dict) -
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=meta)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; this file is meant to be shared
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

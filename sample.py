@@ -5,6 +5,7 @@ shares: opening a model (a checkpoint of ours, or a Llama) and the plain decoder
     python sample.py --prompt_file=book.txt --temperature=0.8 --top_k=40
     python sample.py --init_from=/path/to/Llama-3.2-1B --prompt="The capital of France is"
     python sample.py --init_from=model.gguf --chunk_size=512 --prompt_file=book.txt   # llama.cpp's format
+    python sample.py --ckpt=docs/smollm2/memories.safetensors --prompt_file=essay.txt  # trained memories on SmolLM2
 
 Prints the continuation, the streaming and generation speed, and the peak memory.
 """

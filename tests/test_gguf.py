@@ -1,6 +1,9 @@
 """llama.py reads GGUF files (llama.cpp's format): tiny random Llamas written here with the gguf package give
 the logits of the model they were written from, transformers' logits for the same file, and clear errors."""
 import json
+import math
+import random
+import subprocess
 import sys
 from pathlib import Path
 
@@ -11,8 +14,8 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from transformers import AutoModelForCausalLM
 
-from data import get_tokenizer
-from llama import fingerprint, load_llama, read_memories
+from data import filler_tokens, get_tokenizer, make_sample
+from llama import attach_memories, fingerprint, load_llama, read_memories
 from stream import generate
 from test_data import english_file
 from test_llama import hf_model
@@ -160,7 +163,6 @@ def test_the_real_smollm2_gguf_gives_transformers_logits_greedy_tokens_and_paris
 
 
 def test_sample_streams_a_prompt_through_memories_on_a_gguf_with_its_own_tokenizer(tmp_path):
-    import subprocess
     path = write_gguf(tmp_path / "m.gguf", hf_model(), quant=Q.Q8_0)
     cmd = [sys.executable, "sample.py", f"--init_from={path}", "--chunk_size=16", "--max_new_tokens=5",
            "--prompt=The grass is green. The sky is blue. Here we go.", "--threads=1"]
@@ -170,7 +172,6 @@ def test_sample_streams_a_prompt_through_memories_on_a_gguf_with_its_own_tokeniz
 
 
 def test_train_puts_memories_on_a_gguf_model_with_its_own_tokenizer(tmp_path):
-    import subprocess
     path = write_gguf(tmp_path / "m.gguf", hf_model(), quant=Q.Q8_0)
     cmd = [sys.executable, "train.py", "config/smoke.py", f"--init_from={path}", "--freeze_base=True",
            "--max_iters=2", "--eval_interval=0", f"--out_dir={tmp_path / 'run'}"]
@@ -181,7 +182,6 @@ def test_train_puts_memories_on_a_gguf_model_with_its_own_tokenizer(tmp_path):
 
 
 def test_sample_names_a_truncated_gguf_in_one_line(tmp_path):
-    import subprocess
     path = write_gguf(tmp_path / "m.gguf", hf_model())
     (tmp_path / "cut.gguf").write_bytes(open(path, "rb").read()[:100])
     cmd = [sys.executable, "sample.py", f"--init_from={tmp_path / 'cut.gguf'}", "--max_new_tokens=1"]
@@ -215,7 +215,6 @@ def test_the_gguf_tokenizer_gives_transformers_ids_on_real_english_and_edge_case
 
 @pytest.mark.slow
 def test_the_smollm2_recipe_trains_one_step_on_the_real_gguf_and_writes_only_the_memories(tmp_path):
-    import subprocess
     filler = english_file(tmp_path)  # real English made here; the recipe's essays come from `python data.py essays`
     cmd = [sys.executable, "train.py", "config/finetune_smollm2.py", f"--filler={filler}", "--max_iters=1",
            "--batch_size=1", "--min_len=256", "--max_len=256", "--eval_interval=0", "--threads=1",
@@ -229,3 +228,24 @@ def test_the_smollm2_recipe_trains_one_step_on_the_real_gguf_and_writes_only_the
         smollm2_path())
     assert header["memory_args"]["chunk_size"] == 128 and sum(t.numel() for t in tensors.values()) == 631_872
     assert (tmp_path / "run" / "ckpt.pt").stat().st_size < 20 * 2**20  # memories + optimizer, not the 540 MB base
+
+
+@pytest.mark.slow
+def test_the_shipped_smollm2_memories_carry_digits_of_a_key_across_chunks_that_untrained_ones_do_not(tmp_path):
+    # docs/smollm2/memories.safetensors: trained by config/finetune_smollm2.py (docs/smollm2.md). Key at depth 0
+    # of 512 tokens: 3 chunks before the question's chunk, out of its reach but through the memories.
+    tensors, header = read_memories(str(Path(__file__).resolve().parents[1] / "docs/smollm2/memories.safetensors"))
+    assert header["memory_args"] == dict(chunk_size=128, n_global=16, stride=8, temp_budget=32, adapter_rank=8,
+                                         global_gate=True)
+    trained = attach_memories(smollm2_path(), tensors, header, "memories.safetensors")
+    untrained = load_llama(smollm2_path(), **header["memory_args"])
+    enc = get_tokenizer(smollm2_path())
+    held = filler_tokens(enc, english_file(tmp_path), "heldout")
+    rng = random.Random(7)
+    x = torch.from_numpy(np.stack([make_sample("passkey", enc, 512, 0.0, rng, 5, held).tokens() for _ in range(8)]))
+    nll = {}
+    for name, model in (("trained", trained), ("untrained", untrained)):
+        with torch.no_grad():
+            logits = model(x[:, :-1])[0][:, -5:]  # the 5 digits, teacher-forced
+        nll[name] = torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, -5:].flatten()).item()
+    assert nll["trained"] < math.log(10) < nll["untrained"], nll  # better than a uniform guess among the digits
