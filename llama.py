@@ -18,14 +18,13 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
 
-from checkpoint import torch_load
+from checkpoint import torch_load, write_atomically
 from model import ModelConfig, Transformer
 
 # our parameter names (= Meta's) -> Hugging Face's; {i} is the layer index
@@ -400,15 +399,7 @@ def save_memories(model: Transformer, path: str, header: dict, settings: dict) -
                 base_fingerprint=header["base_fingerprint"], settings=json.dumps(settings),
                 memory_args=json.dumps(header["memory_args"]))
     tensors = {n: t.float().contiguous().cpu() for n, t in memory_state(model).items()}
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; this file is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_atomically(path, lambda f: f.write(save(tensors, metadata=meta)), mode=0o644)  # a file to share
 
 
 def read_memories(path: str) -> tuple[dict[str, torch.Tensor], dict]:

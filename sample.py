@@ -59,24 +59,24 @@ def open_for_inference(cfg: dict):
     dtype = pick_dtype(cfg.get("dtype", "auto"), dev)
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
-    if cfg["ckpt"].endswith(".safetensors"):
+    if cfg["ckpt"].endswith(".safetensors"):  # trained memories alone (llama.save_memories)
         tensors, header = read_memories(cfg["ckpt"])
-        base = cfg.get("base") or header["base_path"]
-        return attach_memories(base, tensors, header, cfg["ckpt"], dtype, dev), \
-            base_tokenizer(base, header, header["settings"]), header["settings"], dev
-    if cfg.get("init_from"):
+        train = header["settings"]
+    elif cfg.get("init_from"):
         sizes = {k: cfg[k] for k in ("chunk_size", "n_global", "temp_budget", "stride") if k in cfg}
         model = load_llama(cfg["init_from"], dtype, dev, **sizes)
         name = cfg["init_from"] if cfg["tokenizer"] == "auto" else cfg["tokenizer"]
         return model, get_tokenizer(name), {}, dev
-    ckpt = read_checkpoint(cfg["ckpt"])
-    train = ckpt.get("config", {})
-    if "base" in ckpt:  # memories trained on a frozen base (train.py --freeze_base): the base is read again
-        base = cfg.get("base") or ckpt["base"]["base_path"]
-        model = attach_memories(base, ckpt["model"], ckpt["base"], cfg["ckpt"], dtype, dev)
-        return model, base_tokenizer(base, ckpt["base"], train), train, dev
-    model, _ = (load_ram if "ram_args" in ckpt else load_model)(cfg["ckpt"], dev, ckpt)
-    return model, get_tokenizer(train.get("tokenizer", "bytes")), train, dev
+    else:
+        ckpt = read_checkpoint(cfg["ckpt"])
+        train = ckpt.get("config", {})
+        if "base" not in ckpt:
+            model, _ = (load_ram if "ram_args" in ckpt else load_model)(cfg["ckpt"], dev, ckpt)
+            return model, get_tokenizer(train.get("tokenizer", "bytes")), train, dev
+        tensors, header = ckpt["model"], ckpt["base"]  # memories trained on a frozen base (train.py --freeze_base)
+    base = cfg.get("base") or header["base_path"]  # the base is read again, from where it is now
+    return attach_memories(base, tensors, header, cfg["ckpt"], dtype, dev), base_tokenizer(base, header, train), \
+        train, dev
 
 
 def base_tokenizer(base: str, header: dict, train: dict):
