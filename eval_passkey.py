@@ -8,7 +8,7 @@
     python eval_passkey.py --init_from model.gguf --chunk_size 0 --filler out/data/paul_graham_essays.txt
     python eval_passkey.py --ckpt out/smollm2/ckpt.pt --perplexity --lengths 512,2048   # the language model
 
-Each trial is a fresh sequence of the task (passkey, or facts: several facts, one asked); the model
+Each trial is a fresh sequence of the task (passkey; facts or recall: several facts, one asked; needle); the model
 reads the context by its method, then decodes the answer greedily. A trial counts when every answer
 token is right (exact match). Methods: comet streams the context through the memories (S6) in pieces
 (a chunk_size=0 checkpoint is then plain full attention); ram compresses it for the question (S9,
@@ -53,7 +53,7 @@ filler = "auto"                 # auto (as trained) | grass | a text file; its h
 perplexity = False              # instead: perplexity of the held-out filler's last ppl_tail tokens at each
 ppl_tail = 256                  #   length, over `trials` evenly spaced windows
 method = "auto"                 # auto (as trained) | comet | ram | truncate
-task = "auto"                   # auto (as trained) | passkey | facts
+task = "auto"                   # auto (as trained) | passkey | facts | recall | needle
 keep_ratio = 0.0                # ram/truncate: share of the context read closely; 0 = as trained
 block_size = 0                  # plain decoders (full attention, RAM, truncate): longest input; 0 = as trained
 lengths = ""                    # comma-separated token counts; "" -> 1x, 4x, 16x the training length
@@ -240,7 +240,7 @@ class Setup(NamedTuple):
     device: str
     autocast: object        # bf16 autocast, or a no-op
     how: str                # comet | ram | truncate
-    what: str               # passkey | facts
+    what: str               # passkey | facts | recall | needle (data.TASKS)
     ram: ramlib.RAMConfig
     lens: list
     deps: list

@@ -362,13 +362,13 @@ class Transformer(nn.Module):
         stride = cfg.stride if cfg.comet and cfg.temp_budget else 0
         return chunk_layout(n_tokens, stride, cfg.n_global if cfg.comet else 0, closed, self.rope_cos.device, n_prefix)
 
-    def run_blocks(self, h: Tensor, past: list | None = None) -> tuple[Tensor, list]:
-        """Plain decoder: rows h (B, T, C) through every block, after the S0 rows whose keys/values `past`
-        holds (one (k, v) per layer), if given; positions count rows: S0, S0+1, ... Returns the last
-        block's output (before the final norm) and each layer's keys/values so far."""
+    def run_blocks(self, h: Tensor, past: list | None = None, n_layers: int | None = None) -> tuple[Tensor, list]:
+        """Plain decoder: rows h (B, T, C) through every block (or the first n_layers), after the S0 rows whose
+        keys/values `past` holds (one (k, v) per layer), if given; positions count rows: S0, S0+1, ... Returns
+        the last block's output (before the final norm) and each layer's keys/values so far."""
         start = 0 if past is None else past[0][0].size(2)
         rope, cache = self.rope_at(range(start, start + h.size(1))), []
-        for l, block in enumerate(self.layers):
+        for l, block in enumerate(self.layers[:n_layers]):
             h, kv = block(h, rope, None if past is None else past[l])
             cache.append(kv)
         return h, cache

@@ -2,8 +2,9 @@
 
 CoMeT (model.py, stream.py) streams a context without knowing the question; RAM knows the question first:
   1. cut the context into segments of `segment` tokens;
-  2. encode every segment with the query in front of it, all segments as one batch (no attention
-     across segments); a representation is the mean of last-layer states;
+  2. encode every segment with the query in front of it (the paper; or the query and each segment as rows
+     of their own, the authors' latest code: RAMConfig.query), all segments as one batch (no attention
+     across segments); a representation is the mean of last-layer states (or the first encoder_layers');
   3. cosine(query, segment) ranks the segments; the top k are kept as their tokens (close reading);
   4. every other segment becomes one vector: its token states weighted by a softmax over their cosine
      with the query, summed, then mapped by a d x d alignment (skimming);
@@ -28,6 +29,9 @@ from data import by_shape
 from model import ModelConfig, Transformer
 
 
+QUERY_MODES = ("front", "alone")
+
+
 @dataclass
 class RAMConfig:
     segment: int = 50              # tokens per segment (the paper's 50)
@@ -35,6 +39,9 @@ class RAMConfig:
     shared: bool = True            # the encoder is the decoder (one set of weights)
     temperature: float = 0.05      # InfoNCE temperature
     contrast_weight: float = 1.0   # lambda: loss = answer NLL + lambda * InfoNCE
+    query: str = "front"           # front: the query in front of every segment (paper); alone: the query and
+                                   # each segment encoded as rows of their own (the authors' latest code)
+    encoder_layers: int = 0        # the encoder is the first k layers (authors: 8 of the base's); 0: all
 
     def __post_init__(self):
         check_types(self)
@@ -42,6 +49,10 @@ class RAMConfig:
                                ("contrast_weight", self.contrast_weight >= 0, ">= 0")):
             if not ok:
                 raise ValueError(f"RAMConfig: {name}={getattr(self, name)} must be {rule}")
+        if self.query not in QUERY_MODES:
+            raise ValueError(f"RAMConfig: query={self.query!r} must be one of {', '.join(QUERY_MODES)}")
+        if self.encoder_layers < 0:
+            raise ValueError(f"RAMConfig: encoder_layers={self.encoder_layers} must be >= 0 (0: all layers)")
         if not 0 < self.keep_ratio <= 1:
             raise ValueError(f"RAMConfig: keep_ratio={self.keep_ratio} must lie in (0, 1]")
 
@@ -118,6 +129,8 @@ class RAM(nn.Module):
         super().__init__()
         if config.comet:
             raise ValueError("RAM reads with a plain decoder: set chunk_size=0")
+        if ram.encoder_layers > config.n_layer:
+            raise ValueError(f"encoder_layers={ram.encoder_layers} exceeds the model's n_layer={config.n_layer}")
         self.config, self.ram = config, ram
         self.decoder = Transformer(config, verbose)
         if not ram.shared:
@@ -134,32 +147,39 @@ class RAM(nn.Module):
         return False
 
     @staticmethod
-    def hidden(net: Transformer, x: Tensor, past: list | None = None) -> tuple[Tensor, list]:
+    def hidden(net: Transformer, x: Tensor, past: list | None = None,
+               n_layers: int | None = None) -> tuple[Tensor, list]:
         """Input rows x (B, T, C) through every block of net, then its final norm: last-layer states
-        (B, T, C) and each layer's keys/values (to continue the same rows later, `past`)."""
-        h, cache = net.run_blocks(x, past)
-        return net.norm(h), cache
+        (B, T, C) and each layer's keys/values (to continue the same rows later, `past`). With n_layers
+        (< all): the first n_layers blocks' output as it is (the residual stream; no final norm)."""
+        h, cache = net.run_blocks(x, past, n_layers)
+        return (net.norm(h) if len(cache) == len(net.layers) else h), cache
 
     def encode(self, query: Tensor, context: Tensor,
                rows_per_pass: int = 4096) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """S9.2: every segment with the query in front of it, segments as a batch (no attention across
-        segments), rows_per_pass segments per encoder call. query (B, Q), context (B, N) -> q_rep (B, C),
-        seg_rep (B, S, C), token states (B, S, seg, C), mask (B, S, seg). With causal attention the
-        query's rows are the same in front of every segment, so they run once and every segment attends
-        to their keys/values: the result of [query; segment] rows, at a fraction of the work."""
+        """S9.2: every segment encoded as a batch (no attention across segments), rows_per_pass segments per
+        encoder call; the states are the last layer's, or the first encoder_layers'. query (B, Q), context
+        (B, N) -> q_rep (B, C), seg_rep (B, S, C), token states (B, S, seg, C), mask (B, S, seg); the
+        representations are mean-pooled states. RAMConfig.query chooses how the query enters:
+        - front (the paper): the query in front of every segment. With causal attention the query's rows
+          are the same in front of every segment, so they run once and every segment attends to their
+          keys/values: the result of [query; segment] rows, at a fraction of the work;
+        - alone (the authors' latest code): the query is a row of its own, and so is every segment."""
         tokens, mask = segments(context, self.ram.segment)
         B, S, seg = tokens.shape
-        if query.size(1) + seg > self.config.block_size:
-            raise ValueError(f"query ({query.size(1)}) + segment ({seg}) tokens exceed block_size="
-                             f"{self.config.block_size}")
-        emb = self.encoder.tok_embeddings
-        q_states, q_kv = self.hidden(self.encoder, emb(query))  # (B, Q, C); per layer (B, n_kv, Q, hs)
+        front = self.ram.query == "front"
+        Q, limit = query.size(1), self.config.block_size
+        if (Q + seg if front else max(Q, seg)) > limit:  # front: one row holds both; alone: each its own row
+            raise ValueError(f"query ({Q}) + segment ({seg}) tokens exceed block_size={limit}" if front else
+                             f"the query ({Q} tokens) or a segment ({seg}) exceeds block_size={limit}")
+        emb, k = self.encoder.tok_embeddings, self.ram.encoder_layers or None
+        q_states, q_kv = self.hidden(self.encoder, emb(query), n_layers=k)  # (B, Q, C); per layer (B, n_kv, Q, hs)
         rows = tokens.flatten(0, 1)  # (B*S, seg): row r is segment r % S of sample r // S
         states = []
-        for a in range(0, B * S, rows_per_pass):  # the query's keys/values, copied for this pass's rows only
+        for a in range(0, B * S, rows_per_pass):  # front: the query's keys/values, copied for this pass's rows
             sample = torch.arange(a, min(a + rows_per_pass, B * S), device=rows.device) // S
-            past = [tuple(t[sample] for t in kv) for kv in q_kv]
-            states.append(self.hidden(self.encoder, emb(rows[a:a + rows_per_pass]), past)[0])
+            past = [tuple(t[sample] for t in kv) for kv in q_kv] if front else None
+            states.append(self.hidden(self.encoder, emb(rows[a:a + rows_per_pass]), past, k)[0])
         states = torch.cat(states).view(B, S, seg, -1)
         return q_states.mean(1), masked_mean(states, mask), states, mask
 
@@ -247,6 +267,9 @@ SETTINGS = dict(
     contrast_weight=0.1,    # RAM: lambda of the InfoNCE term. The paper's 1 kept this tiny model's answer at
                             # chance for 1,200 steps: the InfoNCE gradient dominated the clipped step (docs/ram.md)
     temperature=0.05,       # RAM: InfoNCE temperature
+    ram_query="front",      # RAM: front (the query in front of every segment: the paper) | alone (the query and
+                            # every segment as rows of their own: the authors' latest code); docs/ram.md
+    encoder_layers=0,       # RAM: the encoder is the first k layers (the authors' code: 8); 0: all
 )
 FROZEN = {"ram": tuple(SETTINGS), "truncate": ("segment", "keep_ratio")}  # what a resumed run cannot change
 
@@ -254,7 +277,8 @@ FROZEN = {"ram": tuple(SETTINGS), "truncate": ("segment", "keep_ratio")}  # what
 def config_of(settings: dict) -> RAMConfig:
     """RAMConfig from train.py's settings (one clear error for a bad value)."""
     return RAMConfig(segment=settings["segment"], keep_ratio=settings["keep_ratio"], shared=settings["ram_shared"],
-                     contrast_weight=settings["contrast_weight"], temperature=settings["temperature"])
+                     contrast_weight=settings["contrast_weight"], temperature=settings["temperature"],
+                     query=settings["ram_query"], encoder_layers=settings["encoder_layers"])
 
 
 def check_settings(config: dict, question_len: int) -> None:

@@ -69,7 +69,7 @@ global_gate = True        # False: each chunk overwrites the global memory (abla
 window = 0                # chunk_size=0 only: tokens see the last `window` positions (sliding-window baseline)
 method = "comet"          # comet (and its baselines) | ram (S9) | truncate (sees only RAM's budget); ram.SETTINGS
 # data (S8)
-task = "passkey"          # passkey (S8) | facts (several facts hidden, the question asks for one)
+task = "passkey"          # passkey (S8) | facts, recall (several facts hidden, one asked: RAM) | needle (data.py)
 filler = "grass"          # grass (S8's repeated sentences) | a text file: real English, 80% train / 20% held out
 tokenizer = "auto"        # auto (bytes; a Llama's own) | bytes | gpt2 (if cached) | a .tiktoken file | tokenizer.model
 digits = 5                # passkey length

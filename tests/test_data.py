@@ -136,6 +136,23 @@ def test_facts_task_hides_distinct_facts_and_asks_one_at_the_requested_depth(dep
     assert decode(s.question) == data.FACT_QUESTION.format(name=name) and decode(s.answer) == " " + key[:-2]
 
 
+@pytest.mark.parametrize("depth", [0.0, 0.13, 0.5, 0.97, 1.0])
+def test_recall_task_hides_one_token_keys_and_asks_one_at_the_requested_depth(depth):
+    s = data.make_recall(ENC, 1024, depth, random.Random(7))
+    text, facts = decode(s.tokens()), [decode(f) for f in s.sentences]
+    keys, values = zip(*((f[0], f[1:-2]) for f in facts))  # "K48213. " -> "K", "48213"
+    assert len(facts) == 8 and len(set(keys)) == 8 and len(set(values)) == 8
+    assert all(len(ENC.encode(k)) == 1 and k in data.RECALL_KEYS and k not in data.FILLER for k in keys)
+    assert all(text[i:i + len(f)] == f for i, f in zip(s.inserts, facts))
+    n_filler = s.n_context - sum(map(len, s.sentences))
+    assert s.insert - sum(len(f) for f in s.sentences[:s.target]) == round(depth * n_filler)
+    key, value = keys[s.target], values[s.target]
+    assert all(f == f"{k}{v}. " and v.isdigit() and len(v) == 5 for f, k, v in zip(facts, keys, values))
+    assert decode(s.question) == f"Which code starts with {key}? {key}" and decode(s.answer) == value
+    assert text.endswith(decode(s.question) + decode(s.answer)) and len(s.tokens()) == 1024
+    assert (s.tokens(*s.evidence) == s.sentence).all()
+
+
 def test_facts_lazy_slices_equal_the_whole_sequence():
     s = data.make_facts(ENC, 700, 0.3, random.Random(6), n_facts=6)
     whole = s.tokens()

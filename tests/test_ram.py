@@ -62,6 +62,55 @@ def test_encoding_equals_the_query_in_front_of_each_segment_run_alone():
         torch.testing.assert_close(q_rep, h[:, :query.size(1)].mean(1), rtol=0, atol=1e-5)
 
 
+def test_alone_mode_encodes_the_query_and_each_segment_as_rows_of_their_own_through_k_layers():
+    """The authors' code: no query in front; the states after the first encoder_layers blocks, unnormed.
+    Checked against the blocks run by hand (positions from 0 in every row)."""
+    model = tiny_ram(query="alone", encoder_layers=1)
+    query, context, _ = batch(N=36)
+    q_rep, seg_rep, states, _ = model.encode(query, context, rows_per_pass=5)
+    net = model.encoder
+
+    def first_block(ids):
+        h, _ = net.layers[0](net.tok_embeddings(ids), net.rope_at(range(ids.size(1))))
+        return h
+
+    torch.testing.assert_close(q_rep, first_block(query).mean(1), rtol=0, atol=1e-5)
+    tokens, _ = segments(context, 6)
+    for s in range(tokens.size(1)):
+        torch.testing.assert_close(states[:, s], first_block(tokens[:, s]), rtol=0, atol=1e-5)
+        torch.testing.assert_close(seg_rep[:, s], states[:, s].mean(1), rtol=0, atol=1e-6)
+
+
+def test_front_mode_with_k_encoder_layers_equals_query_and_segment_through_k_blocks_by_hand():
+    model = tiny_ram(encoder_layers=1)
+    query, context, _ = batch(N=36)
+    q_rep, _, states, _ = model.encode(query, context, rows_per_pass=5)
+    net, Q = model.encoder, query.size(1)
+    tokens, _ = segments(context, 6)
+    for s in range(tokens.size(1)):
+        ids = torch.cat([query, tokens[:, s]], 1)
+        h, _ = net.layers[0](net.tok_embeddings(ids), net.rope_at(range(ids.size(1))))
+        torch.testing.assert_close(states[:, s], h[:, Q:], rtol=0, atol=1e-5)
+        torch.testing.assert_close(q_rep, h[:, :Q].mean(1), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("query", ["front", "alone"])
+def test_encoder_layers_equal_to_the_depth_is_the_whole_encoder(query):
+    query_ids, context, _ = batch(N=36)
+    whole = tiny_ram(query=query).encode(query_ids, context)
+    as_many = tiny_ram(query=query, encoder_layers=2).encode(query_ids, context)
+    for a, b in zip(whole, as_many):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("ram, message", [(dict(query="middle"), "query='middle' must be one of front, alone"),
+                                          (dict(encoder_layers=-1), "encoder_layers=-1 must be >= 0"),
+                                          (dict(encoder_layers=3), "encoder_layers=3 exceeds the model's n_layer=2")])
+def test_bad_query_mode_or_encoder_depth_is_one_clear_error(ram, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_ram(**ram)
+
+
 def test_segment_representation_is_the_mean_over_its_real_tokens_only():
     model = tiny_ram()
     query, context, _ = batch(N=40)  # the last segment holds 4 tokens and 2 pads
@@ -301,6 +350,23 @@ def test_train_ram_checkpoint_then_evaluate_with_method_ram(tmp_path, task):
     assert f"{task} task, method ram, keep_ratio 0.125" in out and "accuracy (%)" in out
 
 
+ALONE = ["--chunk_size=0", "--method=ram", "--ram_query=alone", "--encoder_layers=1"]
+
+
+@pytest.mark.parametrize("method", [[], ["--chunk_size=0"], ["--chunk_size=0", "--method=truncate"],
+                                    ["--chunk_size=0", "--method=ram"], ALONE],
+                         ids=["comet", "full", "truncate", "ram", "ram_alone"])
+def test_every_method_trains_a_step_on_the_recall_task_and_records_it(tmp_path, method):
+    run("train.py", "config/smoke.py", "--task=recall", "--segment=20", "--min_len=200", "--max_len=220",
+        "--max_iters=1", "--eval_interval=0", *method, f"--out_dir={tmp_path}")
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ckpt["config"]["task"] == "recall" and ckpt["iter_num"] == 1
+    if "--method=ram" in method:
+        alone = len(method) > 2
+        assert ckpt["ram_args"]["query"] == ckpt["config"]["ram_query"] == ("alone" if alone else "front")
+        assert ckpt["ram_args"]["encoder_layers"] == ckpt["config"]["encoder_layers"] == (1 if alone else 0)
+
+
 def test_ram_training_losses_are_deterministic_and_resume_refuses_other_ram_settings(tmp_path):
     run("train.py", *SMOKE_RAM, f"--out_dir={tmp_path / 'a'}")
     run("train.py", *SMOKE_RAM, f"--out_dir={tmp_path / 'b'}")
@@ -332,7 +398,7 @@ def test_truncate_baseline_trains_and_reads_only_the_budget(tmp_path, monkeypatc
     (["--method=ram"], "method=ram reads with a plain decoder: set chunk_size=0"),
     (["--method=ram", "--chunk_size=0", "--keep_ratio=2"], "keep_ratio=2"),
     (["--method=rag", "--chunk_size=0"], "method='rag' must be comet, ram or truncate"),
-    (["--task=trivia"], "task='trivia' must be one of passkey, facts"),
+    (["--task=trivia"], "task='trivia' must be one of passkey, facts, recall, needle\n"),
 ])
 def test_bad_ram_training_settings_are_one_clear_error(tmp_path, args, message):
     err = run("train.py", "config/smoke.py", f"--out_dir={tmp_path}", *args, ok=False)
