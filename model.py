@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 from torch.nn.attention.bias import causal_lower_right
 
 from baselines import sliding_window_attention
@@ -305,6 +306,7 @@ class Transformer(nn.Module):
                 self.compression_emb = nn.Parameter(torch.empty(1, cfg.n_embd))
             if cfg.n_global:
                 self.readout_emb = nn.Parameter(torch.empty(cfg.n_global, cfg.n_embd))
+        self.checkpoint_activations = False  # train.py: recompute each layer-over-chunk step in backward
         self.build_rope()
         self.init_weights()
         if verbose:
@@ -387,7 +389,15 @@ class Transformer(nn.Module):
                    past: tuple[Tensor, Tensor] | None = None):
         """S1, the unit of work: layer l over one chunk's rows h (B, L, C), given layer l's memory. With
         `past` (keys/values of an open chunk's earlier rows: streaming) h holds only the layout's last rows.
-        Returns (layer output, keys/values, memory for the next chunk: changed only if the layout is closed)."""
+        Returns (layer output, keys/values, memory for the next chunk: changed only if the layout is closed).
+        With checkpoint_activations (training), only the step's inputs are kept and the rest is recomputed in
+        backward (non-reentrant: exact gradients, any structure in and out)."""
+        if self.checkpoint_activations and torch.is_grad_enabled() and past is None:
+            return checkpoint(self._layer_step, l, h, mem, layout, use_reentrant=False)
+        return self._layer_step(l, h, mem, layout, past)
+
+    def _layer_step(self, l: int, h: Tensor, mem: MemoryState, layout: ChunkLayout,
+                    past: tuple[Tensor, Tensor] | None = None):
         assert mem.prefix_len == layout.n_prefix, "the layout was made for another memory size"
         rows, prefix = layout.positions, mem.prefix() if layout.n_prefix else None  # S2: [G; T] in front
         if past is not None:  # the newest rows of an open chunk, after the cached ones

@@ -89,6 +89,7 @@ warmup = 0.03             # share of the run spent warming up
 min_lr = 0.02             # final lr as a share of lr (cosine decay)
 grad_clip = 1.0           # 0: off
 bptt_chunks = 0           # truncate BPTT every k chunks; 0: through the whole sequence
+checkpoint_activations = False  # keep only each layer-over-chunk step's inputs, recompute the rest in backward
 # -----------------------------------------------------------------------------
 DEFAULTS = {**settings_of(globals()), **ramlib.SETTINGS}  # RAM's own settings (segment, keep_ratio, ...) too
 MODEL_KEYS = tuple(f.name for f in fields(ModelConfig) if f.name in DEFAULTS)  # the settings above that shape it
@@ -211,6 +212,7 @@ def build_model(config: dict, enc, ckpt: dict | None, dev: str, verbose: bool):
         raise ValueError(f"the tokenizer has {enc.n_vocab} ids, the model's vocabulary only {model.config.vocab_size}")
     if config["freeze_base"]:
         llama.freeze_base(model)
+    model.checkpoint_activations = config["checkpoint_activations"]
     return model.to(dev)
 
 
@@ -224,6 +226,8 @@ def check_settings(config: dict, enc) -> None:
         (c["freeze_base"] and not c["chunk_size"], "freeze_base=True trains only the memories: it needs "
                                                    "chunk_size > 0"),
         (c["pipeline"] and not c["chunk_size"], "pipeline=True splits sequences by chunks: it needs chunk_size > 0"),
+        (c["checkpoint_activations"] and (not c["chunk_size"] or c["method"] != "comet"),
+         "checkpoint_activations recomputes CoMeT's layer-over-chunk steps: it needs chunk_size > 0, method=comet"),
         (c["pipeline_schedule"] not in SCHEDULES, f"pipeline_schedule={c['pipeline_schedule']!r} must be wavefront "
                                                    "or naive"),
         (c["pipeline_timeout"] <= 0, f"pipeline_timeout={c['pipeline_timeout']} must be positive"),

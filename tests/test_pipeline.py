@@ -30,6 +30,8 @@ CASES = {
     "global_memory_only": (2, 48, dict(temp_budget=0), 0, "wavefront"),
     "temporary_memory_only": (2, 48, dict(n_global=0), 0, "wavefront"),
     "no_memories": (2, 48, dict(n_global=0, temp_budget=0), 0, "wavefront"),  # nothing to send
+    # every layer-over-chunk step recomputed in backward on the ranks; the reference keeps everything
+    "checkpointed_activations": (3, 75, dict(checkpoint_activations=True), 2, "wavefront"),
 }
 
 
@@ -42,7 +44,10 @@ def batch(n_tokens: int):
 
 def pipelined_step(pipe, n_tokens, overrides, bptt_chunks):
     """On every rank: this rank's share of the loss, backward, all-reduce; returns (loss, gradients)."""
+    overrides = dict(overrides)
+    checkpointed = overrides.pop("checkpoint_activations", False)
     model = tiny_model(**overrides).train()
+    model.checkpoint_activations = checkpointed
     idx, targets = batch(n_tokens)
     logits, span = pipe.forward(model, idx, bptt_chunks)
     loss = F.cross_entropy(logits.flatten(0, 1), targets[:, span].flatten(), ignore_index=-1, reduction="sum")
@@ -53,7 +58,7 @@ def pipelined_step(pipe, n_tokens, overrides, bptt_chunks):
 
 
 def one_process_step(n_tokens, overrides, bptt_chunks):
-    model = tiny_model(**overrides).train()
+    model = tiny_model(**{k: v for k, v in overrides.items() if k != "checkpoint_activations"}).train()
     idx, targets = batch(n_tokens)
     _, loss = model(idx, targets, bptt_chunks=bptt_chunks)
     loss.backward()

@@ -56,6 +56,25 @@ def test_same_seed_and_config_give_identical_losses_for_20_steps(tmp_path):
     assert losses(tmp_path / "c") != a
 
 
+def test_checkpointed_activations_train_with_the_same_losses(tmp_path):
+    run(train_cmd(tmp_path / "a", "--max_iters=8", "--eval_interval=0"))
+    run(train_cmd(tmp_path / "b", "--max_iters=8", "--eval_interval=0", "--checkpoint_activations"))
+    (a, b) = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert len(a) == 8 and [i for i, _ in a] == [i for i, _ in b]
+    assert [x for _, x in b] == pytest.approx([x for _, x in a], rel=1e-6)
+
+
+def test_the_checkpoint_activations_setting_reaches_the_model():
+    for on in (False, True):
+        model = train.build_model({**train.DEFAULTS, "checkpoint_activations": on}, ENC, None, "cpu", verbose=False)
+        assert model.checkpoint_activations is on
+
+
+def test_checkpointed_activations_need_comet(tmp_path):
+    err = fail(train_cmd(tmp_path, "--chunk_size=0", "--checkpoint_activations"))
+    assert "checkpoint_activations recomputes CoMeT's layer-over-chunk steps: it needs chunk_size > 0" in err
+
+
 def test_a_run_killed_after_a_checkpoint_resumes_with_the_same_losses(tmp_path):
     args = ["--max_iters=60", "--ckpt_interval=10", "--eval_interval=25"]
     run(train_cmd(tmp_path / "whole", *args))

@@ -1,0 +1,10 @@
+# docs/scale.md's validation: the plan next to two measured fp32 training steps on this CPU, for the tiny
+# and the 30M shapes, with and without activation checkpointing. Run from the repository root.
+for m in "tiny --context=4096 --batch=4 --chunk_size=64 --n_global=16 --temp_budget=32" \
+         "30M --context=4096 --batch=2 --chunk_size=256 --n_global=16 --temp_budget=64"; do
+  for ck in False True; do
+    echo "== $m checkpoint_activations=$ck"
+    MALLOC_MMAP_THRESHOLD_=65536 python plan.py --model=$m --dtype=float32 --measure --threads=2 --gpu_gib=24 \
+      --checkpoint_activations=$ck
+  done
+done

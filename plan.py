@@ -1,0 +1,222 @@
+"""A memory plan for a CoMeT training run: per-GPU bytes before you rent the GPUs.
+
+    python plan.py --model=Llama-3.1-8B --context=32768 --pp=8 --gpu_gib=80
+    python plan.py --model=Llama-3.1-8B --context=131072 --freeze_base --checkpoint_activations --pp=8
+    python plan.py --model=/path/to/Llama-3.2-1B --context=32768 --checkpoint_activations   # config.json or .gguf
+
+What one GPU holds (docs/scale.md has the assumptions and their validation):
+  parameters   fp32 master weights (a frozen base: bf16), sharded over the dp ranks; the pipeline's ranks
+               each hold every layer (S7 splits chunks, not layers);
+  gradients    fp32, of the trainable parameters, sharded over dp;
+  optimizer    AdamW's two fp32 states of the trainable parameters, sharded over dp;
+  activations  what backward needs of this rank's chunks: every layer's saved tensors per extended-chunk row
+               (`layer_elements`), or with --checkpoint_activations only each layer-over-chunk step's inputs
+               plus one step's saved tensors while it is recomputed;
+  logits       the fp32 logits of this rank's tokens, the loss's log-softmax, and in backward both gradients;
+  transient    one layer's bf16 weights gathered (and the next one prefetched) when dp > 1.
+"""
+from __future__ import annotations
+
+import math
+import resource
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from configurator import configure_or_exit, settings_of
+from llama import read_config
+from model import ModelConfig, Transformer
+
+# named shapes (the published configs; "Qwen3-4B-like": Qwen3-4B's sizes with head size n_embd / n_head)
+SHAPES = {
+    "Llama-3.2-1B": dict(n_layer=16, n_embd=2048, n_head=32, n_kv_head=8, ffn_hidden=8192, vocab_size=128256,
+                         tie_embeddings=True),
+    "Llama-3.1-8B": dict(n_layer=32, n_embd=4096, n_head=32, n_kv_head=8, ffn_hidden=14336, vocab_size=128256,
+                         tie_embeddings=False),
+    "Qwen3-4B-like": dict(n_layer=36, n_embd=2560, n_head=32, n_kv_head=8, ffn_hidden=9728, vocab_size=151936,
+                          tie_embeddings=True),
+    # shapes small enough to measure on a CPU (--measure)
+    "tiny": dict(n_layer=4, n_embd=128, n_head=4, n_kv_head=4, ffn_hidden=320, vocab_size=259),
+    "30M": dict(n_layer=8, n_embd=512, n_head=8, n_kv_head=8, ffn_hidden=1376, vocab_size=259),
+}
+GIB = 2 ** 30
+
+# -----------------------------------------------------------------------------
+model = "Llama-3.2-1B"          # a name in SHAPES, a Llama checkpoint directory (config.json) or a .gguf file
+context = 32768                 # tokens per sequence
+batch = 1                       # sequences per dp rank
+chunk_size = 2048
+n_global = 64
+stride = 8
+temp_budget = 512
+adapter_rank = 8
+pp = 1                          # pipeline ranks (each takes a block of every sequence's chunks)
+dp = 1                          # data-parallel ranks (FSDP2: parameters, gradients and optimizer sharded)
+dtype = "bfloat16"              # compute dtype of activations: bfloat16 | float32
+freeze_base = False             # train only what CoMeT adds; the base is held in bf16
+checkpoint_activations = False
+gpu_gib = 80.0                  # GPU memory to check the plan against
+measure = False                 # also run one training step here (CPU, fp32) and report its peak memory
+threads = 0
+# -----------------------------------------------------------------------------
+
+
+def layer_elements(cfg: ModelConfig, n_prefix: int, n_rows: int) -> int:
+    """Elements one decoder layer (model.Block) saves for backward over one extended chunk: n_prefix memory
+    rows (keys and values only, S2) in front of n_rows rows, as counted with autograd's saved-tensor hooks
+    (tests/test_plan.py). Every row, 5h: the attention norm's input (prefix and rows concatenated), its
+    output, the keys' and values' projection inputs, the keys and values (GQA heads repeated to n_head).
+    The n_rows rows also 6h: q, attention's output, the output projection's input, the FFN norm's input and
+    output, the SwiGLU's input; and 4f: w1, w3, silu(w1) and their product. (Per-row norms, attention's
+    log-sum-exp and the mask are left out: under 3%.) Then the memory update of a closed chunk."""
+    block = (n_prefix + n_rows) * 5 * cfg.n_embd + n_rows * (6 * cfg.n_embd + 4 * cfg.ffn_hidden)
+    # S3, S4: the memory update of a closed chunk (gates, adapters, the new state and FIFO), about 2h per row
+    update = 2 * (2 * cfg.n_global + cfg.temp_budget + cfg.n_compression) * cfg.n_embd
+    return block + update
+
+
+@dataclass
+class Plan:
+    parameters: int
+    gradients: int
+    optimizer: int
+    activations: int
+    logits: int
+    transient: int
+    base_params: int
+    memory_params: int
+    chunks_per_rank: int
+
+    @property
+    def peak(self) -> int:
+        """Weights and optimizer states stay; backward frees the activations as the gradients fill in."""
+        return self.parameters + self.optimizer + self.transient + max(self.activations + self.logits, self.gradients)
+
+
+def model_config(name: str, settings: dict) -> ModelConfig:
+    """ModelConfig of a named shape or a checkpoint (llama.read_config) with the plan's CoMeT settings."""
+    comet = {k: settings[k] for k in ("chunk_size", "n_global", "stride", "temp_budget", "adapter_rank")}
+    if name in SHAPES:
+        return ModelConfig(**SHAPES[name], **comet)
+    args, _ = read_config(name)
+    return ModelConfig(**{**args, **comet})
+
+
+def make_plan(cfg: ModelConfig, context: int, batch: int, pp: int, dp: int, act_bytes: int,
+              freeze_base: bool, checkpoint_activations: bool) -> Plan:
+    """Per-GPU bytes of one training step (see the module's docstring for what each term holds)."""
+    with torch.device("meta"):
+        base, mem = Transformer(cfg, verbose=False).param_counts()  # exact counts, no memory used
+    trainable = mem if freeze_base else base + mem
+    n_chunks = math.ceil(context / cfg.chunk_size)
+    mine = math.ceil(n_chunks / pp)
+    slots = cfg.n_global + cfg.temp_budget  # the memory prefix [G; T] (S2)
+    rows = cfg.chunk_size + cfg.n_compression + cfg.n_global  # the chunk's own rows [X; R]
+    layer = layer_elements(cfg, slots, rows) * batch * act_bytes  # one layer over one chunk
+    if checkpoint_activations:  # kept: each step's input rows and memory state (s, G, T); one step recomputed
+        acts = cfg.n_layer * mine * batch * (rows + 2 * cfg.n_global + cfg.temp_budget) * cfg.n_embd * act_bytes
+        acts += layer
+    else:
+        acts = cfg.n_layer * mine * layer
+    tokens = batch * min(context, mine * cfg.chunk_size)
+    layer_params = (base - 2 * cfg.vocab_size * cfg.n_embd) // cfg.n_layer
+    # fp32 logits, the loss's log-softmax and, in backward, the gradients of both; bf16 logits under autocast
+    logit_bytes = 4 * 4 + (2 if act_bytes == 2 else 0)
+    acts += 3 * tokens * cfg.n_embd * act_bytes  # the last layer's token states gathered, normed, fed to the output
+    return Plan(parameters=(base * (2 if freeze_base else 4) + mem * 4) // dp, gradients=4 * trainable // dp,
+                optimizer=8 * trainable // dp, activations=acts, logits=logit_bytes * tokens * cfg.vocab_size,
+                transient=2 * 2 * layer_params if dp > 1 else 0, base_params=base, memory_params=mem,
+                chunks_per_rank=mine)
+
+
+def rss() -> int:
+    """This process's peak resident memory so far, bytes (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def measure_step(cfg: ModelConfig, context: int, batch: int, freeze_base: bool,
+                 checkpoint_activations: bool) -> tuple[int, int]:
+    """Two fp32 training steps here (forward, backward, AdamW; the second is what every later step looks like,
+    the optimizer's states already there) of a random model on random tokens: (peak resident memory before
+    them, after them). Their difference is what training adds beyond the weights (the plan's peak minus its
+    parameters)."""
+    torch.manual_seed(0)
+    model = Transformer(cfg, verbose=False)
+    model.checkpoint_activations = checkpoint_activations
+    if freeze_base:
+        for name, p in model.named_parameters():
+            p.requires_grad_(model.is_memory_param(name))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    idx = torch.randint(cfg.vocab_size, (batch, context + 1))
+    before = rss()
+    for _ in range(2):
+        logits, _ = model(idx[:, :-1])
+        F.cross_entropy(logits.flatten(0, 1), idx[:, 1:].flatten()).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        del logits
+    return before, rss()
+
+
+def advice(plan: Plan, cfg: dict) -> str:
+    """What to change when the plan does not fit."""
+    tips = [] if cfg["checkpoint_activations"] else ["--checkpoint_activations"]
+    if plan.parameters + plan.gradients + plan.optimizer > plan.activations + plan.logits:
+        tips.append(f"--dp={2 * cfg['dp']}")  # sharding shrinks the states
+    else:
+        tips.append(f"--pp={2 * cfg['pp']}")  # each pipeline rank keeps its own chunks' activations and logits
+    if not cfg["freeze_base"]:
+        tips.append("--freeze_base")
+    return " or ".join(tips)
+
+
+def report(plan: Plan, cfg: dict) -> str:
+    """The plan as a table, and whether it fits."""
+    lines = [f"{cfg['model']}: {plan.base_params / 1e9:.2f}B base + {plan.memory_params / 1e6:.1f}M memory "
+             f"parameters; {cfg['context']:,} tokens x {cfg['batch']} in chunks of {cfg['chunk_size']} "
+             f"({plan.chunks_per_rank} per rank); pp={cfg['pp']} x dp={cfg['dp']}, "
+             f"{'frozen base' if cfg['freeze_base'] else 'full fine-tune'}, activations in {cfg['dtype']}"
+             f"{', checkpointed' if cfg['checkpoint_activations'] else ''}", ""]
+    for name in ("parameters", "gradients", "optimizer", "activations", "logits", "transient", "peak"):
+        lines.append(f"  {name:<12} {getattr(plan, name) / GIB:9.2f} GiB")
+    need, have = plan.peak / GIB, cfg["gpu_gib"]
+    lines.append("")
+    lines.append(f"fits: {need:.1f} GiB per GPU of {have:g}" if need <= have else
+                 f"does not fit: needs {need:.1f} GiB per GPU, you have {have:g}: try {advice(plan, cfg)}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    cfg = configure_or_exit(settings_of(globals()))
+    try:
+        bad = [k for k in ("context", "batch", "chunk_size", "pp", "dp") if cfg[k] <= 0]
+        if bad or cfg["dtype"] not in ("bfloat16", "float32") or cfg["gpu_gib"] <= 0:
+            raise ValueError(f"{', '.join(bad) or 'dtype or gpu_gib'}: context, batch, chunk_size, pp, dp and "
+                             "gpu_gib must be positive, dtype bfloat16 or float32")
+        if math.ceil(cfg["context"] / cfg["chunk_size"]) < cfg["pp"]:
+            raise ValueError(f"{math.ceil(cfg['context'] / cfg['chunk_size'])} chunks cannot split over pp="
+                             f"{cfg['pp']} ranks: lower pp or chunk_size")
+        mc = model_config(cfg["model"], cfg)
+    except (OSError, ValueError, TypeError) as e:
+        raise SystemExit(f"error: {e}")
+    act_bytes = 2 if cfg["dtype"] == "bfloat16" else 4
+    plan = make_plan(mc, cfg["context"], cfg["batch"], cfg["pp"], cfg["dp"], act_bytes, cfg["freeze_base"],
+                     cfg["checkpoint_activations"])
+    print(report(plan, cfg))
+    fits = plan.peak <= cfg["gpu_gib"] * GIB
+    if cfg["measure"]:  # the plan of this CPU's step: one process, fp32
+        plan = make_plan(mc, cfg["context"], cfg["batch"], 1, 1, 4, cfg["freeze_base"], cfg["checkpoint_activations"])
+        if cfg["threads"]:
+            torch.set_num_threads(cfg["threads"])
+        before, after = measure_step(mc, cfg["context"], cfg["batch"], cfg["freeze_base"],
+                                     cfg["checkpoint_activations"])
+        predicted = plan.peak - plan.parameters - plan.transient
+        print(f"measured here (CPU, fp32, pp=1, dp=1): two steps added {(after - before) / GIB:.3f} GiB to the "
+              f"peak resident memory; the plan says {predicted / GIB:.3f} GiB (peak - parameters)")
+    if not fits:
+        raise SystemExit(1)  # scripts can ask: does it fit?
+
+
+if __name__ == "__main__":
+    main()
