@@ -10,24 +10,34 @@ functions, so backward runs the same wavefront in reverse; weight gradients are 
     torchrun --standalone --nproc_per_node=2 train.py config/smoke.py --pipeline=True
     python pipeline_sim.py --simulate --layers 28 --ranks 8   # the schedules' ideal utilisation; --measure: CPU
 
+With dp > 1 (`--dp`) the ranks form a (pp, dp) DeviceMesh: world / dp pipelines, each reading its own
+slice of every batch, their weights, gradients and AdamW states sharded across "dp" by FSDP2
+(`Pipeline.shard`); the pipeline's gradient all-reduce then runs over "pp" only (docs/scale.md).
+
 Only torch.distributed moves data (gloo on CPU, NCCL on CUDA); every wait has a timeout, so a rank
 that dies, raises or hangs stops the others within it, with a message naming the rank and layer.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import pickle
 import queue
 import re
 import time
+import warnings
 from datetime import timedelta
 from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch import Tensor
+from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
 
 from memory import MemoryState
 from model import Transformer, bptt_cut
@@ -89,25 +99,40 @@ class Pipeline:
     NOTE: messages carry no tags: between two ranks they match in the order they were posted, which is
     what NCCL requires, so the gloo tests check that both sides post in the same order."""
 
-    def __init__(self, schedule: str = "wavefront", timeout: float = 60.0, device: str = "cpu"):
+    def __init__(self, schedule: str = "wavefront", timeout: float = 60.0, device: str = "cpu", dp: int = 1):
         if schedule not in SCHEDULES:
             raise ValueError(f"pipeline schedule {schedule!r} must be 'wavefront' or 'naive'")
-        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        world = dist.get_world_size()
+        if dp < 1 or world % dp:
+            raise ValueError(f"{world} processes cannot form pp x dp with dp={dp}: the world size must be a multiple "
+                             "of dp (pp = world size / dp)")
+        self.dp, self.mesh, self.groups, self.root = dp, None, (None, None), None  # groups (pp, dp); None: all
+        self.rank, self.world, self.peers = dist.get_rank(), world, list(range(world))
+        if dp > 1:  # a (pp, dp) grid: a sequence's chunks split along "pp", sequences and shards along "dp"
+            self.mesh = init_device_mesh(torch.device(device).type, (world // dp, dp), mesh_dim_names=("pp", "dp"))
+            self.rank, self.world = self.mesh.get_local_rank("pp"), world // dp  # this rank's place in its pipeline
+            self.peers = self.mesh["pp"].mesh.tolist()  # the global ranks of this pipeline, by place
+            self.groups = self.mesh.get_group("pp"), self.mesh.get_group("dp")
         self.schedule, self.timeout, self.device = schedule, timeout, device
         self.pending: list = []  # sends in flight (work, buffer, what, peer, layer), finished by `all_reduce`
         self.wait_s = 0.0  # time this rank spent blocked on a peer (for utilisation)
 
     @staticmethod
     def from_env(device: str, schedule: str = "wavefront", timeout: float = 60.0, min_chunks: int | None = None,
-                 threads: int = 0) -> Pipeline:
-        """Join the process group torchrun describes in the environment (RANK, WORLD_SIZE, ...); one clear
-        ValueError without torchrun, or if a sequence of `min_chunks` chunks cannot split over the ranks.
+                 threads: int = 0, dp: int = 1) -> Pipeline:
+        """Join the process group torchrun describes in the environment (RANK, WORLD_SIZE, ...) as world / dp
+        pipelines of dp sharded ranks; one clear ValueError without torchrun, for a world size that is no
+        multiple of dp, or if a sequence of `min_chunks` chunks cannot split over a pipeline's ranks.
         On CPU, one thread per rank unless `threads` says otherwise."""
         if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-            raise ValueError("pipeline=True needs torchrun, e.g. "
+            raise ValueError("pipeline=True or dp > 1 needs torchrun, e.g. "
                              "torchrun --standalone --nproc_per_node=2 train.py ... --pipeline=True")
+        world = int(os.environ["WORLD_SIZE"])
+        if world % dp:
+            raise ValueError(f"{world} processes cannot form pp x dp with dp={dp}: the world size must be a "
+                             "multiple of dp (pp = world size / dp)")
         if min_chunks is not None:
-            rank_chunks(min_chunks, 0, int(os.environ["WORLD_SIZE"]))
+            rank_chunks(min_chunks, 0, world // dp)
         cuda = torch.device(device).type == "cuda"
         if cuda:
             device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
@@ -117,7 +142,7 @@ class Pipeline:
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=2 * timeout + 30))
         if not cuda and not threads:
             torch.set_num_threads(1)  # one core per rank: oversubscribed cores slow gloo runs badly
-        return Pipeline(schedule, timeout, device)
+        return Pipeline(schedule, timeout, device, dp)
 
     def _fail(self, what: str, peer: int, layer: int | None, err: Exception | None) -> PipelineError:
         # gloo's text is "[file.cc:553] Connection closed by peer [ip]:port. This is typically ...": keep the fact
@@ -139,7 +164,7 @@ class Pipeline:
 
     def _post(self, op, buf: Tensor, peer: int, layer: int, what: str):
         try:  # gloo: a dead peer may fail the call itself
-            return op(buf, peer)
+            return op(buf, self.peers[peer])  # peer: a place in this pipeline
         except Exception as e:
             raise self._fail(what, peer, layer, e) from None
 
@@ -176,9 +201,16 @@ class Pipeline:
     # --- one training step: forward, then backward + all-reduce ----------------------------------------
 
     def forward(self, model: Transformer, idx: Tensor, bptt_chunks: int = 0) -> tuple[Tensor, slice]:
-        """S7: idx (B, N) is the whole sequence (every rank gets it). Returns the logits of this rank's
-        tokens (B, n, V) and which tokens they are (idx[:, span]). Same maths as `model(idx)`; then
-        `loss.backward()` runs the wavefront in reverse and `all_reduce` sums the weight gradients."""
+        """S7: idx (B, N) is the whole sequence (every rank of this pipeline gets it). Returns the logits of
+        this rank's tokens (B, n, V) and which tokens they are (idx[:, span]). Same maths as `model(idx)`;
+        then `loss.backward()` runs the wavefront in reverse and `all_reduce` sums the weight gradients.
+        Sharded (dp > 1): through FSDP2's root unit, which gathers the weights outside the blocks."""
+        if self.root is not None:
+            return self.root(idx, bptt_chunks)
+        return self.wavefront(model, idx, bptt_chunks)
+
+    def wavefront(self, model: Transformer, idx: Tensor, bptt_chunks: int = 0) -> tuple[Tensor, slice]:
+        """`forward`'s work: this rank's chunks, layer by layer, memories received and sent on."""
         cfg, B, N = model.config, idx.size(0), idx.size(1)
         if not cfg.comet:
             raise ValueError("the pipeline splits a sequence by chunks: it needs chunk_size > 0")
@@ -218,22 +250,76 @@ class Pipeline:
         span = slice(mine.start * cs, min(N, mine.stop * cs))
         return model.output(model.norm(h)), span
 
+    def shard(self, model: Transformer) -> None:
+        """FSDP2 over "dp" (dp > 1): every decoder block and then the rest sharded across the dp ranks, which
+        gather a block's weights to run it and reduce-scatter (average) its gradients; a no-op for dp = 1.
+        Call it before building the optimizer (the parameters become DTensors)."""
+        if self.mesh is not None:
+            # a block returns its keys/values as views; we never change a block's output in place
+            warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+            for block in model.layers:
+                fully_shard(block, mesh=self.mesh["dp"])
+            self.root = _Root(model, self)  # the weights outside the blocks, gathered around `forward`
+            fully_shard(self.root, mesh=self.mesh["dp"])
+
+    @property
+    def dp_rank(self) -> int:
+        """Which slice of every batch this rank reads (its place along "dp")."""
+        return self.mesh.get_local_rank("dp") if self.mesh is not None else 0
+
+    @contextlib.contextmanager
+    def gathered(self):
+        """The weights outside the blocks gathered whole (dp > 1), for code that runs the model outside the
+        pipeline's forward, e.g. the evaluation's streaming; every dp rank must run the same code."""
+        if self.root is None:
+            yield
+            return
+        self.root.unshard()
+        try:
+            yield
+        finally:
+            self.root.reshard()
+
+    def state_dicts(self, model: Transformer, optimizer) -> tuple[dict, dict]:
+        """(model, optimizer) state dicts for a checkpoint. Sharded (dp > 1): gathered whole onto the CPU
+        (every rank must call it; rank 0 gets the tensors), the optimizer's keyed by parameter name
+        (`load_optimizer` reads it back on any layout)."""
+        if self.root is None:
+            return model.state_dict(), optimizer.state_dict()
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, optimizer, options=opts)
+
     def all_reduce(self, model: Transformer, loss: Tensor, flag: float = 0.0) -> tuple[float, float]:
-        """After `loss.backward()`: one all-reduce (sum) of the trainable weights' gradients, of the loss
-        and of `flag` (e.g. 'stop requested'). `loss` must be this rank's share of the total loss (its
-        tokens' sum / the whole batch's count). Returns (total loss, sum of flags)."""
+        """After `loss.backward()`: one all-reduce (sum) over this pipeline's ranks of the trainable weights'
+        gradients (with dp > 1: this rank's shards, already averaged over dp by FSDP), of the loss and of
+        `flag` (e.g. 'stop requested'); with dp > 1 then the loss averaged and the flags summed over dp.
+        `loss` must be this rank's share of its pipeline's loss (its tokens' sum / the batch's count).
+        Returns (total loss, sum of flags)."""
         self.finish_sends()
         params = [p for p in model.parameters() if p.requires_grad]
-        parts = [p.grad.flatten() if p.grad is not None else p.new_zeros(p.numel()) for p in params]
-        has = torch.tensor([p.grad is not None for p in params], dtype=parts[0].dtype, device=parts[0].device)
+        local = [None if p.grad is None else p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+                 for p in params]
+        parts = [g.flatten() if g is not None else torch.zeros(_local_numel(p), device=self.device) for g, p in
+                 zip(local, params)]
+        has = torch.tensor([g is not None for g in local], dtype=parts[0].dtype, device=parts[0].device)
         extra = torch.stack([loss.detach().to(has), has.new_tensor(flag)])
         flat = torch.cat([*parts, has, extra])
-        self._wait(dist.all_reduce(flat, async_op=True), "all-reduce the gradients with every rank",
-                   peer=-1, layer=None)
-        grads = flat[:-2 - len(params)].split([p.numel() for p in params])
-        for p, g, n in zip(params, grads, flat[-2 - len(params):-2]):
-            p.grad = g.view_as(p).to(p.dtype) if n > 0 else None  # unused on every rank: None, as in one process
-        return flat[-2].item(), flat[-1].item()
+        self._wait(dist.all_reduce(flat, group=self.groups[0], async_op=True),
+                   "all-reduce the gradients with every rank", peer=-1, layer=None)
+        grads = flat[:-2 - len(params)].split([len(x) for x in parts])
+        for p, g, n, mine in zip(params, grads, flat[-2 - len(params):-2], local):
+            if n == 0:
+                p.grad = None  # unused on every rank: None, as in one process
+            elif mine is not None and mine is not p.grad:
+                mine.copy_(g.view_as(mine))  # a DTensor's local shard
+            else:
+                p.grad = g.view_as(p).to(p.dtype)
+        loss_flag = flat[-2:]
+        if self.dp > 1:  # the dp ranks read different sequences: their losses average, their flags add up
+            self._wait(dist.all_reduce(loss_flag, group=self.groups[1], async_op=True),
+                       "all-reduce the loss with every rank", peer=-1, layer=None)
+            loss_flag = loss_flag / loss_flag.new_tensor([self.dp, 1])
+        return loss_flag[0].item(), loss_flag[1].item()
 
     def barrier(self, what: str, timeout: float) -> None:
         """Wait (up to `timeout` s) until every rank gets here, e.g. while rank 0 writes a checkpoint."""
@@ -251,6 +337,33 @@ class Pipeline:
 
 # --- local launcher (tests, --measure): P CPU processes, one thread each ---------------------------
 
+class _Root(nn.Module):
+    """FSDP2's root unit over a model whose blocks are sharded units of their own: calling it gathers the
+    embeddings, norms, output and memories, and runs the pipeline's forward (the model's own `forward` is
+    not what the pipeline runs)."""
+
+    def __init__(self, model: Transformer, pipe: Pipeline):
+        super().__init__()
+        self.model, self.run = model, pipe.wavefront
+
+    def forward(self, idx: Tensor, bptt_chunks: int) -> tuple[Tensor, slice]:
+        return self.run(self.model, idx, bptt_chunks)
+
+
+def load_optimizer(model: Transformer, optimizer, state: dict, by_name: bool) -> None:
+    """A checkpoint's optimizer state into this process's optimizer, sharded or not: keyed by parameter name
+    (`Pipeline.state_dicts` of a sharded run), or by position (`optimizer.state_dict()`)."""
+    if by_name:
+        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(state)
+
+
+def _local_numel(p: Tensor) -> int:
+    """Elements of this rank's part of a parameter (a DTensor's shard, or the whole tensor)."""
+    return p.to_local().numel() if hasattr(p, "to_local") else p.numel()
+
+
 class RankResult(NamedTuple):
     code: int | None  # exit code; None: still running at the deadline (then killed)
     status: str       # "ok", "error" (a PipelineError) or "died" (no report)
@@ -258,13 +371,13 @@ class RankResult(NamedTuple):
     seconds: float    # from joining the process group to the report
 
 
-def _rank_main(rank: int, world: int, port: int, timeout: float, schedule: str, fn, args, results) -> None:
+def _rank_main(rank: int, world: int, port: int, timeout: float, schedule: str, fn, args, results, dp: int) -> None:
     torch.set_num_threads(1)  # one core per rank: oversubscribed cores make gloo runs crawl
     store = dist.TCPStore("127.0.0.1", port, world + 1, is_master=False, timeout=timedelta(seconds=timeout))
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timedelta(seconds=timeout))
     t0 = time.monotonic()
     try:  # plain pickle: tensors by value (the queue's own pickler shares memory with a rank about to exit)
-        value = fn(Pipeline(schedule, timeout), *args)
+        value = fn(Pipeline(schedule, timeout, dp=dp), *args)
         results.put((rank, "ok", pickle.dumps(value), time.monotonic() - t0))
     except PipelineError as e:
         results.put((rank, "error", pickle.dumps(str(e)), time.monotonic() - t0))
@@ -274,15 +387,15 @@ def _rank_main(rank: int, world: int, port: int, timeout: float, schedule: str, 
 
 
 def launch(fn, world: int, *args, schedule: str = "wavefront", timeout: float = 30.0,
-           deadline: float | None = None) -> list[RankResult]:
+           deadline: float | None = None, dp: int = 1) -> list[RankResult]:
     """Run fn(pipe, *args) on `world` local gloo processes (fn must be importable: spawn pickles it by
-    name). Ranks still running `deadline` seconds after the start, or a timeout after another rank
+    name), as world / dp pipelines of dp-sharded ranks (`Pipeline`). Ranks still running `deadline` seconds after the start, or a timeout after another rank
     reported an error, are killed. One result per rank."""
     ctx = mp.get_context("spawn")
     # the rendezvous store lives here, on a port the OS picks (port 0: no collisions between runs)
     store = dist.TCPStore("127.0.0.1", 0, world + 1, is_master=True, wait_for_workers=False)
     results = ctx.Queue()
-    procs = [ctx.Process(target=_rank_main, args=(r, world, store.port, timeout, schedule, fn, args, results))
+    procs = [ctx.Process(target=_rank_main, args=(r, world, store.port, timeout, schedule, fn, args, results, dp))
              for r in range(world)]
     for p in procs:
         p.start()

@@ -33,7 +33,7 @@ from configurator import configure_or_exit, pick_device, pick_dtype, settings_of
 from data import TASKS, filler_tokens, get_tokenizer, sample_batch, stack
 from eval_passkey import passkey_cell
 from model import Block, ModelConfig, Transformer
-from pipeline import SCHEDULES, Pipeline, PipelineError, reduce_step
+from pipeline import SCHEDULES, Pipeline, PipelineError, load_optimizer, reduce_step
 
 # -----------------------------------------------------------------------------
 # run
@@ -52,6 +52,8 @@ ckpt_interval = 300       # iterations between checkpoints (and at the end)
 pipeline = False          # split every sequence by chunks over the torchrun ranks (S7); needs torchrun
 pipeline_schedule = "wavefront"  # wavefront (S7) | naive (a rank waits until the previous one finished)
 pipeline_timeout = 60.0   # seconds a rank waits for another before every rank stops with an error
+dp = 1                    # data-parallel ranks under torchrun (FSDP2: weights, gradients, AdamW states sharded);
+                          # each reads batch_size sequences; pipeline=True: world size = pp x dp (docs/scale.md)
 # model (ModelConfig)
 n_layer = 4
 n_head = 4
@@ -94,6 +96,7 @@ checkpoint_activations = False  # keep only each layer-over-chunk step's inputs,
 DEFAULTS = {**settings_of(globals()), **ramlib.SETTINGS}  # RAM's own settings (segment, keep_ratio, ...) too
 MODEL_KEYS = tuple(f.name for f in fields(ModelConfig) if f.name in DEFAULTS)  # the settings above that shape it
 MEMORY_KEYS = ("chunk_size", "n_global", "stride", "temp_budget", "adapter_rank", "global_gate", "window")
+dp_rank = 0  # this process's place along "dp" (main sets it under torchrun): which slice of every batch it reads
 
 
 def get_lr(it: int) -> float:
@@ -111,8 +114,9 @@ def get_samples(enc, it: int) -> tuple[list, int]:
     rng = random.Random(seed * 1_000_003 + it)
     ramp = min(1.0, it / (curriculum * max_iters)) if curriculum else 1.0
     length = rng.randint(min_len, round(min_len + ramp * (max_len - min_len)))
-    return sample_batch(enc, batch_size, length, rng.randrange(2**62), digits, task=task,
-                        filler=filler_tokens(enc, filler, "train")), length
+    rows = sample_batch(enc, batch_size * dp, length, rng.randrange(2**62), digits, task=task,
+                        filler=filler_tokens(enc, filler, "train"))  # dp > 1: this rank's slice of them
+    return rows[dp_rank * batch_size:(dp_rank + 1) * batch_size], length
 
 
 def lm_batch(samples: list, device: str, keep: int = 0) -> tuple[tuple, int]:
@@ -172,8 +176,13 @@ def make_optimizer(model: Transformer, fused: bool) -> torch.optim.AdamW:
          for (mem, decay), ps in groups.items()], lr=lr, betas=(beta1, beta2), fused=fused)
 
 
-def evaluate(model, enc) -> float:
+def evaluate(model, enc, pipe: Pipeline | None) -> float:
     """Exact-match accuracy on the task at max_len over 5 depths (fixed trials, never seen in training)."""
+    with pipe.gathered() if pipe else contextlib.nullcontext():  # sharded: every dp rank evaluates alike
+        return _evaluate(model, enc)
+
+
+def _evaluate(model, enc) -> float:
     model.eval()
     per_depth = max(1, eval_trials // 5)
     correct = sum(passkey_cell(model, enc, max_len, d, per_depth, 10**9 + 10 * seed + k, digits, task=task,
@@ -226,6 +235,8 @@ def check_settings(config: dict, enc) -> None:
         (c["freeze_base"] and not c["chunk_size"], "freeze_base=True trains only the memories: it needs "
                                                    "chunk_size > 0"),
         (c["pipeline"] and not c["chunk_size"], "pipeline=True splits sequences by chunks: it needs chunk_size > 0"),
+        (c["dp"] < 1 or (c["dp"] > 1 and (not c["chunk_size"] or c["method"] != "comet" or c["freeze_base"])),
+         f"dp={c['dp']} must be >= 1; dp > 1 shards CoMeT (chunk_size > 0, method=comet; not yet freeze_base)"),
         (c["checkpoint_activations"] and (not c["chunk_size"] or c["method"] != "comet"),
          "checkpoint_activations recomputes CoMeT's layer-over-chunk steps: it needs chunk_size > 0, method=comet"),
         (c["pipeline_schedule"] not in SCHEDULES, f"pipeline_schedule={c['pipeline_schedule']!r} must be wavefront "
@@ -281,14 +292,14 @@ def read_settings() -> tuple[dict, dict | None]:
     return config, ckpt
 
 
-def start(model, optimizer, ckpt: dict | None, pipe: Pipeline | None, master: bool) -> tuple[int, float | None]:
+def start(model, optimizer, ckpt: dict | None, master: bool) -> tuple[int, float | None]:
     """Resume (optimizer and RNG state, the log cut back to the checkpoint, a torn line dropped) or start a
-    fresh log; every rank takes rank 0's weights; compile. Returns (first iteration to run, last accuracy)."""
+    fresh log; compile. Returns (first iteration to run, last accuracy)."""
     iter_num, acc, log_path = 0, None, os.path.join(out_dir, "log.jsonl")
     if master:
         os.makedirs(out_dir, exist_ok=True)
     if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
+        load_optimizer(model, optimizer, ckpt["optimizer"], ckpt.get("optimizer_by_name", False))
         torch.set_rng_state(ckpt["rng"]["torch"])
         iter_num, acc = ckpt["iter_num"], ckpt.get("passkey_acc")
         if master and os.path.exists(log_path):
@@ -300,8 +311,6 @@ def start(model, optimizer, ckpt: dict | None, pipe: Pipeline | None, master: bo
             print(f"resuming from {os.path.join(out_dir, 'ckpt.pt')} at iteration {iter_num}")
     elif master and os.path.exists(log_path):
         os.remove(log_path)
-    if pipe:
-        pipe.broadcast_parameters(model)  # every rank holds rank 0's weights, whatever happened before
     if compile:
         for block in model.modules():
             if isinstance(block, Block):
@@ -329,13 +338,19 @@ def train_step(model, optimizer, train: Method, pipe: Pipeline | None, autocast,
     return dict(iter=it, loss=loss, lr=lr_now, len=length, **parts), tokens, halt
 
 
-def checkpoint(model, optimizer, it: int, acc: float | None, config: dict, path: str, base: dict | None) -> None:
-    """Everything a run needs to resume exactly, written atomically (checkpoint.save_checkpoint). A frozen
-    pretrained base (base: llama.base_header) is not written again: the checkpoint holds only the memories
-    and names the base, and memories.safetensors beside it is what to ship (a few MB, no optimizer)."""
+def checkpoint(model, optimizer, it: int, acc: float | None, config: dict, path: str, base: dict | None,
+               pipe: Pipeline | None, master: bool) -> None:
+    """Everything a run needs to resume exactly, written atomically (checkpoint.save_checkpoint) by the master.
+    Sharded (dp > 1): every rank calls it, their shards gathered whole (the same file as one process writes,
+    the optimizer keyed by parameter name). A frozen pretrained base (base: llama.base_header) is not written
+    again: the checkpoint holds only the memories and names the base, and memories.safetensors beside it is
+    what to ship (a few MB, no optimizer)."""
+    weights, opt = pipe.state_dicts(model, optimizer) if pipe else (model.state_dict(), optimizer.state_dict())
+    if not master:
+        return
     extra = {"ram_args": asdict(model.ram)} if isinstance(model, ramlib.RAM) else {"base": base} if base else {}
-    weights = llama.memory_state(model) if base else model.state_dict()
-    save_checkpoint(dict(model=weights, optimizer=optimizer.state_dict(), model_args=asdict(model.config),
+    save_checkpoint(dict(model=llama.memory_state(model) if base else weights, optimizer=opt,
+                         optimizer_by_name=bool(pipe and pipe.dp > 1), model_args=asdict(model.config),
                          iter_num=it, config=config, passkey_acc=acc, rng=dict(torch=torch.get_rng_state()), **extra),
                     path)
     if base:
@@ -351,9 +366,13 @@ def main() -> None:
         dev = pick_device(device)
         # pipeline: this process's place among the torchrun ranks; the shortest sequence must split over them
         pipe = Pipeline.from_env(dev, pipeline_schedule, pipeline_timeout, math.ceil((min_len - 1) / chunk_size),
-                                 threads) if pipeline else None
+                                 threads, dp) if pipeline or dp > 1 else None
+        if pipe and not pipeline and pipe.world > 1:
+            raise ValueError(f"{pipe.world * dp} processes, dp={dp}: without pipeline=True every process is a dp "
+                             f"rank (--dp={pipe.world * dp}); or split sequences too with --pipeline=True")
         dev = pipe.device if pipe else dev  # cuda:N on a pipeline rank
-        master = pipe is None or pipe.rank == 0  # logs, prints and writes checkpoints
+        master = pipe is None or torch.distributed.get_rank() == 0  # logs, prints and writes checkpoints
+        globals()["dp_rank"] = pipe.dp_rank if pipe else 0  # noqa: the batch slice `get_samples` reads
         precision = pick_dtype(dtype, dev)  # bf16: autocast, the weights stay fp32
         if threads:
             torch.set_num_threads(threads)
@@ -363,10 +382,13 @@ def main() -> None:
                                             if freeze_base and llama.is_pretrained(init_from) else None)
     except (OSError, TypeError, ValueError) as e:
         raise SystemExit(f"error: {e}")
+    if pipe:
+        pipe.broadcast_parameters(model)  # every rank holds rank 0's weights, whatever happened before
+        pipe.shard(model)  # dp > 1: FSDP2 over "dp", before the optimizer sees the parameters
     autocast = torch.autocast(torch.device(dev).type, dtype=torch.bfloat16, enabled=precision == torch.bfloat16)
     optimizer = make_optimizer(model, fused=torch.device(dev).type == "cuda")
     train = pick_method(pipe, dev)
-    iter_num, acc = start(model, optimizer, ckpt, pipe, master)
+    iter_num, acc = start(model, optimizer, ckpt, master)
     ckpt_path, log_path = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "log.jsonl")
     stop = []  # Ctrl-C: finish the step, checkpoint, exit
     signal.signal(signal.SIGINT, lambda *_: stop.append(True))
@@ -380,13 +402,14 @@ def main() -> None:
                 n_tok += tokens
                 done = it + 1 == max_iters
                 if (eval_interval and (it + 1) % eval_interval == 0) or done:
-                    record["passkey_acc"] = acc = evaluate(model, enc)  # every rank: no one waits for rank 0
+                    record["passkey_acc"] = acc = evaluate(model, enc, pipe)  # every rank: no one waits for rank 0
                 save = (ckpt_interval and (it + 1) % ckpt_interval == 0) or done or halt
                 if master:
                     log.write(json.dumps(record) + "\n")
                     log.flush()
-                    if save:
-                        checkpoint(model, optimizer, it + 1, acc, config, ckpt_path, base)
+                if save:  # every rank (sharded: the shards are gathered), rank 0 writes
+                    checkpoint(model, optimizer, it + 1, acc, config, ckpt_path, base, pipe, master)
+                if master:
                     tok_s = n_tok / (time.perf_counter() - t0)  # evaluations included: what a run really gets
                     bar.set_postfix(loss=f"{record['loss']:.3f}", len=record["len"], tok_s=f"{tok_s:,.0f}",
                                     acc="-" if acc is None else f"{acc:.0%}")

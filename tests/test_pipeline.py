@@ -3,6 +3,7 @@ pipeline_sim.py's simulator."""
 import json
 import os
 import signal
+import shutil
 import subprocess
 import sys
 import time
@@ -35,8 +36,8 @@ CASES = {
 }
 
 
-def batch(n_tokens: int):
-    idx = torch.randint(32, (2, n_tokens), generator=torch.Generator().manual_seed(1))
+def batch(n_tokens: int, rows: int = 2):
+    idx = torch.randint(32, (rows, n_tokens), generator=torch.Generator().manual_seed(1))
     targets = torch.roll(idx, -1, 1)
     targets[:, -1] = -1  # ignored, as at the end of a training sequence
     return idx, targets
@@ -57,9 +58,9 @@ def pipelined_step(pipe, n_tokens, overrides, bptt_chunks):
     return total, {n: p.grad for n, p in model.named_parameters()}
 
 
-def one_process_step(n_tokens, overrides, bptt_chunks):
+def one_process_step(n_tokens, overrides, bptt_chunks, rows=2):
     model = tiny_model(**{k: v for k, v in overrides.items() if k != "checkpoint_activations"}).train()
-    idx, targets = batch(n_tokens)
+    idx, targets = batch(n_tokens, rows)
     _, loss = model(idx, targets, bptt_chunks=bptt_chunks)
     loss.backward()
     return loss.item(), {n: p.grad for n, p in model.named_parameters()}
@@ -90,6 +91,30 @@ def assert_same_step(per_rank, reference):
 @pytest.mark.parametrize("case", CASES)
 def test_pipeline_loss_and_every_gradient_equal_one_process(results, case):
     assert_same_step(*results[case])
+
+
+def sharded_step(pipe, n_tokens, rows):
+    """On every rank of a (pp, dp) grid: its dp slice of the batch, FSDP2 over dp, the pipeline over pp;
+    returns (loss, every gradient gathered whole)."""
+    model = tiny_model().train()
+    pipe.shard(model)
+    idx, targets = batch(n_tokens, rows * pipe.dp)
+    d = pipe.mesh.get_local_rank("dp") if pipe.mesh is not None else 0
+    idx, targets = idx[d * rows:(d + 1) * rows], targets[d * rows:(d + 1) * rows]
+    logits, span = pipe.forward(model, idx)
+    loss = F.cross_entropy(logits.flatten(0, 1), targets[:, span].flatten(), ignore_index=-1, reduction="sum")
+    (loss / (targets != -1).sum()).backward()
+    total, _ = pipe.all_reduce(model, loss / (targets != -1).sum())
+    full = lambda g: g.full_tensor() if hasattr(g, "full_tensor") else g  # a collective over dp
+    return total, {n: full(p.grad) for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("pp, dp", [(1, 2), (2, 2), (2, 1)])
+def test_sharded_pipeline_loss_and_every_gradient_equal_one_process(pp, dp):
+    """pp x dp ranks (FSDP2 over dp, gloo): the loss and every gradient of one process reading all rows."""
+    res = launch(sharded_step, pp * dp, 64, 2, dp=dp, timeout=TIMEOUT)
+    assert all(r.status == "ok" for r in res), res
+    assert_same_step([r.value for r in res], one_process_step(64, {}, 0, rows=2 * dp))
 
 
 def test_rank_chunks_cover_every_chunk_once_in_order_with_sizes_differing_by_at_most_one():
@@ -183,6 +208,45 @@ def test_torchrun_pipeline_training_gives_the_loss_curve_of_one_process(tmp_path
             curves.append([json.loads(line)["loss"] for line in f])
     assert len(curves[0]) == 10
     assert curves[1] == pytest.approx(curves[0], abs=1e-4)
+
+
+@pytest.mark.parametrize("ranks, layout", [(2, ["--dp=2"]), (4, ["--dp=2", "--pipeline=True"])],
+                         ids=["pp1_dp2", "pp2_dp2"])
+def test_torchrun_sharded_training_gives_the_loss_curve_of_one_process_reading_every_slice(tmp_path, ranks, layout):
+    """FSDP2 over dp (each rank reads its slice of a batch of dp x batch_size rows), composed with the pipeline:
+    the loss curve of one process reading all the rows."""
+    one = train(tmp_path / "one", "--max_iters=6", "--batch_size=4")
+    grid = train(tmp_path / "grid", "--max_iters=6", "--batch_size=2", *layout, ranks=ranks)
+    assert one.returncode == 0 and grid.returncode == 0, grid.stderr[-3000:]
+    curves = [[json.loads(line)["loss"] for line in open(tmp_path / d / "log.jsonl")] for d in ("one", "grid")]
+    assert len(curves[0]) == 6 and curves[1] == pytest.approx(curves[0], rel=1e-5)
+
+
+def test_a_sharded_run_resumes_exactly_on_its_layout_and_on_one_process(tmp_path):
+    """A constant learning rate and no curriculum, so that a run stopped at 4 and resumed to 8 steps must
+    match a run of 8: the gathered checkpoint (optimizer states keyed by name) resumes on dp=2 and on dp=1."""
+    const = ["--warmup=0", "--min_lr=1.0", "--curriculum=0", "--batch_size=2"]
+    whole = train(tmp_path / "whole", "--max_iters=8", "--dp=2", *const, ranks=2)
+    half = train(tmp_path / "half", "--max_iters=4", "--dp=2", *const, ranks=2)
+    assert whole.returncode == 0 and half.returncode == 0, half.stderr[-3000:]
+    shutil.copytree(tmp_path / "half", tmp_path / "one")
+    again = train(tmp_path / "half", "--init_from=resume", "--max_iters=8", "--dp=2", ranks=2)
+    alone = train(tmp_path / "one", "--init_from=resume", "--max_iters=8", "--dp=1", "--batch_size=4")
+    assert again.returncode == 0 and alone.returncode == 0, (again.stderr + alone.stderr)[-3000:]
+    curve = lambda d: [json.loads(line)["loss"] for line in open(tmp_path / d / "log.jsonl")]
+    assert len(curve("whole")) == 8
+    assert curve("half") == pytest.approx(curve("whole"), rel=1e-6)
+    assert curve("one") == pytest.approx(curve("whole"), rel=1e-5)
+
+
+@pytest.mark.parametrize("ranks, args, message", [
+    (3, ["--dp=2", "--pipeline=True"], "3 processes cannot form pp x dp with dp=2: the world size must be a multiple"),
+    (4, ["--dp=2"], "4 processes, dp=2: without pipeline=True every process is a dp rank (--dp=4)"),
+    (0, ["--dp=2"], "pipeline=True or dp > 1 needs torchrun"),
+])
+def test_bad_sharded_layouts_are_one_clear_error(tmp_path, ranks, args, message):
+    r = train(tmp_path, "--max_iters=1", *args, ranks=ranks)
+    assert r.returncode != 0 and message in r.stderr, r.stderr[-2000:]
 
 
 def test_torchrun_with_fewer_chunks_than_ranks_stops_with_one_clear_error(tmp_path):
