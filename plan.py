@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from configurator import configure_or_exit, settings_of
 from llama import read_config
 from model import ModelConfig, Transformer
+from pipeline import Pipeline
 
 # named shapes (the published configs; "Qwen3-4B-like": Qwen3-4B's sizes with head size n_embd / n_head)
 SHAPES = {
@@ -135,23 +136,25 @@ def rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def measure_step(cfg: ModelConfig, context: int, batch: int, freeze_base: bool,
-                 checkpoint_activations: bool) -> tuple[int, int]:
+def measure_step(cfg: ModelConfig, context: int, batch: int, freeze_base: bool, checkpoint_activations: bool,
+                 pipe: Pipeline | None = None) -> tuple[int, int]:
     """Two fp32 training steps here (forward, backward, AdamW; the second is what every later step looks like,
     the optimizer's states already there) of a random model on random tokens: (peak resident memory before
     them, after them). Their difference is what training adds beyond the weights (the plan's peak minus its
-    parameters)."""
+    parameters). pipe: under torchrun with --dp, this rank's share of a sharded step (FSDP2, pp = 1)."""
     torch.manual_seed(0)
     model = Transformer(cfg, verbose=False)
     model.checkpoint_activations = checkpoint_activations
     if freeze_base:
         for name, p in model.named_parameters():
             p.requires_grad_(model.is_memory_param(name))
+    if pipe is not None:
+        pipe.shard(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     idx = torch.randint(cfg.vocab_size, (batch, context + 1))
     before = rss()
     for _ in range(2):
-        logits, _ = model(idx[:, :-1])
+        logits, _ = pipe.forward(model, idx[:, :-1]) if pipe is not None else model(idx[:, :-1])
         F.cross_entropy(logits.flatten(0, 1), idx[:, 1:].flatten()).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -205,15 +208,18 @@ def main() -> None:
                      cfg["checkpoint_activations"])
     print(report(plan, cfg))
     fits = plan.peak <= cfg["gpu_gib"] * GIB
-    if cfg["measure"]:  # the plan of this CPU's step: one process, fp32
-        plan = make_plan(mc, cfg["context"], cfg["batch"], 1, 1, 4, cfg["freeze_base"], cfg["checkpoint_activations"])
+    if cfg["measure"]:  # the plan of this CPU's step: fp32; dp > 1: under torchrun, FSDP2 (pp = 1)
+        plan = make_plan(mc, cfg["context"], cfg["batch"], 1, cfg["dp"], 4, cfg["freeze_base"],
+                         cfg["checkpoint_activations"])
+        pipe = Pipeline.from_env("cpu", dp=cfg["dp"], threads=cfg["threads"]) if cfg["dp"] > 1 else None
         if cfg["threads"]:
             torch.set_num_threads(cfg["threads"])
         before, after = measure_step(mc, cfg["context"], cfg["batch"], cfg["freeze_base"],
-                                     cfg["checkpoint_activations"])
-        predicted = plan.peak - plan.parameters - plan.transient
-        print(f"measured here (CPU, fp32, pp=1, dp=1): two steps added {(after - before) / GIB:.3f} GiB to the "
-              f"peak resident memory; the plan says {predicted / GIB:.3f} GiB (peak - parameters)")
+                                     cfg["checkpoint_activations"], pipe)
+        predicted = plan.peak - plan.parameters
+        print(f"measured here (CPU, fp32, pp=1, dp={cfg['dp']}, rank {pipe.dp_rank if pipe else 0}): two steps "
+              f"added {(after - before) / GIB:.3f} GiB to the peak resident memory; the plan says "
+              f"{predicted / GIB:.3f} GiB (peak - parameters)")
     if not fits:
         raise SystemExit(1)  # scripts can ask: does it fit?
 
