@@ -342,13 +342,18 @@ def _add_memories(model: Transformer, device, dtype) -> None:
             model.readout_emb.copy_(mean + noise)
 
 
-def freeze_base(model: Transformer) -> list[str]:
-    """Train only what CoMeT adds (memory modules, compression and readout embeddings); returns their names."""
+def freeze_base(model: Transformer, dtype: torch.dtype | None = None) -> list[str]:
+    """Train only what CoMeT adds (memory modules, compression and readout embeddings); returns their names.
+    dtype (e.g. bfloat16, for bf16 autocast): the frozen matrices are held in it, half the memory of fp32;
+    the norms' weights stay fp32 (tiny, and a norm runs fused only with its input's dtype), and so do the
+    memories and their optimizer."""
     trainable = []
     for name, p in model.named_parameters():
         p.requires_grad_(model.is_memory_param(name))
         if p.requires_grad:
             trainable.append(name)
+        elif dtype is not None and p.dim() >= 2:
+            p.data = p.data.to(dtype)
     return trainable
 
 

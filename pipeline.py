@@ -222,7 +222,8 @@ class Pipeline:
         hs = [model.embed_chunk(x, lay) for x, lay in zip(chunks, layouts)]  # (B, L_chunk, C) each
         n_g, n_t = cfg.memory_slots(mine.start)
         shape = (B, 2 * n_g + n_t, cfg.n_embd)
-        wire = model.tok_embeddings.weight.dtype  # what memories travel as (every rank has the same)
+        wire = max((p.dtype for p in model.parameters()), key=lambda d: torch.finfo(d).bits)  # fp32 if any is:
+        # what memories travel as (every rank has the same; a bf16 frozen base keeps fp32 memories)
         first, last = self.rank == 0, self.rank == self.world - 1
         # naive context parallelism: wait for every layer's memories up front, send all at the end
         naive = self.schedule == "naive"

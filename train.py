@@ -219,8 +219,9 @@ def build_model(config: dict, enc, ckpt: dict | None, dev: str, verbose: bool):
                   "parameters")
     if enc.n_vocab > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {enc.n_vocab} ids, the model's vocabulary only {model.config.vocab_size}")
-    if config["freeze_base"]:
-        llama.freeze_base(model)
+    if config["freeze_base"]:  # bf16 autocast: the frozen base held in bf16 (the memories stay fp32)
+        bf16 = pick_dtype(config["dtype"], dev) == torch.bfloat16
+        llama.freeze_base(model, torch.bfloat16 if bf16 else None)
     model.checkpoint_activations = config["checkpoint_activations"]
     return model.to(dev)
 
@@ -402,7 +403,8 @@ def main() -> None:
                 n_tok += tokens
                 done = it + 1 == max_iters
                 if (eval_interval and (it + 1) % eval_interval == 0) or done:
-                    record["passkey_acc"] = acc = evaluate(model, enc, pipe)  # every rank: no one waits for rank 0
+                    with autocast:  # as training computes (a bf16 frozen base needs it)
+                        record["passkey_acc"] = acc = evaluate(model, enc, pipe)  # every rank: no one waits
                 save = (ckpt_interval and (it + 1) % ckpt_interval == 0) or done or halt
                 if master:
                     log.write(json.dumps(record) + "\n")

@@ -70,6 +70,23 @@ def test_the_checkpoint_activations_setting_reaches_the_model():
         assert model.checkpoint_activations is on
 
 
+def test_a_frozen_base_under_bf16_is_held_in_bf16_and_never_changes(tmp_path):
+    """--freeze_base with bf16 autocast: the base's matrices in bf16, bit for bit the same after 1 and 4
+    steps; the memories, the norms and every optimizer state fp32, and the memories trained."""
+    args = ["--freeze_base", "--dtype=bfloat16", "--eval_interval=0"]
+    run(train_cmd(tmp_path / "one", "--max_iters=1", *args))
+    run(train_cmd(tmp_path / "four", "--max_iters=4", *args))
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("one", "four"))
+    memory = [n for n in a["model"] if tiny_model().is_memory_param(n)]
+    assert memory and all(a["model"][n].dtype == torch.float32 for n in memory)
+    assert any(not torch.equal(a["model"][n], b["model"][n]) for n in memory)
+    for name, t in a["model"].items():
+        if name not in memory:
+            assert t.dtype == (torch.bfloat16 if t.dim() >= 2 else torch.float32), name
+            assert torch.equal(t, b["model"][name]), name
+    assert {s["exp_avg"].dtype for s in b["optimizer"]["state"].values()} == {torch.float32}
+
+
 def test_checkpointed_activations_need_comet(tmp_path):
     err = fail(train_cmd(tmp_path, "--chunk_size=0", "--checkpoint_activations"))
     assert "checkpoint_activations recomputes CoMeT's layer-over-chunk steps: it needs chunk_size > 0" in err
