@@ -37,7 +37,8 @@ from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_optimizer_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 
 from memory import MemoryState
 from model import Transformer, bptt_cut
@@ -93,6 +94,11 @@ class _Recv(torch.autograd.Function):
         return None, None, None, None
 
 
+# FSDP2 warns when a sharded block returns a view: ours returns its keys/values as views, which nothing
+# changes in place, so the warning (once per rank and block) says nothing about this code
+warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+
+
 class Pipeline:
     """This process's place in the pipeline (rank, world, schedule, timeout) and its sends in flight.
     Created after `dist.init_process_group`; see `from_env` and `launch`.
@@ -128,7 +134,7 @@ class Pipeline:
             raise ValueError("pipeline=True or dp > 1 needs torchrun, e.g. "
                              "torchrun --standalone --nproc_per_node=2 train.py ... --pipeline=True")
         world = int(os.environ["WORLD_SIZE"])
-        if world % dp:
+        if dp < 1 or world % dp:
             raise ValueError(f"{world} processes cannot form pp x dp with dp={dp}: the world size must be a "
                              "multiple of dp (pp = world size / dp)")
         if min_chunks is not None:
@@ -148,8 +154,8 @@ class Pipeline:
         # gloo's text is "[file.cc:553] Connection closed by peer [ip]:port. This is typically ...": keep the fact
         fact = re.sub(r"^\[[^\]]*\]\s*", "", str(err or "").strip()).split(". ")[0].splitlines()
         why = f" ({fact[0][:160]})" if fact and fact[0] else ""
-        who = f"rank {peer}" if peer >= 0 else "another rank"
-        return PipelineError(f"pipeline rank {self.rank}: {what.format(l=layer, p=peer)} failed (timeout "
+        who = f"rank {self.peers[peer]}" if peer >= 0 else "another rank"  # global ranks, as torchrun names them
+        return PipelineError(f"pipeline rank {dist.get_rank()}: {what.format(l=layer, p=self.peers[peer])} failed (timeout "
                              f"{self.timeout:g}s){why}; {who} died, raised or is stuck, so every rank stops")
 
     def _wait(self, work, what: str, peer: int, layer: int | None, timeout: float | None = None) -> None:
@@ -251,17 +257,18 @@ class Pipeline:
         span = slice(mine.start * cs, min(N, mine.stop * cs))
         return model.output(model.norm(h)), span
 
-    def shard(self, model: Transformer) -> None:
+    def shard(self, model: Transformer, param_dtype: torch.dtype | None = None) -> None:
         """FSDP2 over "dp" (dp > 1): every decoder block and then the rest sharded across the dp ranks, which
         gather a block's weights to run it and reduce-scatter (average) its gradients; a no-op for dp = 1.
-        Call it before building the optimizer (the parameters become DTensors)."""
+        param_dtype (bf16 training): weights gathered in it, gradients reduced in fp32, fp32 master weights
+        (and no autocast copies of the gathered weights). Call it before building the optimizer (the
+        parameters become DTensors)."""
         if self.mesh is not None:
-            # a block returns its keys/values as views; we never change a block's output in place
-            warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+            mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
             for block in model.layers:
-                fully_shard(block, mesh=self.mesh["dp"])
+                fully_shard(block, mesh=self.mesh["dp"], mp_policy=mp)
             self.root = _Root(model, self)  # the weights outside the blocks, gathered around `forward`
-            fully_shard(self.root, mesh=self.mesh["dp"])
+            fully_shard(self.root, mesh=self.mesh["dp"], mp_policy=mp)
 
     @property
     def dp_rank(self) -> int:
@@ -298,7 +305,7 @@ class Pipeline:
         Returns (total loss, sum of flags)."""
         self.finish_sends()
         params = [p for p in model.parameters() if p.requires_grad]
-        local = [None if p.grad is None else p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+        local = [None if p.grad is None else p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
                  for p in params]
         parts = [g.flatten() if g is not None else torch.zeros(_local_numel(p), device=self.device) for g, p in
                  zip(local, params)]
@@ -313,6 +320,9 @@ class Pipeline:
                 p.grad = None  # unused on every rank: None, as in one process
             elif mine is not None and mine is not p.grad:
                 mine.copy_(g.view_as(mine))  # a DTensor's local shard
+            elif isinstance(p, DTensor):  # sharded, unused here (e.g. a last rank's chunk never closes)
+                p.grad = DTensor.from_local(g.view(p.to_local().shape).to(p.dtype), p.device_mesh, p.placements,
+                                            run_check=False)
             else:
                 p.grad = g.view_as(p).to(p.dtype)
         loss_flag = flat[-2:]
@@ -353,16 +363,22 @@ class _Root(nn.Module):
 
 def load_optimizer(model: Transformer, optimizer, state: dict, by_name: bool) -> None:
     """A checkpoint's optimizer state into this process's optimizer, sharded or not: keyed by parameter name
-    (`Pipeline.state_dicts` of a sharded run), or by position (`optimizer.state_dict()`)."""
-    if by_name:
-        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
-    else:
-        optimizer.load_state_dict(state)
+    (`Pipeline.state_dicts` of a sharded run), or by position (`optimizer.state_dict()`; a sharded optimizer
+    gets it renamed: the same settings build the same groups in the same order)."""
+    sharded = any(isinstance(p, DTensor) for g in optimizer.param_groups for p in g["params"])
+    if not by_name and not sharded:
+        return optimizer.load_state_dict(state)
+    if not by_name:
+        names = {id(p): n for n, p in model.named_parameters()}
+        order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+        state = dict(state=state["state"] and {order[i]: v for i, v in state["state"].items()},
+                     param_groups=[{**g, "params": [order[i] for i in g["params"]]} for g in state["param_groups"]])
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
 def _local_numel(p: Tensor) -> int:
     """Elements of this rank's part of a parameter (a DTensor's shard, or the whole tensor)."""
-    return p.to_local().numel() if hasattr(p, "to_local") else p.numel()
+    return p.to_local().numel() if isinstance(p, DTensor) else p.numel()
 
 
 class RankResult(NamedTuple):

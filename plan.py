@@ -13,7 +13,10 @@ What one GPU holds (docs/scale.md has the assumptions and their validation):
                (`layer_elements`), or with --checkpoint_activations only each layer-over-chunk step's inputs
                plus one step's saved tensors while it is recomputed;
   logits       the fp32 logits of this rank's tokens, the loss's log-softmax, and in backward both gradients;
-  transient    one layer's bf16 weights gathered (and the next one prefetched) when dp > 1.
+  transient    weights in the compute dtype beside the fp32 ones: with dp > 1, a block gathered and the next
+               one prefetched, and the weights outside the blocks (FSDP2's root unit stays gathered); in
+               one process under bf16 autocast, autocast's bf16 copy of every trainable matrix, which it
+               caches for the whole forward (sharded runs gather bf16 weights instead: no casts).
 """
 from __future__ import annotations
 
@@ -121,13 +124,18 @@ def make_plan(cfg: ModelConfig, context: int, batch: int, pp: int, dp: int, act_
     else:
         acts = cfg.n_layer * mine * layer
     tokens = batch * min(context, mine * cfg.chunk_size)
-    layer_params = (base - 2 * cfg.vocab_size * cfg.n_embd) // cfg.n_layer
+    outside = cfg.vocab_size * cfg.n_embd * (1 if cfg.tie_embeddings else 2)  # embeddings and output
+    layer_params = (base - outside) // cfg.n_layer
+    if dp > 1:  # FSDP2 with bf16 (or fp32) gathers: two blocks, and the root unit (+ the memories) kept gathered
+        transient = act_bytes * (2 * layer_params + outside + mem)
+    else:  # autocast's cached bf16 copies of the trainable matrices (a frozen base is held in bf16 already)
+        transient = 2 * (mem if freeze_base else base + mem) if act_bytes == 2 else 0
     # fp32 logits, the loss's log-softmax and, in backward, the gradients of both; bf16 logits under autocast
     logit_bytes = 4 * 4 + (2 if act_bytes == 2 else 0)
     acts += 3 * tokens * cfg.n_embd * act_bytes  # the last layer's token states gathered, normed, fed to the output
     return Plan(parameters=(base * (2 if freeze_base else 4) + mem * 4) // dp, gradients=4 * trainable // dp,
                 optimizer=8 * trainable // dp, activations=acts, logits=logit_bytes * tokens * cfg.vocab_size,
-                transient=2 * 2 * layer_params if dp > 1 else 0, base_params=base, memory_params=mem,
+                transient=transient, base_params=base, memory_params=mem,
                 chunks_per_rank=mine)
 
 
@@ -211,7 +219,11 @@ def main() -> None:
     if cfg["measure"]:  # the plan of this CPU's step: fp32; dp > 1: under torchrun, FSDP2 (pp = 1)
         plan = make_plan(mc, cfg["context"], cfg["batch"], 1, cfg["dp"], 4, cfg["freeze_base"],
                          cfg["checkpoint_activations"])
-        pipe = Pipeline.from_env("cpu", dp=cfg["dp"], threads=cfg["threads"]) if cfg["dp"] > 1 else None
+        try:
+            pipe = Pipeline.from_env("cpu", dp=cfg["dp"], threads=cfg["threads"]) if cfg["dp"] > 1 else None
+        except ValueError as e:
+            raise SystemExit(f"error: --measure with --dp={cfg['dp']} runs under torchrun "
+                             f"(torchrun --nproc_per_node={cfg['dp']} plan.py ...): {e}")
         if cfg["threads"]:
             torch.set_num_threads(cfg["threads"])
         before, after = measure_step(mc, cfg["context"], cfg["batch"], cfg["freeze_base"],

@@ -358,22 +358,29 @@ def checkpoint(model, optimizer, it: int, acc: float | None, config: dict, path:
         llama.save_memories(model, os.path.join(os.path.dirname(path), "memories.safetensors"), base, config)
 
 
+def join_ranks(dev: str) -> tuple[Pipeline | None, str, bool]:
+    """Under torchrun (pipeline=True or dp > 1): this process's place in the (pp, dp) grid, its device
+    (cuda:N) and whether it is the master (rank 0: logs, prints, writes checkpoints); the shortest sequence
+    must split over a pipeline's ranks. One process: (None, dev, True)."""
+    global dp_rank
+    if not (pipeline or dp > 1):
+        return None, dev, True
+    pipe = Pipeline.from_env(dev, pipeline_schedule, pipeline_timeout, math.ceil((min_len - 1) / chunk_size),
+                             threads, dp)
+    if not pipeline and pipe.world > 1:
+        raise ValueError(f"{pipe.world * dp} processes, dp={dp}: without pipeline=True every process is a dp "
+                         f"rank (--dp={pipe.world * dp}); or split sequences too with --pipeline=True")
+    dp_rank = pipe.dp_rank  # the batch slice `get_samples` reads
+    return pipe, pipe.device, torch.distributed.get_rank() == 0
+
+
 def main() -> None:
     config, ckpt = read_settings()
     globals().update(config)
     try:
         enc = get_tokenizer(tokenizer)
         check_settings(config, enc)
-        dev = pick_device(device)
-        # pipeline: this process's place among the torchrun ranks; the shortest sequence must split over them
-        pipe = Pipeline.from_env(dev, pipeline_schedule, pipeline_timeout, math.ceil((min_len - 1) / chunk_size),
-                                 threads, dp) if pipeline or dp > 1 else None
-        if pipe and not pipeline and pipe.world > 1:
-            raise ValueError(f"{pipe.world * dp} processes, dp={dp}: without pipeline=True every process is a dp "
-                             f"rank (--dp={pipe.world * dp}); or split sequences too with --pipeline=True")
-        dev = pipe.device if pipe else dev  # cuda:N on a pipeline rank
-        master = pipe is None or torch.distributed.get_rank() == 0  # logs, prints and writes checkpoints
-        globals()["dp_rank"] = pipe.dp_rank if pipe else 0  # noqa: the batch slice `get_samples` reads
+        pipe, dev, master = join_ranks(pick_device(device))
         precision = pick_dtype(dtype, dev)  # bf16: autocast, the weights stay fp32
         if threads:
             torch.set_num_threads(threads)
@@ -385,7 +392,8 @@ def main() -> None:
         raise SystemExit(f"error: {e}")
     if pipe:
         pipe.broadcast_parameters(model)  # every rank holds rank 0's weights, whatever happened before
-        pipe.shard(model)  # dp > 1: FSDP2 over "dp", before the optimizer sees the parameters
+        pipe.shard(model, torch.bfloat16 if pick_dtype(dtype, dev) == torch.bfloat16 else None)  # dp > 1: FSDP2
+        # over "dp", before the optimizer sees the parameters; bf16: weights gathered in bf16, fp32 masters
     autocast = torch.autocast(torch.device(dev).type, dtype=torch.bfloat16, enabled=precision == torch.bfloat16)
     optimizer = make_optimizer(model, fused=torch.device(dev).type == "cuda")
     train = pick_method(pipe, dev)
