@@ -285,6 +285,31 @@ def rank_pid(launcher_pid: int, rank: int) -> int | None:
     return None
 
 
+def test_a_sharded_run_killed_on_one_rank_stops_and_resumes_with_the_same_losses(tmp_path):
+    """kill -9 of rank 1 of a dp=2 run: torchrun stops every rank at once, naming it; resumed, the losses
+    are those of a run never killed."""
+    args = ["--max_iters=40", "--ckpt_interval=10", "--dp=2"]
+    whole = train(tmp_path / "whole", *args, ranks=2)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    killed = tmp_path / "killed"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd = [*launcher, "train.py", "config/smoke.py", f"--out_dir={killed}", "--eval_interval=0", *args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (killed / "ckpt.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    os.kill(rank_pid(proc.pid, 1), signal.SIGKILL)
+    t0 = time.time()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and time.time() - t0 < 30 and "local_rank: 1" in err and "exitcode: -9" in err
+    n_logged = len((killed / "log.jsonl").read_text().splitlines())
+    assert n_logged < 40, "the run finished before it could be killed"
+    again = train(killed, *args, "--init_from=resume", ranks=2)
+    assert again.returncode == 0, again.stderr[-3000:]
+    curve = lambda d: [json.loads(line)["loss"] for line in open(tmp_path / d / "log.jsonl")]
+    assert curve("killed") == pytest.approx(curve("whole"), rel=1e-6)
+
+
 def test_ctrl_c_on_one_rank_stops_every_rank_after_the_step_with_a_checkpoint(tmp_path):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     cmd = [*launcher, "train.py", "config/smoke.py", f"--out_dir={tmp_path}", "--max_iters=100000",
