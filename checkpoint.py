@@ -98,7 +98,9 @@ def load_weights(model: torch.nn.Module, weights: dict, path: str) -> torch.nn.M
     extra = sorted(set(weights) - set(expected))
     if extra:
         raise ValueError(f"{path}: unexpected tensors {', '.join(extra[:3])} for the model its model_args describe")
-    model.load_state_dict(weights, assign=True)
+    # a bf16 frozen base (train.py) is saved as bf16: read, the model is one dtype again, as it was built
+    model.load_state_dict({k: v.to(expected[k].dtype) if v.is_floating_point() else v for k, v in weights.items()},
+                          assign=True)
     for net in model.modules():  # the model, or RAM's decoder (and encoder)
         if isinstance(net, Transformer):
             if net.config.tie_embeddings:  # assign gave output.weight a Parameter of its own: one again

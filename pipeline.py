@@ -228,7 +228,8 @@ class Pipeline:
         hs = [model.embed_chunk(x, lay) for x, lay in zip(chunks, layouts)]  # (B, L_chunk, C) each
         n_g, n_t = cfg.memory_slots(mine.start)
         shape = (B, 2 * n_g + n_t, cfg.n_embd)
-        wire = max((p.dtype for p in model.parameters()), key=lambda d: torch.finfo(d).bits)  # fp32 if any is:
+        wire = max((p.dtype for p in model.parameters() if p.is_floating_point()),  # fp32 if any is:
+                   key=lambda d: torch.finfo(d).bits)
         # what memories travel as (every rank has the same; a bf16 frozen base keeps fp32 memories)
         first, last = self.rank == 0, self.rank == self.world - 1
         # naive context parallelism: wait for every layer's memories up front, send all at the end
@@ -264,7 +265,9 @@ class Pipeline:
         (and no autocast copies of the gathered weights). Call it before building the optimizer (the
         parameters become DTensors)."""
         if self.mesh is not None:
-            mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+            # inputs are not cast: the residual stream, memories and RoPE angles stay as autocast keeps them
+            mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None,
+                                      cast_forward_inputs=False)
             for block in model.layers:
                 fully_shard(block, mesh=self.mesh["dp"], mp_policy=mp)
             self.root = _Root(model, self)  # the weights outside the blocks, gathered around `forward`
@@ -322,7 +325,7 @@ class Pipeline:
                 mine.copy_(g.view_as(mine))  # a DTensor's local shard
             elif isinstance(p, DTensor):  # sharded, unused here (e.g. a last rank's chunk never closes)
                 p.grad = DTensor.from_local(g.view(p.to_local().shape).to(p.dtype), p.device_mesh, p.placements,
-                                            run_check=False)
+                                            run_check=False, shape=p.shape, stride=p.stride())  # uneven shards
             else:
                 p.grad = g.view_as(p).to(p.dtype)
         loss_flag = flat[-2:]

@@ -128,8 +128,10 @@ def make_plan(cfg: ModelConfig, context: int, batch: int, pp: int, dp: int, act_
     layer_params = (base - outside) // cfg.n_layer
     if dp > 1:  # FSDP2 with bf16 (or fp32) gathers: two blocks, and the root unit (+ the memories) kept gathered
         transient = act_bytes * (2 * layer_params + outside + mem)
-    else:  # autocast's cached bf16 copies of the trainable matrices (a frozen base is held in bf16 already)
-        transient = 2 * (mem if freeze_base else base + mem) if act_bytes == 2 else 0
+    else:  # autocast's cached bf16 copies of the trainable matrices (a frozen base is held in bf16 already;
+        # an untied embedding table is looked up, never cast)
+        cast = mem if freeze_base else base + mem - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.n_embd)
+        transient = 2 * cast if act_bytes == 2 else 0
     # fp32 logits, the loss's log-softmax and, in backward, the gradients of both; bf16 logits under autocast
     logit_bytes = 4 * 4 + (2 if act_bytes == 2 else 0)
     acts += 3 * tokens * cfg.n_embd * act_bytes  # the last layer's token states gathered, normed, fed to the output

@@ -96,10 +96,10 @@ def test_pipeline_loss_and_every_gradient_equal_one_process(results, case):
     assert_same_step(*results[case])
 
 
-def sharded_step(pipe, n_tokens, rows, checkpointed=False):
+def sharded_step(pipe, n_tokens, rows, checkpointed=False, overrides=None):
     """On every rank of a (pp, dp) grid: its dp slice of the batch, FSDP2 over dp, the pipeline over pp;
     returns (loss, every gradient gathered whole)."""
-    model = tiny_model().train()
+    model = tiny_model(**(overrides or {})).train()
     model.checkpoint_activations = checkpointed
     pipe.shard(model)
     idx, targets = batch(n_tokens, rows * pipe.dp)
@@ -113,15 +113,16 @@ def sharded_step(pipe, n_tokens, rows, checkpointed=False):
     return total, {n: full(p.grad) for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("pp, dp, tokens, checkpointed", [(1, 2, 64, False), (2, 2, 64, False), (2, 1, 64, False),
-                                                        (2, 2, 16, False), (2, 2, 44, True)],
-                         ids=["pp1_dp2", "pp2_dp2", "pp2_dp1", "pp2_dp2_last_rank_never_closes", "pp2_dp2_checkpointed"])
-def test_sharded_pipeline_loss_and_every_gradient_equal_one_process(pp, dp, tokens, checkpointed):
+@pytest.mark.parametrize("pp, dp, tokens, checkpointed, overrides", [
+    (1, 2, 64, False, {}), (2, 2, 64, False, {}), (2, 1, 64, False, {}), (2, 2, 16, False, dict(n_global=3)),
+    (2, 2, 44, True, {})],
+    ids=["pp1_dp2", "pp2_dp2", "pp2_dp1", "pp2_dp2_last_rank_never_closes", "pp2_dp2_checkpointed"])
+def test_sharded_pipeline_loss_and_every_gradient_equal_one_process(pp, dp, tokens, checkpointed, overrides):
     """pp x dp ranks (FSDP2 over dp, gloo): the loss and every gradient of one process reading all rows. 16
-    tokens: the last rank's one chunk stays open, so its memories get no gradient there (but do elsewhere)."""
-    res = launch(sharded_step, pp * dp, tokens, 2, checkpointed, dp=dp, timeout=TIMEOUT)
+    tokens: the last rank's one chunk stays open (no readout rows there; 3 of them: uneven shards)."""
+    res = launch(sharded_step, pp * dp, tokens, 2, checkpointed, overrides, dp=dp, timeout=TIMEOUT)
     assert all(r.status == "ok" for r in res), res
-    assert_same_step([r.value for r in res], one_process_step(tokens, {}, 0, rows=2 * dp))
+    assert_same_step([r.value for r in res], one_process_step(tokens, overrides, 0, rows=2 * dp))
 
 
 def test_rank_chunks_cover_every_chunk_once_in_order_with_sizes_differing_by_at_most_one():
@@ -227,6 +228,16 @@ def test_torchrun_sharded_training_gives_the_loss_curve_of_one_process_reading_e
     assert one.returncode == 0 and grid.returncode == 0, grid.stderr[-3000:]
     curves = [[json.loads(line)["loss"] for line in open(tmp_path / d / "log.jsonl")] for d in ("one", "grid")]
     assert len(curves[0]) == 6 and curves[1] == pytest.approx(curves[0], rel=1e-5)
+
+
+def test_bf16_sharded_training_follows_one_process_under_autocast(tmp_path):
+    """--dtype=bfloat16 with dp=2: bf16 weights gathered (fp32 masters, fp32 reduction), inputs left to
+    autocast; the loss curve of one process's bf16 autocast, up to bf16 rounding."""
+    one = train(tmp_path / "one", "--max_iters=6", "--batch_size=4", "--dtype=bfloat16")
+    grid = train(tmp_path / "grid", "--max_iters=6", "--batch_size=2", "--dtype=bfloat16", "--dp=2", ranks=2)
+    assert one.returncode == 0 and grid.returncode == 0, grid.stderr[-3000:]
+    curves = [[json.loads(line)["loss"] for line in open(tmp_path / d / "log.jsonl")] for d in ("one", "grid")]
+    assert len(curves[1]) == 6 and curves[1] == pytest.approx(curves[0], rel=2e-2)
 
 
 def test_checkpoints_resume_exactly_across_dp_layouts(tmp_path):

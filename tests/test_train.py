@@ -85,6 +85,9 @@ def test_a_frozen_base_under_bf16_is_held_in_bf16_and_never_changes(tmp_path):
             assert t.dtype == (torch.bfloat16 if t.dim() >= 2 else torch.float32), name
             assert torch.equal(t, b["model"][name]), name
     assert {s["exp_avg"].dtype for s in b["optimizer"]["state"].values()} == {torch.float32}
+    model, _ = load_model(str(tmp_path / "four" / "ckpt.pt"))  # as sample.py and eval_passkey.py open it
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    model(torch.zeros(1, 20, dtype=torch.long))  # one dtype again: no bf16 matrix meets fp32 rows
 
 
 def test_checkpointed_activations_need_comet(tmp_path):
