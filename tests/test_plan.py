@@ -73,7 +73,7 @@ def run(*args):
 def test_a_plan_that_does_not_fit_says_by_how_much_and_what_to_try():
     r = run("--model=Llama-3.1-8B", "--context=32768", "--gpu_gib=80")
     assert r.returncode == 1 and "8.03B base" in r.stdout
-    assert "does not fit: needs 425.5 GiB per GPU, you have 80: try --checkpoint_activations or --pp=2" in r.stdout
+    assert "does not fit: needs 424.5 GiB per GPU, you have 80: try --checkpoint_activations or --pp=2" in r.stdout
 
 
 def test_a_plan_reads_a_hugging_face_config(tmp_path):
