@@ -44,6 +44,14 @@ from memory import MemoryState
 from model import Transformer, bptt_cut
 
 
+def pipeline_size(world: int, dp: int) -> int:
+    """pp, the ranks of one pipeline, for `world` processes in a (pp, dp) grid; one clear error otherwise."""
+    if dp < 1 or world % dp:
+        raise ValueError(f"{world} processes cannot form pp x dp with dp={dp}: the world size must be a multiple "
+                         "of dp (pp = world size / dp)")
+    return world // dp
+
+
 def rank_chunks(n_chunks: int, rank: int, world: int) -> range:
     """The contiguous block of chunk indices rank `rank` owns; blocks differ in size by at most one."""
     if n_chunks < world:
@@ -109,14 +117,12 @@ class Pipeline:
         if schedule not in SCHEDULES:
             raise ValueError(f"pipeline schedule {schedule!r} must be 'wavefront' or 'naive'")
         world = dist.get_world_size()
-        if dp < 1 or world % dp:
-            raise ValueError(f"{world} processes cannot form pp x dp with dp={dp}: the world size must be a multiple "
-                             "of dp (pp = world size / dp)")
+        pp = pipeline_size(world, dp)
         self.dp, self.mesh, self.groups, self.root = dp, None, (None, None), None  # groups (pp, dp); None: all
         self.rank, self.world, self.peers = dist.get_rank(), world, list(range(world))
         if dp > 1:  # a (pp, dp) grid: a sequence's chunks split along "pp", sequences and shards along "dp"
-            self.mesh = init_device_mesh(torch.device(device).type, (world // dp, dp), mesh_dim_names=("pp", "dp"))
-            self.rank, self.world = self.mesh.get_local_rank("pp"), world // dp  # this rank's place in its pipeline
+            self.mesh = init_device_mesh(torch.device(device).type, (pp, dp), mesh_dim_names=("pp", "dp"))
+            self.rank, self.world = self.mesh.get_local_rank("pp"), pp  # this rank's place in its pipeline
             self.peers = self.mesh["pp"].mesh.tolist()  # the global ranks of this pipeline, by place
             self.groups = self.mesh.get_group("pp"), self.mesh.get_group("dp")
         self.schedule, self.timeout, self.device = schedule, timeout, device
@@ -133,12 +139,9 @@ class Pipeline:
         if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
             raise ValueError("pipeline=True or dp > 1 needs torchrun, e.g. "
                              "torchrun --standalone --nproc_per_node=2 train.py ... --pipeline=True")
-        world = int(os.environ["WORLD_SIZE"])
-        if dp < 1 or world % dp:
-            raise ValueError(f"{world} processes cannot form pp x dp with dp={dp}: the world size must be a "
-                             "multiple of dp (pp = world size / dp)")
+        pp = pipeline_size(int(os.environ["WORLD_SIZE"]), dp)
         if min_chunks is not None:
-            rank_chunks(min_chunks, 0, world // dp)
+            rank_chunks(min_chunks, 0, pp)
         cuda = torch.device(device).type == "cuda"
         if cuda:
             device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
@@ -155,8 +158,8 @@ class Pipeline:
         fact = re.sub(r"^\[[^\]]*\]\s*", "", str(err or "").strip()).split(". ")[0].splitlines()
         why = f" ({fact[0][:160]})" if fact and fact[0] else ""
         who = f"rank {self.peers[peer]}" if peer >= 0 else "another rank"  # global ranks, as torchrun names them
-        return PipelineError(f"pipeline rank {dist.get_rank()}: {what.format(l=layer, p=self.peers[peer])} failed (timeout "
-                             f"{self.timeout:g}s){why}; {who} died, raised or is stuck, so every rank stops")
+        return PipelineError(f"pipeline rank {dist.get_rank()}: {what.format(l=layer, p=self.peers[peer])} failed "
+                             f"(timeout {self.timeout:g}s){why}; {who} died, raised or is stuck, so every rank stops")
 
     def _wait(self, work, what: str, peer: int, layer: int | None, timeout: float | None = None) -> None:
         t0 = time.perf_counter()
@@ -291,15 +294,6 @@ class Pipeline:
         finally:
             self.root.reshard()
 
-    def state_dicts(self, model: Transformer, optimizer) -> tuple[dict, dict]:
-        """(model, optimizer) state dicts for a checkpoint. Sharded (dp > 1): gathered whole onto the CPU
-        (every rank must call it; rank 0 gets the tensors), the optimizer's keyed by parameter name
-        (`load_optimizer` reads it back on any layout)."""
-        if self.root is None:
-            return model.state_dict(), optimizer.state_dict()
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, optimizer, options=opts)
-
     def all_reduce(self, model: Transformer, loss: Tensor, flag: float = 0.0) -> tuple[float, float]:
         """After `loss.backward()`: one all-reduce (sum) over this pipeline's ranks of the trainable weights'
         gradients (with dp > 1: this rank's shards, already averaged over dp by FSDP), of the loss and of
@@ -364,11 +358,26 @@ class _Root(nn.Module):
         return self.run(self.model, idx, bptt_chunks)
 
 
+def _sharded(optimizer) -> bool:
+    """Whether the optimizer holds FSDP2's sharded parameters (`Pipeline.shard`, dp > 1)."""
+    return any(isinstance(p, DTensor) for g in optimizer.param_groups for p in g["params"])
+
+
+def state_dicts(model: Transformer, optimizer) -> tuple[dict, dict, bool]:
+    """(model, optimizer) state dicts for a checkpoint, and whether the optimizer's is keyed by parameter name.
+    Sharded: gathered whole onto the CPU (every rank must call it; rank 0 gets the tensors), keyed by name
+    (`load_optimizer` reads it back on any layout); else as the model and optimizer give them."""
+    if not _sharded(optimizer):
+        return model.state_dict(), optimizer.state_dict(), False
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, optimizer, options=opts), True
+
+
 def load_optimizer(model: Transformer, optimizer, state: dict, by_name: bool) -> None:
     """A checkpoint's optimizer state into this process's optimizer, sharded or not: keyed by parameter name
-    (`Pipeline.state_dicts` of a sharded run), or by position (`optimizer.state_dict()`; a sharded optimizer
-    gets it renamed: the same settings build the same groups in the same order)."""
-    sharded = any(isinstance(p, DTensor) for g in optimizer.param_groups for p in g["params"])
+    (`state_dicts` of a sharded run), or by position (`optimizer.state_dict()`; a sharded optimizer gets it
+    renamed: the same settings build the same groups in the same order)."""
+    sharded = _sharded(optimizer)
     if not by_name and not sharded:
         return optimizer.load_state_dict(state)
     if not by_name:
@@ -409,8 +418,8 @@ def _rank_main(rank: int, world: int, port: int, timeout: float, schedule: str, 
 def launch(fn, world: int, *args, schedule: str = "wavefront", timeout: float = 30.0,
            deadline: float | None = None, dp: int = 1) -> list[RankResult]:
     """Run fn(pipe, *args) on `world` local gloo processes (fn must be importable: spawn pickles it by
-    name), as world / dp pipelines of dp-sharded ranks (`Pipeline`). Ranks still running `deadline` seconds after the start, or a timeout after another rank
-    reported an error, are killed. One result per rank."""
+    name), as world / dp pipelines of dp-sharded ranks (`Pipeline`). Ranks still running `deadline` seconds
+    after the start, or a timeout after another rank reported an error, are killed. One result per rank."""
     ctx = mp.get_context("spawn")
     # the rendezvous store lives here, on a port the OS picks (port 0: no collisions between runs)
     store = dist.TCPStore("127.0.0.1", 0, world + 1, is_master=True, wait_for_workers=False)

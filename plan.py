@@ -21,7 +21,6 @@ What one GPU holds (docs/scale.md has the assumptions and their validation):
 from __future__ import annotations
 
 import math
-import resource
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +30,7 @@ from configurator import configure_or_exit, settings_of
 from llama import read_config
 from model import ModelConfig, Transformer
 from pipeline import Pipeline
+from sample import peak_memory_mib
 
 # named shapes (the published configs; "Qwen3-4B-like": Qwen3-4B's sizes with head size n_embd / n_head)
 SHAPES = {
@@ -141,11 +141,6 @@ def make_plan(cfg: ModelConfig, context: int, batch: int, pp: int, dp: int, act_
                 chunks_per_rank=mine)
 
 
-def rss() -> int:
-    """This process's peak resident memory so far, bytes (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def measure_step(cfg: ModelConfig, context: int, batch: int, freeze_base: bool, checkpoint_activations: bool,
                  pipe: Pipeline | None = None) -> tuple[int, int]:
     """Two fp32 training steps here (forward, backward, AdamW; the second is what every later step looks like,
@@ -162,14 +157,14 @@ def measure_step(cfg: ModelConfig, context: int, batch: int, freeze_base: bool, 
         pipe.shard(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     idx = torch.randint(cfg.vocab_size, (batch, context + 1))
-    before = rss()
+    before = peak_memory_mib("cpu")  # this process's peak resident memory so far
     for _ in range(2):
         logits, _ = pipe.forward(model, idx[:, :-1]) if pipe is not None else model(idx[:, :-1])
         F.cross_entropy(logits.flatten(0, 1), idx[:, 1:].flatten()).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         del logits
-    return before, rss()
+    return round(before * 2**20), round(peak_memory_mib("cpu") * 2**20)
 
 
 def advice(plan: Plan, cfg: dict) -> str:

@@ -33,7 +33,7 @@ from configurator import configure_or_exit, pick_device, pick_dtype, settings_of
 from data import TASKS, filler_tokens, get_tokenizer, sample_batch, stack
 from eval_passkey import passkey_cell
 from model import Block, ModelConfig, Transformer
-from pipeline import SCHEDULES, Pipeline, PipelineError, load_optimizer, reduce_step
+from pipeline import SCHEDULES, Pipeline, PipelineError, load_optimizer, reduce_step, state_dicts
 
 # -----------------------------------------------------------------------------
 # run
@@ -340,18 +340,18 @@ def train_step(model, optimizer, train: Method, pipe: Pipeline | None, autocast,
 
 
 def checkpoint(model, optimizer, it: int, acc: float | None, config: dict, path: str, base: dict | None,
-               pipe: Pipeline | None, master: bool) -> None:
+               master: bool) -> None:
     """Everything a run needs to resume exactly, written atomically (checkpoint.save_checkpoint) by the master.
     Sharded (dp > 1): every rank calls it, their shards gathered whole (the same file as one process writes,
     the optimizer keyed by parameter name). A frozen pretrained base (base: llama.base_header) is not written
     again: the checkpoint holds only the memories and names the base, and memories.safetensors beside it is
     what to ship (a few MB, no optimizer)."""
-    weights, opt = pipe.state_dicts(model, optimizer) if pipe else (model.state_dict(), optimizer.state_dict())
+    weights, opt, by_name = state_dicts(model, optimizer)
     if not master:
         return
     extra = {"ram_args": asdict(model.ram)} if isinstance(model, ramlib.RAM) else {"base": base} if base else {}
     save_checkpoint(dict(model=llama.memory_state(model) if base else weights, optimizer=opt,
-                         optimizer_by_name=bool(pipe and pipe.dp > 1), model_args=asdict(model.config),
+                         optimizer_by_name=by_name, model_args=asdict(model.config),
                          iter_num=it, config=config, passkey_acc=acc, rng=dict(torch=torch.get_rng_state()), **extra),
                     path)
     if base:
@@ -392,7 +392,7 @@ def main() -> None:
         raise SystemExit(f"error: {e}")
     if pipe:
         pipe.broadcast_parameters(model)  # every rank holds rank 0's weights, whatever happened before
-        pipe.shard(model, torch.bfloat16 if pick_dtype(dtype, dev) == torch.bfloat16 else None)  # dp > 1: FSDP2
+        pipe.shard(model, torch.bfloat16 if precision == torch.bfloat16 else None)  # dp > 1: FSDP2
         # over "dp", before the optimizer sees the parameters; bf16: weights gathered in bf16, fp32 masters
     autocast = torch.autocast(torch.device(dev).type, dtype=torch.bfloat16, enabled=precision == torch.bfloat16)
     optimizer = make_optimizer(model, fused=torch.device(dev).type == "cuda")
@@ -418,7 +418,7 @@ def main() -> None:
                     log.write(json.dumps(record) + "\n")
                     log.flush()
                 if save:  # every rank (sharded: the shards are gathered), rank 0 writes
-                    checkpoint(model, optimizer, it + 1, acc, config, ckpt_path, base, pipe, master)
+                    checkpoint(model, optimizer, it + 1, acc, config, ckpt_path, base, master)
                 if master:
                     tok_s = n_tok / (time.perf_counter() - t0)  # evaluations included: what a run really gets
                     bar.set_postfix(loss=f"{record['loss']:.3f}", len=record["len"], tok_s=f"{tok_s:,.0f}",
