@@ -397,13 +397,13 @@ def base_header(path: str, model: Transformer) -> dict:
                 memory_args={k: getattr(model.config, k) for k in MEMORY_ARGS})
 
 
-def save_memories(model: Transformer, path: str, header: dict, settings: dict) -> None:
-    """CoMeT's parameters as safetensors (a few MB) with `base_header` and the training settings in the
-    file's header; written atomically."""
+def save_memories(memories: dict[str, torch.Tensor], path: str, header: dict, settings: dict) -> None:
+    """CoMeT's parameters (`memory_state`, or a frozen-base checkpoint's weights) as safetensors (a few MB)
+    with `base_header` and the training settings in the file's header; written atomically."""
     meta = dict(format=MEMORIES_FORMAT, base=header["base"], base_path=header["base_path"],
                 base_fingerprint=header["base_fingerprint"], settings=json.dumps(settings),
                 memory_args=json.dumps(header["memory_args"]))
-    tensors = {n: t.float().contiguous().cpu() for n, t in memory_state(model).items()}
+    tensors = {n: t.float().contiguous().cpu() for n, t in memories.items()}
     write_atomically(path, lambda f: f.write(save(tensors, metadata=meta)), mode=0o644)  # a file to share
 
 

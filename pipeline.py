@@ -34,8 +34,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import Tensor, nn
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_optimizer_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
@@ -356,36 +354,6 @@ class _Root(nn.Module):
 
     def forward(self, idx: Tensor, bptt_chunks: int) -> tuple[Tensor, slice]:
         return self.run(self.model, idx, bptt_chunks)
-
-
-def _sharded(optimizer) -> bool:
-    """Whether the optimizer holds FSDP2's sharded parameters (`Pipeline.shard`, dp > 1)."""
-    return any(isinstance(p, DTensor) for g in optimizer.param_groups for p in g["params"])
-
-
-def state_dicts(model: Transformer, optimizer) -> tuple[dict, dict, bool]:
-    """(model, optimizer) state dicts for a checkpoint, and whether the optimizer's is keyed by parameter name.
-    Sharded: gathered whole onto the CPU (every rank must call it; rank 0 gets the tensors), keyed by name
-    (`load_optimizer` reads it back on any layout); else as the model and optimizer give them."""
-    if not _sharded(optimizer):
-        return model.state_dict(), optimizer.state_dict(), False
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, optimizer, options=opts), True
-
-
-def load_optimizer(model: Transformer, optimizer, state: dict, by_name: bool) -> None:
-    """A checkpoint's optimizer state into this process's optimizer, sharded or not: keyed by parameter name
-    (`state_dicts` of a sharded run), or by position (`optimizer.state_dict()`; a sharded optimizer gets it
-    renamed: the same settings build the same groups in the same order)."""
-    sharded = _sharded(optimizer)
-    if not by_name and not sharded:
-        return optimizer.load_state_dict(state)
-    if not by_name:
-        names = {id(p): n for n, p in model.named_parameters()}
-        order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
-        state = dict(state=state["state"] and {order[i]: v for i, v in state["state"].items()},
-                     param_groups=[{**g, "params": [order[i] for i in g["params"]]} for g in state["param_groups"]])
-    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
 def _local_numel(p: Tensor) -> int:

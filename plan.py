@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
 
 from configurator import configure_or_exit, settings_of
 from llama import read_config
@@ -91,11 +92,17 @@ class Plan:
     base_params: int
     memory_params: int
     chunks_per_rank: int
+    chunk_major: bool  # one process: model.forward's chunk-major order; else the pipeline's layer-major one
 
     @property
     def peak(self) -> int:
-        """Weights and optimizer states stay; backward frees the activations as the gradients fill in."""
-        return self.parameters + self.optimizer + self.transient + max(self.activations + self.logits, self.gradients)
+        """Weights and optimizer states stay. Chunk-major, backward reaches every layer in the last chunk,
+        filling all the gradients while the earlier chunks' activations are still held; layer-major (the
+        pipeline, dp > 1), it frees a layer's activations as that layer's gradients fill in (measured:
+        `measure_step`, docs/scale.md)."""
+        held = self.activations + self.logits
+        return (self.parameters + self.optimizer + self.transient
+                + (held + self.gradients if self.chunk_major else max(held, self.gradients)))
 
 
 def model_config(name: str, settings: dict) -> ModelConfig:
@@ -138,15 +145,18 @@ def make_plan(cfg: ModelConfig, context: int, batch: int, pp: int, dp: int, act_
     return Plan(parameters=(base * (2 if freeze_base else 4) + mem * 4) // dp, gradients=4 * trainable // dp,
                 optimizer=8 * trainable // dp, activations=acts, logits=logit_bytes * tokens * cfg.vocab_size,
                 transient=transient, base_params=base, memory_params=mem,
-                chunks_per_rank=mine)
+                chunks_per_rank=mine, chunk_major=pp == 1 and dp == 1)
 
 
 def measure_step(cfg: ModelConfig, context: int, batch: int, freeze_base: bool, checkpoint_activations: bool,
-                 pipe: Pipeline | None = None) -> tuple[int, int]:
-    """Two fp32 training steps here (forward, backward, AdamW; the second is what every later step looks like,
-    the optimizer's states already there) of a random model on random tokens: (peak resident memory before
-    them, after them). Their difference is what training adds beyond the weights (the plan's peak minus its
-    parameters). pipe: under torchrun with --dp, this rank's share of a sharded step (FSDP2, pp = 1)."""
+                 pipe: Pipeline | None = None) -> tuple[int, int, int | None]:
+    """fp32 training steps here (forward, backward, AdamW) of a random model on random tokens. Returns the peak
+    resident memory before and after two steps (the second is what every later step looks like, the
+    optimizer's states already there; their difference is the plan's peak minus its parameters, plus what
+    the process's allocator keeps), and the peak of live tensors during a third, profiled step above the
+    weights and optimizer states (the plan's peak minus parameters and optimizer). pipe: under torchrun
+    with --dp, this rank's share of a sharded step (FSDP2, pp = 1); then no profile (None): the profiler
+    misses the storages FSDP2 frees by resizing them)."""
     torch.manual_seed(0)
     model = Transformer(cfg, verbose=False)
     model.checkpoint_activations = checkpoint_activations
@@ -155,16 +165,35 @@ def measure_step(cfg: ModelConfig, context: int, batch: int, freeze_base: bool, 
             p.requires_grad_(model.is_memory_param(name))
     if pipe is not None:
         pipe.shard(model)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    # fused, as train.py on a GPU: no foreach temporaries the size of the weights during the step
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
     idx = torch.randint(cfg.vocab_size, (batch, context + 1))
-    before = peak_memory_mib("cpu")  # this process's peak resident memory so far
-    for _ in range(2):
+
+    def step():
         logits, _ = pipe.forward(model, idx[:, :-1]) if pipe is not None else model(idx[:, :-1])
         F.cross_entropy(logits.flatten(0, 1), idx[:, 1:].flatten()).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        del logits
-    return round(before * 2**20), round(peak_memory_mib("cpu") * 2**20)
+
+    before = peak_memory_mib("cpu")  # this process's peak resident memory so far
+    for _ in range(2):
+        step()
+    after = round(peak_memory_mib("cpu") * 2**20)
+    if pipe is not None:
+        return round(before * 2**20), after, None
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    return round(before * 2**20), after, live_peak(prof.events())
+
+
+def live_peak(events) -> int:
+    """The most bytes the profiled ops held at once beyond what was live before them: each op's own
+    allocations minus frees, in the order the ops ended."""
+    live = peak = 0
+    for e in sorted((e for e in events if e.self_cpu_memory_usage), key=lambda e: e.time_range.end):
+        live += e.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak
 
 
 def advice(plan: Plan, cfg: dict) -> str:
@@ -223,12 +252,15 @@ def main() -> None:
                              f"(torchrun --nproc_per_node={cfg['dp']} plan.py ...): {e}")
         if cfg["threads"]:
             torch.set_num_threads(cfg["threads"])
-        before, after = measure_step(mc, cfg["context"], cfg["batch"], cfg["freeze_base"],
-                                     cfg["checkpoint_activations"], pipe)
-        predicted = plan.peak - plan.parameters
-        print(f"measured here (CPU, fp32, pp=1, dp={cfg['dp']}, rank {pipe.dp_rank if pipe else 0}): two steps "
-              f"added {(after - before) / GIB:.3f} GiB to the peak resident memory; the plan says "
-              f"{predicted / GIB:.3f} GiB (peak - parameters)")
+        before, after, live = measure_step(mc, cfg["context"], cfg["batch"], cfg["freeze_base"],
+                                           cfg["checkpoint_activations"], pipe)
+        tensors = "" if live is None else (f"a step's live tensors peaked {live / GIB:.3f} GiB above the weights "
+                                           f"and AdamW states, the plan says "
+                                           f"{(plan.peak - plan.parameters - plan.optimizer) / GIB:.3f}; ")
+        print(f"measured here (CPU, fp32, pp=1, dp={cfg['dp']}, rank {pipe.dp_rank if pipe else 0}): {tensors}"
+              f"two steps added {(after - before) / GIB:.3f} GiB to the peak resident memory (AdamW states and "
+              f"the allocator's own included), the plan says {(plan.peak - plan.parameters) / GIB:.3f} (peak - "
+              "parameters)")
     if not fits:
         raise SystemExit(1)  # scripts can ask: does it fit?
 

@@ -13,10 +13,12 @@ are a pure function of (seed, iteration): a resumed run sees the same data and, 
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import math
 import os
 import random
+import shutil
 import signal
 import time
 from dataclasses import asdict, fields
@@ -28,12 +30,13 @@ from tqdm import tqdm
 
 import llama
 import ram as ramlib
-from checkpoint import load_model, read_checkpoint, save_checkpoint
+from checkpoint import (load_model, load_optimizer, load_shards, read_checkpoint, save_checkpoint, save_shards,
+                        shards_dir, state_dicts)
 from configurator import configure_or_exit, pick_device, pick_dtype, settings_of
 from data import TASKS, filler_tokens, get_tokenizer, sample_batch, stack
 from eval_passkey import passkey_cell
 from model import Block, ModelConfig, Transformer
-from pipeline import SCHEDULES, Pipeline, PipelineError, load_optimizer, reduce_step, state_dicts
+from pipeline import SCHEDULES, Pipeline, PipelineError, reduce_step
 
 # -----------------------------------------------------------------------------
 # run
@@ -49,6 +52,8 @@ threads = 0               # torch CPU threads; 0 = torch's default
 eval_interval = 300       # iterations between passkey evaluations (and at the end)
 eval_trials = 40          # sequences per evaluation, at the longest training length, spread over 5 depths
 ckpt_interval = 300       # iterations between checkpoints (and at the end)
+ckpt_shards = False       # weights and AdamW states as shards, each rank writing its own (out_dir/ckpt-<iter>.dcp,
+                          # named by ckpt.pt), not gathered by rank 0: full fine-tunes of 8B (docs/scale.md)
 pipeline = False          # split every sequence by chunks over the torchrun ranks (S7); needs torchrun
 pipeline_schedule = "wavefront"  # wavefront (S7) | naive (a rank waits until the previous one finished)
 pipeline_timeout = 60.0   # seconds a rank waits for another before every rank stops with an error
@@ -97,6 +102,7 @@ DEFAULTS = {**settings_of(globals()), **ramlib.SETTINGS}  # RAM's own settings (
 MODEL_KEYS = tuple(f.name for f in fields(ModelConfig) if f.name in DEFAULTS)  # the settings above that shape it
 MEMORY_KEYS = ("chunk_size", "n_global", "stride", "temp_budget", "adapter_rank", "global_gate", "window")
 dp_rank = 0  # this process's place along "dp" (main sets it under torchrun): which slice of every batch it reads
+previous_shards = None  # ckpt_shards: the directory the last checkpoint file named (`checkpoint` keeps it one more)
 
 
 def get_lr(it: int) -> float:
@@ -202,6 +208,8 @@ def build_model(config: dict, enc, ckpt: dict | None, dev: str, verbose: bool):
         ckpt["base"]["base_path"] = config["base"] or ckpt["base"]["base_path"]  # later checkpoints: where it is now
         model = llama.attach_memories(ckpt["base"]["base_path"], ckpt["model"], ckpt["base"], path, device=dev)
         model.train()
+    elif ckpt is not None and ckpt.get("shards"):  # ckpt_shards: `start` loads each rank's pieces once sharded
+        model = Transformer(ModelConfig(**ckpt["model_args"]), verbose)
     elif ckpt is not None:
         model, _ = ramlib.load_ram(path, dev, ckpt) if ram else load_model(path, dev, ckpt)
         model.train()
@@ -236,8 +244,9 @@ def check_settings(config: dict, enc) -> None:
         (c["freeze_base"] and not c["chunk_size"], "freeze_base=True trains only the memories: it needs "
                                                    "chunk_size > 0"),
         (c["pipeline"] and not c["chunk_size"], "pipeline=True splits sequences by chunks: it needs chunk_size > 0"),
-        (c["dp"] < 1 or (c["dp"] > 1 and (not c["chunk_size"] or c["method"] != "comet" or c["freeze_base"])),
-         f"dp={c['dp']} must be >= 1; dp > 1 shards CoMeT (chunk_size > 0, method=comet; not yet freeze_base)"),
+        (c["dp"] < 1 or (c["dp"] > 1 and (not c["chunk_size"] or c["method"] != "comet")),
+         f"dp={c['dp']} must be >= 1; dp > 1 shards CoMeT (chunk_size > 0, method=comet)"),
+        (c["ckpt_shards"] and c["method"] != "comet", "ckpt_shards=True writes CoMeT's shards: it needs method=comet"),
         (c["checkpoint_activations"] and (not c["chunk_size"] or c["method"] != "comet"),
          "checkpoint_activations recomputes CoMeT's layer-over-chunk steps: it needs chunk_size > 0, method=comet"),
         (c["pipeline_schedule"] not in SCHEDULES, f"pipeline_schedule={c['pipeline_schedule']!r} must be wavefront "
@@ -300,7 +309,13 @@ def start(model, optimizer, ckpt: dict | None, master: bool) -> tuple[int, float
     if master:
         os.makedirs(out_dir, exist_ok=True)
     if ckpt is not None:
-        load_optimizer(model, optimizer, ckpt["optimizer"], ckpt.get("optimizer_by_name", False))
+        if ckpt.get("shards"):  # the weights too: each rank reads the pieces of its shards
+            global previous_shards
+            previous_shards = ckpt["shards"]
+            load_shards(model, optimizer, shards_dir(os.path.join(out_dir, "ckpt.pt"), ckpt),
+                        ckpt["optimizer"]["param_groups"])
+        else:
+            load_optimizer(model, optimizer, ckpt["optimizer"], ckpt.get("optimizer_by_name", False))
         torch.set_rng_state(ckpt["rng"]["torch"])
         iter_num, acc = ckpt["iter_num"], ckpt.get("passkey_acc")
         if master and os.path.exists(log_path):
@@ -341,21 +356,32 @@ def train_step(model, optimizer, train: Method, pipe: Pipeline | None, autocast,
 
 def checkpoint(model, optimizer, it: int, acc: float | None, config: dict, path: str, base: dict | None,
                master: bool) -> None:
+    global previous_shards
     """Everything a run needs to resume exactly, written atomically (checkpoint.save_checkpoint) by the master.
     Sharded (dp > 1): every rank calls it, their shards gathered whole (the same file as one process writes,
-    the optimizer keyed by parameter name). A frozen pretrained base (base: llama.base_header) is not written
-    again: the checkpoint holds only the memories and names the base, and memories.safetensors beside it is
-    what to ship (a few MB, no optimizer)."""
-    weights, opt, by_name = state_dicts(model, optimizer)
+    the optimizer keyed by parameter name), or with ckpt_shards each rank's shards written by that rank into
+    a directory the file names. A frozen pretrained base (base: llama.base_header) is not written again: the
+    checkpoint holds only the memories and names the base, and memories.safetensors beside it is what to
+    ship (a few MB, no optimizer)."""
+    out, shards = os.path.dirname(path), f"ckpt-{it:08d}.dcp" if config["ckpt_shards"] else None
+    if shards:  # a directory per iteration: the file names the last complete one (a crash keeps the previous)
+        weights, by_name = {}, True
+        opt = dict(param_groups=save_shards(model, optimizer, os.path.join(out, shards)))
+    else:
+        weights, opt, by_name = state_dicts(model, optimizer, trained_only=bool(base))  # base: memories alone
     if not master:
         return
     extra = {"ram_args": asdict(model.ram)} if isinstance(model, ramlib.RAM) else {"base": base} if base else {}
-    save_checkpoint(dict(model=llama.memory_state(model) if base else weights, optimizer=opt,
-                         optimizer_by_name=by_name, model_args=asdict(model.config),
-                         iter_num=it, config=config, passkey_acc=acc, rng=dict(torch=torch.get_rng_state()), **extra),
-                    path)
+    save_checkpoint(dict(model=weights, optimizer=opt, optimizer_by_name=by_name, model_args=asdict(model.config),
+                         iter_num=it, config=config, passkey_acc=acc, rng=dict(torch=torch.get_rng_state()),
+                         shards=shards, **extra), path)
+    keep = {shards, previous_shards}  # and the previous ones, which a reader may have open
+    previous_shards = shards
+    for old in glob.glob(os.path.join(glob.escape(out), "ckpt-*.dcp")):
+        if os.path.basename(old) not in keep:
+            shutil.rmtree(old, ignore_errors=True)
     if base:
-        llama.save_memories(model, os.path.join(os.path.dirname(path), "memories.safetensors"), base, config)
+        llama.save_memories(weights, os.path.join(out, "memories.safetensors"), base, config)
 
 
 def join_ranks(dev: str) -> tuple[Pipeline | None, str, bool]:
@@ -388,6 +414,9 @@ def main() -> None:
         model = build_model(config, enc, ckpt, dev, verbose=master)
         base = (ckpt or {}).get("base") or (llama.base_header(init_from, model)
                                             if freeze_base and llama.is_pretrained(init_from) else None)
+        if base and ckpt_shards:
+            raise ValueError("ckpt_shards=True is for full fine-tunes: a frozen base's checkpoint is its "
+                             "memories alone, a few MB in one file; drop --ckpt_shards")
     except (OSError, TypeError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     if pipe:
@@ -397,7 +426,10 @@ def main() -> None:
     autocast = torch.autocast(torch.device(dev).type, dtype=torch.bfloat16, enabled=precision == torch.bfloat16)
     optimizer = make_optimizer(model, fused=torch.device(dev).type == "cuda")
     train = pick_method(pipe, dev)
-    iter_num, acc = start(model, optimizer, ckpt, master)
+    try:
+        iter_num, acc = start(model, optimizer, ckpt, master)
+    except ValueError as e:  # damaged shards: every rank
+        raise SystemExit(f"error: cannot resume: {e}")
     ckpt_path, log_path = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "log.jsonl")
     stop = []  # Ctrl-C: finish the step, checkpoint, exit
     signal.signal(signal.SIGINT, lambda *_: stop.append(True))
@@ -417,8 +449,11 @@ def main() -> None:
                 if master:
                     log.write(json.dumps(record) + "\n")
                     log.flush()
-                if save:  # every rank (sharded: the shards are gathered), rank 0 writes
-                    checkpoint(model, optimizer, it + 1, acc, config, ckpt_path, base, master)
+                if save:  # every rank (sharded: the shards are gathered, or each rank writes its own)
+                    try:
+                        checkpoint(model, optimizer, it + 1, acc, config, ckpt_path, base, master)
+                    except (OSError, ValueError) as e:  # a full disk, say: the previous checkpoint stays
+                        raise SystemExit(f"error: cannot write the checkpoint at iteration {it + 1}: {e}")
                 if master:
                     tok_s = n_tok / (time.perf_counter() - t0)  # evaluations included: what a run really gets
                     bar.set_postfix(loss=f"{record['loss']:.3f}", len=record["len"], tok_s=f"{tok_s:,.0f}",

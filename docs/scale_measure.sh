@@ -1,4 +1,4 @@
-# docs/scale.md's validation: the plan next to two measured fp32 training steps on this CPU, for the tiny
+# docs/scale.md's validation: the plan next to measured fp32 training steps on this CPU (live tensors and resident memory), for the tiny
 # and the 30M shapes, with and without activation checkpointing. Run from the repository root.
 for m in "tiny --context=4096 --batch=4 --chunk_size=64 --n_global=16 --temp_budget=32" \
          "30M --context=4096 --batch=2 --chunk_size=256 --n_global=16 --temp_budget=64"; do

@@ -1,11 +1,13 @@
 """Checkpoints: atomic writes, a safe loader, a model that comes back identical."""
 import os
+import pickle
 import threading
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 
-from checkpoint import load_model, read_checkpoint, save_checkpoint
+from checkpoint import load_model, read_checkpoint, save_checkpoint, save_shards
 from conftest import tiny_config, tiny_model
 
 
@@ -106,3 +108,44 @@ def test_bad_model_args_are_a_clear_error(tmp_path):
     save_checkpoint(ck, path)
     with pytest.raises(ValueError, match="bad model_args: ModelConfig: stride=100 must be <= chunk_size=8"):
         load_model(path)
+
+
+# --- a directory of shards (train.py --ckpt_shards) ------------------------------------------------------
+
+def sharded_ckpt(tmp_path, model):
+    """A one-process checkpoint whose weights and AdamW states live in a directory of shards beside it."""
+    opt = torch.optim.AdamW(model.parameters())
+    groups = save_shards(model, opt, str(tmp_path / "ckpt-00000003.dcp"))
+    save_checkpoint({**make_ckpt(model), "model": {}, "optimizer": dict(param_groups=groups),
+                     "shards": "ckpt-00000003.dcp"}, str(tmp_path / "ckpt.pt"))
+    return tmp_path / "ckpt.pt"
+
+
+def test_a_model_comes_back_identical_from_its_shards(tmp_path):
+    model = tiny_model()
+    loaded, _ = load_model(str(sharded_ckpt(tmp_path, model)))
+    idx = torch.randint(32, (2, 30))
+    assert torch.equal(model(idx)[0], loaded(idx)[0])
+
+
+class RunsCode:
+    def __reduce__(self):
+        return os.system, ("touch pwned",)
+
+
+def test_shards_whose_metadata_would_run_code_are_refused_without_running_it(tmp_path, monkeypatch):
+    path = sharded_ckpt(tmp_path, tiny_model())
+    (tmp_path / "ckpt-00000003.dcp" / ".metadata").write_bytes(pickle.dumps(RunsCode()))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"refused to load the shards in .*: damaged or unsafe metadata"):
+        load_model(str(path))
+    assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # dcp.save in one process, over the directory
+def test_shards_holding_anything_but_tensors_are_refused(tmp_path):
+    """dcp.load unpickles non-tensor items with torch.load(weights_only=False): none may be read."""
+    path = sharded_ckpt(tmp_path, tiny_model())
+    dcp.save({"model": {"note": {"any": "object"}}}, checkpoint_id=str(tmp_path / "ckpt-00000003.dcp"))
+    with pytest.raises(ValueError, match="they hold objects other than tensors"):
+        load_model(str(path))

@@ -14,7 +14,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import data
 from checkpoint import load_model
 from llama import (attach_memories, base_header, fingerprint, freeze_base, load_llama, meta_to_hf_rotary,
-                   read_memories, save_memories)
+                   memory_state, read_memories, save_memories)
+from model import Transformer
 from stream import generate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -326,6 +327,46 @@ def test_a_frozen_base_run_resumed_from_its_memories_gives_the_same_losses(check
     assert [r["loss"] for r in logs[0]] == [r["loss"] for r in logs[1] if r["iter"] >= 4]
 
 
+@pytest.mark.parametrize("case", ["gqa_untied_theta500k", "mha_tied"])
+def test_a_frozen_base_sharded_over_dp_checkpoints_and_resumes_the_memories_of_one_process(checkpoints, tmp_path,
+                                                                                          case):
+    """--dp=2 (FSDP2) on a frozen pretrained base: only the memories are gathered into the checkpoint and
+    memories.safetensors, equal to one process reading both slices; resumed on dp=2, the losses go on as
+    one process's. A tied base: its output matrix is the frozen embedding table, never gathered either."""
+    path = checkpoints[case][0]
+    flat = ["--min_lr=1", "--curriculum=0"]  # lr and lengths independent of max_iters
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    train_frozen(path, tmp_path / "one", "--max_iters=5", "--batch_size=4", *flat)
+    cmd = [*torchrun, "train.py", "config/smoke.py", f"--init_from={path}", "--tokenizer=bytes",
+           "--freeze_base=True", "--eval_interval=0", f"--out_dir={tmp_path / 'grid'}", "--max_iters=3",
+           "--batch_size=2", "--dp=2", *flat]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    one, grid = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("one", "grid"))
+    memories = read_memories(str(tmp_path / "grid" / "memories.safetensors"))[0]
+    assert grid["model"].keys() == one["model"].keys() == memories.keys()
+    assert all(Transformer.is_memory_param(n) for n in memories)
+    assert len(grid["optimizer"]["state"]) == len(grid["model"])  # AdamW states of the memories only
+    r = subprocess.run([*torchrun, "train.py", "--init_from=resume", f"--out_dir={tmp_path / 'grid'}",
+                        "--max_iters=5"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    curves = [[json.loads(line)["loss"] for line in open(tmp_path / d / "log.jsonl")] for d in ("one", "grid")]
+    assert len(curves[1]) == 5 and curves[1] == pytest.approx(curves[0], rel=1e-5)
+    one = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=True)["model"]
+    grid = torch.load(tmp_path / "grid" / "ckpt.pt", weights_only=True)["model"]
+    assert all((grid[n] - one[n]).abs().max() <= 1e-4 * one[n].abs().max() for n in one)  # after 5 AdamW steps
+
+
+def test_shards_of_a_frozen_base_are_refused_with_one_line(checkpoints, tmp_path):
+    path = checkpoints["gqa_untied_theta500k"][0]
+    r = subprocess.run([sys.executable, "train.py", "config/smoke.py", f"--init_from={path}", "--tokenizer=bytes",
+                        "--freeze_base=True", "--ckpt_shards=True", f"--out_dir={tmp_path}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and r.stderr.strip().splitlines() == [
+        "error: ckpt_shards=True is for full fine-tunes: a frozen base's checkpoint is its memories alone, a few MB "
+        "in one file; drop --ckpt_shards"] and not (tmp_path / "ckpt.pt").exists()
+
+
 def test_memories_saved_and_attached_to_their_base_give_bitwise_the_same_logits(checkpoints, tmp_path):
     path = str(checkpoints["gqa_untied_theta500k"][0])
     model = load_llama(path, chunk_size=16, n_global=4, stride=4, temp_budget=8)
@@ -333,7 +374,7 @@ def test_memories_saved_and_attached_to_their_base_give_bitwise_the_same_logits(
         for name, p in model.named_parameters():
             if model.is_memory_param(name):
                 p.add_(torch.randn_like(p) * 0.1)  # trained-looking memories, adapters away from identity
-    save_memories(model, str(tmp_path / "m.safetensors"), base_header(path, model), {"max_len": 40})
+    save_memories(memory_state(model), str(tmp_path / "m.safetensors"), base_header(path, model), {"max_len": 40})
     tensors, header = read_memories(str(tmp_path / "m.safetensors"))
     again = attach_memories(path, tensors, header, "m.safetensors")
     x = ids(40)
@@ -345,7 +386,7 @@ def test_memories_saved_and_attached_to_their_base_give_bitwise_the_same_logits(
 def test_memories_are_refused_on_another_base_model_in_one_line(checkpoints, tmp_path):
     path, other = (str(checkpoints[c][0]) for c in ("gqa_untied_theta500k", "sharded"))
     model = load_llama(path, chunk_size=16, n_global=4, stride=4, temp_budget=8)
-    save_memories(model, str(tmp_path / "m.safetensors"), base_header(path, model), {})
+    save_memories(memory_state(model), str(tmp_path / "m.safetensors"), base_header(path, model), {})
     tensors, header = read_memories(str(tmp_path / "m.safetensors"))
     with pytest.raises(ValueError, match=r"m.safetensors was trained on .*refusing to load it onto another model"):
         attach_memories(other, tensors, header, "m.safetensors")
@@ -391,7 +432,7 @@ def test_a_frozen_base_run_cannot_resume_with_the_base_unfrozen(checkpoints, tmp
 def test_a_truncated_or_foreign_memories_file_is_one_clear_error(checkpoints, tmp_path):
     path = str(checkpoints["gqa_untied_theta500k"][0])
     model = load_llama(path, chunk_size=16, n_global=4, stride=4, temp_budget=8)
-    save_memories(model, str(tmp_path / "m.safetensors"), base_header(path, model), {})
+    save_memories(memory_state(model), str(tmp_path / "m.safetensors"), base_header(path, model), {})
     (tmp_path / "cut.safetensors").write_bytes((tmp_path / "m.safetensors").read_bytes()[:1000])
     with pytest.raises(ValueError, match=r"cut.safetensors \(corrupt or truncated\?\)"):
         read_memories(str(tmp_path / "cut.safetensors"))

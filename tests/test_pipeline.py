@@ -13,7 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from checkpoint import load_model
 from conftest import tiny_model
+from llama import freeze_base
 from pipeline import launch, rank_chunks
 from pipeline_sim import simulate
 
@@ -59,7 +61,10 @@ def pipelined_step(pipe, n_tokens, overrides, bptt_chunks):
 
 
 def one_process_step(n_tokens, overrides, bptt_chunks, rows=2):
-    model = tiny_model(**{k: v for k, v in overrides.items() if k != "checkpoint_activations"}).train()
+    model = tiny_model(**{k: v for k, v in overrides.items() if k not in ("checkpoint_activations",
+                                                                          "freeze_base")}).train()
+    if overrides.get("freeze_base"):
+        freeze_base(model)
     idx, targets = batch(n_tokens, rows)
     _, loss = model(idx, targets, bptt_chunks=bptt_chunks)
     loss.backward()
@@ -99,7 +104,11 @@ def test_pipeline_loss_and_every_gradient_equal_one_process(results, case):
 def sharded_step(pipe, n_tokens, rows, checkpointed=False, overrides=None):
     """On every rank of a (pp, dp) grid: its dp slice of the batch, FSDP2 over dp, the pipeline over pp;
     returns (loss, every gradient gathered whole)."""
-    model = tiny_model(**(overrides or {})).train()
+    overrides = dict(overrides or {})
+    frozen = overrides.pop("freeze_base", False)
+    model = tiny_model(**overrides).train()
+    if frozen:  # units holding frozen and trained parameters side by side
+        freeze_base(model)
     model.checkpoint_activations = checkpointed
     pipe.shard(model)
     idx, targets = batch(n_tokens, rows * pipe.dp)
@@ -110,13 +119,14 @@ def sharded_step(pipe, n_tokens, rows, checkpointed=False, overrides=None):
     (loss / (targets != -1).sum()).backward()
     total, _ = pipe.all_reduce(model, loss / (targets != -1).sum())
     full = lambda g: g.full_tensor() if hasattr(g, "full_tensor") else g  # a collective over dp
-    return total, {n: full(p.grad) for n, p in model.named_parameters()}
+    return total, {n: None if p.grad is None else full(p.grad) for n, p in model.named_parameters()}
 
 
 @pytest.mark.parametrize("pp, dp, tokens, checkpointed, overrides", [
     (1, 2, 64, False, {}), (2, 2, 64, False, {}), (2, 1, 64, False, {}), (2, 2, 16, False, dict(n_global=3)),
-    (2, 2, 44, True, {})],
-    ids=["pp1_dp2", "pp2_dp2", "pp2_dp1", "pp2_dp2_last_rank_never_closes", "pp2_dp2_checkpointed"])
+    (2, 2, 44, True, {}), (2, 2, 64, False, dict(freeze_base=True))],
+    ids=["pp1_dp2", "pp2_dp2", "pp2_dp1", "pp2_dp2_last_rank_never_closes", "pp2_dp2_checkpointed",
+         "pp2_dp2_frozen_base"])
 def test_sharded_pipeline_loss_and_every_gradient_equal_one_process(pp, dp, tokens, checkpointed, overrides):
     """pp x dp ranks (FSDP2 over dp, gloo): the loss and every gradient of one process reading all rows. 16
     tokens: the last rank's one chunk stays open (no readout rows there; 3 of them: uneven shards)."""
@@ -240,6 +250,24 @@ def test_bf16_sharded_training_follows_one_process_under_autocast(tmp_path):
     assert len(curves[1]) == 6 and curves[1] == pytest.approx(curves[0], rel=2e-2)
 
 
+def test_a_bf16_frozen_base_sharded_over_dp_stays_bit_for_bit_the_one_of_one_process(tmp_path):
+    """--freeze_base --dtype=bfloat16 --dp=2: units hold bf16 frozen matrices beside fp32 memories; after 4
+    steps the gathered base is bit for bit one process's, and the loss follows it up to bf16 rounding (the
+    memories equal one process's in fp32: test_llama's sharded frozen base)."""
+    args = ["--max_iters=4", "--freeze_base", "--dtype=bfloat16"]
+    one = train(tmp_path / "one", *args, "--batch_size=4")
+    grid = train(tmp_path / "grid", *args, "--batch_size=2", "--dp=2", ranks=2)
+    assert one.returncode == 0 and grid.returncode == 0, grid.stderr[-3000:]
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True)["model"] for d in ("one", "grid"))
+    assert a.keys() == b.keys()
+    memory = {n for n in a if tiny_model().is_memory_param(n)}
+    assert memory and all(b[name].dtype == torch.float32 for name in memory)
+    for name in a.keys() - memory:
+        assert b[name].dtype == a[name].dtype and torch.equal(b[name], a[name]), name
+    curves = [[json.loads(line)["loss"] for line in open(tmp_path / d / "log.jsonl")] for d in ("one", "grid")]
+    assert len(curves[1]) == 4 and curves[1] == pytest.approx(curves[0], rel=2e-2)
+
+
 def test_checkpoints_resume_exactly_across_dp_layouts(tmp_path):
     """A constant learning rate and no curriculum, so that a run stopped at 4 and resumed to 8 steps must
     match a run of 8: the gathered checkpoint (optimizer states keyed by name) resumes on dp=2 and on dp=1."""
@@ -260,6 +288,32 @@ def test_checkpoints_resume_exactly_across_dp_layouts(tmp_path):
     assert curve("half") == pytest.approx(curve("whole"), rel=1e-6)
     assert curve("one") == pytest.approx(curve("whole"), rel=1e-5)
     assert curve("first") == pytest.approx(curve("whole"), rel=1e-5)
+
+
+def test_shards_written_by_each_rank_resume_exactly_on_another_layout_and_open_in_one_process(tmp_path):
+    """--ckpt_shards: each of pp2 x dp2's ranks writes its own pieces (torch.distributed.checkpoint, no rank
+    gathers), the file names the directory; resumed on pp1 x dp2 and in one process, the losses of a run never
+    stopped; load_model (sample.py) reads every shard into one model; the last two directories are kept."""
+    const = ["--warmup=0", "--min_lr=1.0", "--curriculum=0"]
+    whole = train(tmp_path / "whole", "--max_iters=6", "--dp=2", "--batch_size=2", *const, ranks=2)
+    grid = train(tmp_path / "grid", "--max_iters=3", "--dp=2", "--pipeline=True", "--batch_size=2", "--ckpt_interval=1",
+                 "--ckpt_shards=True", *const, ranks=4)
+    assert whole.returncode == 0 and grid.returncode == 0, grid.stderr[-3000:]
+    ckpt = torch.load(tmp_path / "grid" / "ckpt.pt", weights_only=True)
+    assert ckpt["shards"] == "ckpt-00000003.dcp" and ckpt["model"] == {} and "state" not in ckpt["optimizer"]
+    assert sorted(p.name for p in (tmp_path / "grid").glob("ckpt-*")) == ["ckpt-00000002.dcp", "ckpt-00000003.dcp"]
+    assert len(list((tmp_path / "grid" / ckpt["shards"]).glob("*.distcp"))) == 4  # a file of shards per rank
+    shutil.copytree(tmp_path / "grid", tmp_path / "one")
+    dp2 = train(tmp_path / "grid", "--init_from=resume", "--max_iters=6", "--pipeline=False", ranks=2)
+    one = train(tmp_path / "one", "--init_from=resume", "--max_iters=6", "--dp=1", "--pipeline=False", "--batch_size=4")
+    assert dp2.returncode == 0 and one.returncode == 0, (dp2.stderr + one.stderr)[-3000:]
+    curve = lambda d: [json.loads(line)["loss"] for line in open(tmp_path / d / "log.jsonl")]
+    assert len(curve("whole")) == 6
+    assert curve("grid") == pytest.approx(curve("whole"), rel=1e-5)
+    assert curve("one") == pytest.approx(curve("whole"), rel=1e-5)
+    sharded, gathered = (load_model(str(tmp_path / d / "ckpt.pt"))[0].state_dict() for d in ("grid", "whole"))
+    assert sharded.keys() == gathered.keys()
+    assert all(torch.allclose(sharded[n], gathered[n], rtol=1e-4, atol=1e-6) for n in gathered)
 
 
 @pytest.mark.parametrize("ranks, args, message", [

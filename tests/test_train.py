@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint
 import eval_passkey
 import train
 from checkpoint import load_model
@@ -143,6 +144,7 @@ def test_resume_refuses_to_change_the_model_and_keeps_the_log_in_place(tmp_path)
     ("--pipeline_schedule=zigzag", "pipeline_schedule='zigzag' must be wavefront or naive"),
     ("--pipeline=True --chunk_size=0", "pipeline=True splits sequences by chunks: it needs chunk_size > 0"),
     ("--freeze_base=True --chunk_size=0", "freeze_base=True trains only the memories: it needs chunk_size > 0"),
+    ("--ckpt_shards=True --method=ram", "ckpt_shards=True writes CoMeT's shards: it needs method=comet"),
 ])
 def test_bad_settings_stop_training_with_one_clear_line(tmp_path, bad, message):
     err = fail(train_cmd(tmp_path, *bad.split()))
@@ -165,6 +167,40 @@ def test_held_out_perplexity_is_the_exp_of_the_mean_nll_of_each_windows_tail():
     assert got == pytest.approx(float(torch.exp((nll[0] + nll[1]) / 2)), rel=1e-6)
     with pytest.raises(ValueError, match="ppl_tail=40 < length=40"):
         eval_passkey.held_out_perplexity(model, ids, 40, 40, 1)
+
+
+def test_shards_resume_exactly_when_some_parameters_have_no_adamw_state_yet(tmp_path):
+    """Sequences of at most two chunks, the second open: the global memory's gate is never used, so AdamW
+    holds no state for it; resumed from shards it still has none, and the losses are a run never stopped's."""
+    args = ["--chunk_size=64", "--max_len=128", "--warmup=0", "--min_lr=1.0", "--curriculum=0", "--eval_interval=0"]
+    run(train_cmd(tmp_path / "whole", "--max_iters=4", *args))
+    run(train_cmd(tmp_path / "half", "--max_iters=2", "--ckpt_shards=True", *args))
+    ckpt = torch.load(tmp_path / "whole" / "ckpt.pt", weights_only=True)
+    assert len(ckpt["optimizer"]["state"]) < len(ckpt["model"]) - 1  # gates without state (output.weight: tied)
+    run([sys.executable, "train.py", f"--out_dir={tmp_path / 'half'}", "--init_from=resume", "--max_iters=4"])
+    assert losses(tmp_path / "half") == losses(tmp_path / "whole")
+    saved = checkpoint._saved_tensors(str(tmp_path / "half" / "ckpt-00000004.dcp"))
+    assert "optimizer.memories.0.global_mem.gate.weight.step" not in saved  # none made up on loading
+    assert "optimizer.memories.0.global_mem.adapter.up.weight.step" in saved
+
+
+def test_missing_or_damaged_shards_are_one_clear_error_on_resume(tmp_path):
+    """--ckpt_shards in one process: ckpt.pt names its directory of shards; without it, or with a shard cut
+    short, resuming (and sample.py) stops with one line and writes nothing."""
+    run(train_cmd(tmp_path / "a", "--max_iters=2", "--eval_interval=0", "--ckpt_shards=True"))
+    shards = tmp_path / "a" / "ckpt-00000002.dcp"
+    (piece,) = shards.glob("*.distcp")
+    piece.write_bytes(piece.read_bytes()[:1000])
+    err = fail(train_cmd(tmp_path / "a", "--init_from=resume", "--max_iters=4"))
+    assert len(err.strip().splitlines()) == 1
+    assert err.startswith(f"error: cannot resume: cannot load the shards in {shards} (corrupt or truncated?): rank 0")
+    (shards / ".metadata").unlink()
+    for cmd in (train_cmd(tmp_path / "a", "--init_from=resume", "--max_iters=4"),
+                [sys.executable, "sample.py", f"--ckpt={tmp_path / 'a' / 'ckpt.pt'}", "--prompt=hi"]):
+        err = fail(cmd)
+        assert len(err.strip().splitlines()) == 1 and "keeps its weights in ckpt-00000002.dcp beside it, which is " \
+            "missing or incomplete" in err, err
+    assert len(losses(tmp_path / "a")) == 2
 
 
 def test_resume_without_a_checkpoint_is_one_clear_error(tmp_path):
