@@ -406,13 +406,14 @@ def make_sample(task: str, enc: tiktoken.Encoding, length: int, depth: float, rn
 
 
 def sample_batch(enc: tiktoken.Encoding, batch: int, length: int, seed: int, digits: int = 5,
-                 depth: float | None = None, task: str = "passkey", filler: np.ndarray | None = None) -> list[Passkey]:
+                 depth: float | None = None, task: str = "passkey", filler: np.ndarray | None = None,
+                 edges: float = 0.1) -> list[Passkey]:
     """`batch` sequences of `length` tokens; the same seed always gives the same ones. Without a depth,
-    depths are uniform in [0, 1] except that 10% sit exactly at 0 or 1: a uniform depth almost never puts
-    the passkey sentence right against the question, and a model trained so failed a third of the
-    depth-100% evaluations."""
+    depths are uniform in [0, 1] except that a share `edges` sits exactly at 0 or 1: a uniform depth almost
+    never puts the passkey sentence right against the question, and a model trained so failed a third of
+    the depth-100% evaluations."""
     rng = random.Random(seed)
-    depths = [depth if depth is not None else rng.choice((0.0, 1.0)) if rng.random() < 0.1 else rng.random()
+    depths = [depth if depth is not None else rng.choice((0.0, 1.0)) if rng.random() < edges else rng.random()
               for _ in range(batch)]
     return [make_sample(task, enc, length, d, rng, digits, filler) for d in depths]
 

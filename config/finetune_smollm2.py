@@ -31,3 +31,4 @@ lr = 4e-4
 memory_lr_mult = 5.0      # every trained parameter is a memory parameter: 2e-3
 warmup = 0.03
 lm_weight = 0.1
+edge_depths = 0.1          # as its documented run was trained (the default became 0.2 with issue 20)

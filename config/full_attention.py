@@ -3,3 +3,4 @@
 # its training length were never seen (eval_passkey.py --block_size=N lets it try).
 # python train.py config/full_attention.py --out_dir=out/full_attention
 chunk_size = 0
+edge_depths = 0.1          # as its documented run was trained (the default became 0.2 with issue 20)

@@ -2,3 +2,4 @@
 # Everything else as config/comet.py.
 # python train.py config/global_only.py --out_dir=out/global_only
 temp_budget = 0
+edge_depths = 0.1          # as its documented run was trained (the default became 0.2 with issue 20)

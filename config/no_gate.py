@@ -2,3 +2,4 @@
 # as a recurrent memory transformer (RMT) does. Everything else as config/comet.py.
 # python train.py config/no_gate.py --out_dir=out/no_gate
 global_gate = False
+edge_depths = 0.1          # as its documented run was trained (the default became 0.2 with issue 20)

@@ -10,3 +10,4 @@ contrast_weight = 0.1     # as ram.SETTINGS' default (the paper's 1 stalled this
 min_len = 256             # four facts + question + answer take 135 tokens; leave room for filler
 max_iters = 5000          # the measured model (docs/ram.md): this file with --max_iters=3000 until step 2,073,
 eval_interval = 500       # then resumed with --max_iters=5000 (the cosine schedule stretched from there on)
+edge_depths = 0.1          # as its documented run was trained (the default became 0.2 with issue 20)

@@ -9,3 +9,4 @@ keep_ratio = 0.25
 contrast_weight = 0.1     # as ram.SETTINGS' default (the paper's 1 stalled this tiny model: docs/ram.md)
 max_iters = 1500
 eval_interval = 300
+edge_depths = 0.1          # as its documented run was trained (the default became 0.2 with issue 20)

@@ -19,3 +19,4 @@ ckpt_interval = 250
 segment = 50              # RAM: 20 segments of context at 1,024 tokens, of which 4 are read closely at 0.25
 keep_ratio = 0.25
 contrast_weight = 0.1     # as ram.SETTINGS' default (the paper's 1 stalled the tiny model: docs/ram.md)
+edge_depths = 0.1          # as its documented run was trained (the default became 0.2 with issue 20)

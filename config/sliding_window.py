@@ -6,3 +6,4 @@
 # python train.py config/sliding_window.py --out_dir=out/sliding_window
 chunk_size = 0
 window = 48
+edge_depths = 0.1          # as its documented run was trained (the default became 0.2 with issue 20)

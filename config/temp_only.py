@@ -2,3 +2,4 @@
 # leaves the 32-slot FIFO (4 chunks of 8 compression tokens) is gone. Everything else as config/comet.py.
 # python train.py config/temp_only.py --out_dir=out/temp_only
 n_global = 0
+edge_depths = 0.1          # as its documented run was trained (the default became 0.2 with issue 20)

@@ -9,3 +9,4 @@ keep_ratio = 0.25
 min_len = 256
 max_iters = 2000
 eval_interval = 200
+edge_depths = 0.1          # as its documented run was trained (the default became 0.2 with issue 20)

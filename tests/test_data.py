@@ -71,6 +71,16 @@ def test_random_depths_include_both_ends_and_the_middle():
     assert ((starts > 0) & (starts < n_filler)).sum() >= 300
 
 
+@pytest.mark.parametrize("edges", [0.0, 0.5, 1.0])
+def test_the_edge_share_of_random_depths_sits_exactly_at_0_or_1(edges):
+    """train.py's edge_depths: that share of the keys lies right at the start or right before the question."""
+    rows = data.sample_batch(ENC, 400, 300, seed=0, edges=edges)
+    n_filler = 300 - 59 - len(QUESTION) - 6
+    at_edge = sum(s.inserts[0] in (0, n_filler) for s in rows)
+    assert abs(at_edge - 400 * edges) <= 40  # binomial: 3 sigma is 30 at 0.5
+    assert edges < 1 or all(s.inserts[0] in (0, n_filler) for s in rows)
+
+
 def test_batch_answer_mask_marks_the_last_answer_tokens():
     tokens, answer = passkey_batch(ENC, 3, 250, seed=0)
     assert tokens.shape == answer.shape == (3, 250)

@@ -138,6 +138,7 @@ def test_resume_refuses_to_change_the_model_and_keeps_the_log_in_place(tmp_path)
     ("--device=gpu", "device='gpu' must be auto, cpu or cuda"),
     ("--dtype=float16", "dtype='float16' must be auto, float32 or bfloat16"),
     ("--curriculum=2.0", "curriculum=2.0 must lie in [0, 1]"),
+    ("--edge_depths=-0.1", "edge_depths=-0.1 must lie in [0, 1]"),
     ("--batch_size=0", "batch_size=0 must be positive"),
     ("--tokenizer=/no/such.tiktoken", "no BPE file at /no/such.tiktoken"),
     ("--stride=64", "stride=64 must be <= chunk_size=16"),
@@ -182,6 +183,14 @@ def test_shards_resume_exactly_when_some_parameters_have_no_adamw_state_yet(tmp_
     saved = checkpoint._saved_tensors(str(tmp_path / "half" / "ckpt-00000004.dcp"))
     assert "optimizer.memories.0.global_mem.gate.weight.step" not in saved  # none made up on loading
     assert "optimizer.memories.0.global_mem.adapter.up.weight.step" in saved
+
+
+@pytest.mark.parametrize("share", [0.0, 1.0])
+def test_the_edge_depths_setting_decides_where_training_keys_sit(monkeypatch, share):
+    monkeypatch.setattr(train, "edge_depths", share)
+    rows, _ = train.get_samples(ENC, 5)
+    at_edge = [s.inserts[0] in (0, s.length - len(s.sentence) - len(s.question) - len(s.answer)) for s in rows]
+    assert len(rows) == train.batch_size and all(at_edge) == (share == 1.0) and any(at_edge) == (share == 1.0)
 
 
 def test_missing_or_damaged_shards_are_one_clear_error_on_resume(tmp_path):
