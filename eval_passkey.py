@@ -301,7 +301,7 @@ def main() -> None:
     reads = f", keep_ratio {r.ram.keep_ratio}" if r.how in ("ram", "truncate") else ""
     print(f"evaluating {r.record['model']} (trained to {r.train.get('max_len', '?')} tokens) on {r.device}: "
           f"{r.what} task, method {r.how}{reads}, {len(lens)} lengths x {len(deps)} depths x {cfg['trials']} trials")
-    grid, cells, peaks = np.zeros((len(lens), len(deps))), [], {}
+    grid, cells, peaks, speeds = np.zeros((len(lens), len(deps))), [], {}, {}
     bar = tqdm(total=sum(lens) * len(deps) * cfg["trials"], unit="tok", unit_scale=True)
     for i, n in enumerate(lens):
         t0 = time.perf_counter()
@@ -314,13 +314,14 @@ def main() -> None:
             cells.append(dict(length=n, depth=d, correct=c, trials=cfg["trials"], accuracy=grid[i, j] / 100,
                               tokens_right=tokens_right))
             bar.update(n * cfg["trials"])
-        tok_s = n * len(deps) * cfg["trials"] / (time.perf_counter() - t0)
+        speeds[n] = n * len(deps) * cfg["trials"] / (time.perf_counter() - t0)
         peaks[n] = peak_memory_mib(r.device)
-        bar.write(f"length {n:>9,}: mean accuracy {grid[i].mean():5.1f}%  {tok_s:9,.0f} tok/s  "
+        bar.write(f"length {n:>9,}: mean accuracy {grid[i].mean():5.1f}%  {speeds[n]:9,.0f} tok/s  "
                   f"peak memory so far {peaks[n]:7.1f} MiB")
         if cfg["json"]:  # after every length: a long run killed midway keeps what it measured
             write_json(cfg["json"], dict(**r.record, task=r.what, method=r.how, keep_ratio=r.ram.keep_ratio if r.how in
-                                         ("ram", "truncate") else None, cells=cells, tok_s=tok_s,
+                                         ("ram", "truncate") else None, cells=cells,
+                                         tok_s={str(k): v for k, v in speeds.items()},
                                          peak_memory_mib={str(k): v for k, v in peaks.items()}))
     bar.close()
     print(ascii_heatmap(grid, lens, deps, cfg["trials"]))

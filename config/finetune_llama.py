@@ -16,4 +16,3 @@ eval_trials = 20
 lr = 2e-4
 memory_lr_mult = 5.0      # memories at 1e-3
 warmup = 0.05
-edge_depths = 0.1          # as its documented run was trained (the default became 0.2 with issue 20)

@@ -16,4 +16,3 @@ max_iters = 2000
 eval_interval = 100
 eval_trials = 100
 ckpt_interval = 100
-edge_depths = 0.1          # as its documented run was trained (the default became 0.2 with issue 20)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import checkpoint
+import data
 import eval_passkey
 import train
 from checkpoint import load_model
@@ -187,10 +188,21 @@ def test_shards_resume_exactly_when_some_parameters_have_no_adamw_state_yet(tmp_
 
 @pytest.mark.parametrize("share", [0.0, 1.0])
 def test_the_edge_depths_setting_decides_where_training_keys_sit(monkeypatch, share):
+    depths = []
+    make = data.make_sample
+    monkeypatch.setattr(data, "make_sample", lambda task, enc, length, d, *a: depths.append(d) or make(task, enc,
+                                                                                                    length, d, *a))
     monkeypatch.setattr(train, "edge_depths", share)
-    rows, _ = train.get_samples(ENC, 5)
-    at_edge = [s.inserts[0] in (0, s.length - len(s.sentence) - len(s.question) - len(s.answer)) for s in rows]
-    assert len(rows) == train.batch_size and all(at_edge) == (share == 1.0) and any(at_edge) == (share == 1.0)
+    train.get_samples(ENC, 5)
+    assert len(depths) == train.batch_size and sum(d in (0.0, 1.0) for d in depths) == share * len(depths)
+
+
+def test_a_checkpoint_from_before_edge_depths_resumes_with_the_share_it_was_trained_with(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+    saved = {k: v for k, v in train.DEFAULTS.items() if k != "edge_depths"}
+    ckpt = dict(optimizer={}, iter_num=3, config=saved, rng={})
+    assert train.resume_settings(ckpt, "out")["edge_depths"] == 0.1
+    assert train.resume_settings({**ckpt, "config": {**saved, "edge_depths": 0.3}}, "out")["edge_depths"] == 0.3
 
 
 def test_missing_or_damaged_shards_are_one_clear_error_on_resume(tmp_path):
@@ -233,7 +245,9 @@ def test_eval_passkey_its_inspection_and_sample_run_on_a_trained_checkpoint(tmp_
     out = run([sys.executable, "eval_passkey.py", f"--ckpt={ckpt}", "--lengths", "150,1000", "--depths", "0,1",
                "--trials=3", "--piece=100", "--threads=1", f"--json={tmp_path / 'p.json'}"])
     assert "peak memory so far" in out and "length |" in out
-    cells = json.load(open(tmp_path / "p.json"))["cells"]
+    result = json.load(open(tmp_path / "p.json"))
+    assert result["tok_s"].keys() == result["peak_memory_mib"].keys() == {"150", "1000"}  # per length
+    cells = result["cells"]
     assert [(c["length"], c["depth"], c["trials"]) for c in cells] == [(150, 0, 3), (150, 1, 3), (1000, 0, 3),
                                                                         (1000, 1, 3)]
     model, _ = load_model(ckpt)  # the grid reports what the model does: every cell recomputed in this process
