@@ -98,9 +98,9 @@ def load_model(path: str, device: str = "cpu", ckpt: dict | None = None) -> tupl
         model = Transformer(cfg, verbose=False)
     if ckpt.get("shards"):  # ckpt_shards=True: the weights are in the directory of shards the file names
         model.to_empty(device="cpu")
-        weights = model.state_dict()
-        _saved_tensors(shards_dir(path, ckpt))  # nothing in them may run code
-        _dcp(dcp.load, {"model": weights}, shards_dir(path, ckpt))  # one process reads every shard
+        directory = shards_dir(path, ckpt)
+        _saved_tensors(directory)  # nothing in them may run code
+        _dcp(dcp.load, {"model": model.state_dict()}, directory)  # one process reads every shard, in place
         return _tie_and_rope(model).to(device).eval(), ckpt
     return load_weights(model, ckpt["model"], path).to(device).eval(), ckpt
 

@@ -318,8 +318,11 @@ def start(model, optimizer, ckpt: dict | None, master: bool) -> tuple[int, float
         if ckpt.get("shards"):  # the weights too: each rank reads the pieces of its shards
             global previous_shards
             previous_shards = ckpt["shards"]
-            load_shards(model, optimizer, shards_dir(os.path.join(out_dir, "ckpt.pt"), ckpt),
-                        ckpt["optimizer"]["param_groups"])
+            try:
+                load_shards(model, optimizer, shards_dir(os.path.join(out_dir, "ckpt.pt"), ckpt),
+                            ckpt["optimizer"]["param_groups"])
+            except ValueError as e:  # damaged shards: every rank
+                raise SystemExit(f"error: cannot resume: {e}")
         else:
             load_optimizer(model, optimizer, ckpt["optimizer"], ckpt.get("optimizer_by_name", False))
         torch.set_rng_state(ckpt["rng"]["torch"])
@@ -362,13 +365,13 @@ def train_step(model, optimizer, train: Method, pipe: Pipeline | None, autocast,
 
 def checkpoint(model, optimizer, it: int, acc: float | None, config: dict, path: str, base: dict | None,
                master: bool) -> None:
-    global previous_shards
     """Everything a run needs to resume exactly, written atomically (checkpoint.save_checkpoint) by the master.
     Sharded (dp > 1): every rank calls it, their shards gathered whole (the same file as one process writes,
     the optimizer keyed by parameter name), or with ckpt_shards each rank's shards written by that rank into
     a directory the file names. A frozen pretrained base (base: llama.base_header) is not written again: the
     checkpoint holds only the memories and names the base, and memories.safetensors beside it is what to
     ship (a few MB, no optimizer)."""
+    global previous_shards
     out, shards = os.path.dirname(path), f"ckpt-{it:08d}.dcp" if config["ckpt_shards"] else None
     if shards:  # a directory per iteration: the file names the last complete one (a crash keeps the previous)
         weights, by_name = {}, True
@@ -432,10 +435,7 @@ def main() -> None:
     autocast = torch.autocast(torch.device(dev).type, dtype=torch.bfloat16, enabled=precision == torch.bfloat16)
     optimizer = make_optimizer(model, fused=torch.device(dev).type == "cuda")
     train = pick_method(pipe, dev)
-    try:
-        iter_num, acc = start(model, optimizer, ckpt, master)
-    except ValueError as e:  # damaged shards: every rank
-        raise SystemExit(f"error: cannot resume: {e}")
+    iter_num, acc = start(model, optimizer, ckpt, master)
     ckpt_path, log_path = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "log.jsonl")
     stop = []  # Ctrl-C: finish the step, checkpoint, exit
     signal.signal(signal.SIGINT, lambda *_: stop.append(True))
