@@ -7,13 +7,15 @@
     python eval_passkey.py --ckpt docs/smollm2/memories.safetensors --dtype bfloat16   # memories on SmolLM2
     python eval_passkey.py --init_from model.gguf --chunk_size 0 --filler out/data/paul_graham_essays.txt
     python eval_passkey.py --ckpt out/smollm2/ckpt.pt --perplexity --lengths 512,2048   # the language model
+    python eval_passkey.py --lengths 1048576 --depths 0.5 --trials 1 --state out/haystack.state --asks 10
 
 Each trial is a fresh sequence of the task (passkey; facts or recall: several facts, one asked; needle); the model
 reads the context by its method, then decodes the answer greedily. A trial counts when every answer
 token is right (exact match). Methods: comet streams the context through the memories (S6) in pieces
 (a chunk_size=0 checkpoint is then plain full attention); ram compresses it for the question (S9,
 ram.py); truncate gives a plain decoder (or a RAM checkpoint's decoder) only the last tokens of the
-context that fit RAM's budget.
+context that fit RAM's budget. With --state, comet reads each context once, writes its stream state to that
+file, and answers the question `asks` times, each from the state loaded again (stream.load_state).
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ from configurator import configure_or_exit, settings_of
 from data import TASKS, by_shape, filler_tokens, make_sample
 from inspection import ascii_view, record, save_figures
 from sample import check_fits, open_for_inference, peak_memory_mib, set_block_size
-from stream import generate, new_stream, stream
+from stream import check_state_path, generate, load_state, new_stream, save_state, stream
 
 # -----------------------------------------------------------------------------
 ckpt = "out/ckpt.pt"            # checkpoint written by train.py, or trained memories (memories.safetensors)
@@ -61,6 +63,8 @@ depths = "0,0.25,0.5,0.75,1"    # relative depths of the passkey sentence (asked
 trials = 20                     # sequences per cell
 seed = 1234                     # trials are reproducible from it (and differ from training data)
 piece = 65536                   # tokens streamed per call; any value gives the same result
+state = ""                      # comet: write each context's stream state to this file, answer from it loaded
+asks = 1                        #   again, this many times (read once, ask many times; the time of each is shown)
 json = ""                       # write the results to this JSON file
 png = ""                        # heatmap PNG (needs matplotlib); "" -> next to --json if given
 inspect = False                 # instead: one sequence (first length and depth) through CoMeT, its memories shown
@@ -73,12 +77,15 @@ threads = 0                     # torch CPU threads; 0 = torch's default
 def passkey_cell(model, enc, length: int, depth: float, trials: int, seed: int, digits: int = 5,
                  piece: int = 65536, task: str = "passkey", method: str = "comet",
                  ram: ramlib.RAMConfig | None = None, filler: np.ndarray | None = None,
-                 tokens_right: list | None = None) -> int:
+                 tokens_right: list | None = None, state_file: str = "", asks: int = 1,
+                 seconds: dict | None = None) -> int:
     """Number of `trials` sequences of `length` tokens whose answer the model gives exactly.
     ram: RAM's settings (segment, keep_ratio) for method ram (its keep_ratio) and truncate (the budget).
     filler: the filler's token ids (data.filler_tokens; None: S8's repeated sentences).
     tokens_right: if given, each answer position's count of right greedy tokens is added to it (a list of
-    ints, one per answer token): partial recall that exact match does not show."""
+    ints, one per answer token): partial recall that exact match does not show.
+    state_file (comet): the context's stream state is written there and the question asked `asks` times, each
+    from the file loaded again; seconds gets the time of reading, saving and asking added (and the file size)."""
     rng = random.Random(seed)
     samples = [make_sample(task, enc, length, depth, rng, digits, filler) for _ in range(trials)]
     device = next(model.parameters()).device
@@ -94,16 +101,43 @@ def passkey_cell(model, enc, length: int, depth: float, trials: int, seed: int, 
             model = model.decoder
         n_prompt = length - n_answer
         start = n_context - ramlib.budget(n_context, ram or ramlib.RAMConfig()) if method == "truncate" else 0
+        stop, t0 = n_context if state_file else n_prompt, now(device)  # --state: ask after saving
         state = new_stream(model, len(group))
-        for a in range(start, n_prompt, piece):
-            b = min(a + piece, n_prompt)
+        for a in range(start, stop, piece):
+            b = min(a + piece, stop)
             idx = torch.from_numpy(np.stack([s.tokens(a, b) for s in group])).to(device)
             if b < n_prompt:
                 _, state = stream(model, idx, state)
             else:
                 out, state = generate(model, idx, n_answer, temperature=0, state=state)
+        if state_file:
+            question = torch.from_numpy(np.stack([s.tokens(n_context, n_prompt) for s in group])).to(device)
+            out = ask_from_state(model, enc, state, n_context, question, n_answer, state_file, asks,
+                                 seconds if seconds is not None else {}, now(device) - t0)
         correct += count(out, answers, tokens_right)
     return correct
+
+
+def ask_from_state(model, enc, state, n_read: int, question: torch.Tensor, n_answer: int, path: str, asks: int,
+                   seconds: dict, read: float) -> torch.Tensor:
+    """Write the state after the context (n_read tokens) to path, then `asks` times: load it and answer the
+    question (B, n) greedily. Returns the last answer (B, n_answer); the times go into seconds."""
+    t0 = now(question.device)
+    kib = save_state(path, model, state, enc, n_read) / 1024
+    t1 = now(question.device)
+    for _ in range(asks):
+        loaded, _ = load_state(path, model, enc)
+        out, _ = generate(model, question, n_answer, temperature=0, state=loaded)
+    for k, v in dict(read=read, reads=1, save=t1 - t0, ask=now(question.device) - t1, asks=asks, kib=kib).items():
+        seconds[k] = v if k == "kib" else seconds.get(k, 0) + v
+    return out
+
+
+def now(device) -> float:
+    """perf_counter once the device's queued work is done (a GPU runs ahead of Python)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def count(out: torch.Tensor, answers: torch.Tensor, tokens_right: list | None) -> int:
@@ -256,6 +290,11 @@ def prepare(cfg: dict) -> Setup:
     bf16 = cfg["dtype"] == "bfloat16"  # autocast: the weights stay fp32, as train.py
     model, enc, train, dev = open_for_inference({**cfg, "dtype": "float32"} if bf16 else cfg)
     how, what = resolve(cfg, model, train)
+    if cfg["state"] and (how != "comet" or cfg["asks"] < 1 or cfg["perplexity"] or cfg["inspect"]):
+        raise ValueError(f"--state reads each passkey context once into a stream state: it needs method comet (not "
+                         f"{how}), asks >= 1 (got {cfg['asks']}), and neither --perplexity nor --inspect")
+    if cfg["state"]:
+        check_state_path(cfg["state"])
     trained = model.ram if how == "ram" else ramlib.RAMConfig(segment=train.get("segment", 50),
                                                                keep_ratio=train.get("keep_ratio", 0.25))
     ram = dataclasses.replace(trained, keep_ratio=cfg["keep_ratio"] or trained.keep_ratio)
@@ -301,15 +340,15 @@ def main() -> None:
     reads = f", keep_ratio {r.ram.keep_ratio}" if r.how in ("ram", "truncate") else ""
     print(f"evaluating {r.record['model']} (trained to {r.train.get('max_len', '?')} tokens) on {r.device}: "
           f"{r.what} task, method {r.how}{reads}, {len(lens)} lengths x {len(deps)} depths x {cfg['trials']} trials")
-    grid, cells, peaks, speeds = np.zeros((len(lens), len(deps))), [], {}, {}
+    grid, cells, peaks, speeds, states = np.zeros((len(lens), len(deps))), [], {}, {}, {}
     bar = tqdm(total=sum(lens) * len(deps) * cfg["trials"], unit="tok", unit_scale=True)
     for i, n in enumerate(lens):
-        t0 = time.perf_counter()
+        t0, seconds = time.perf_counter(), {}
         for j, d in enumerate(deps):
             tokens_right = []
             with r.autocast:
                 c = passkey_cell(r.model, r.enc, n, d, cfg["trials"], cfg["seed"] + 1000 * i + j, digits, cfg["piece"],
-                                 r.what, r.how, r.ram, r.held, tokens_right)
+                                 r.what, r.how, r.ram, r.held, tokens_right, cfg["state"], cfg["asks"], seconds)
             grid[i, j] = 100 * c / cfg["trials"]
             cells.append(dict(length=n, depth=d, correct=c, trials=cfg["trials"], accuracy=grid[i, j] / 100,
                               tokens_right=tokens_right))
@@ -318,10 +357,18 @@ def main() -> None:
         peaks[n] = peak_memory_mib(r.device)
         bar.write(f"length {n:>9,}: mean accuracy {grid[i].mean():5.1f}%  {speeds[n]:9,.0f} tok/s  "
                   f"peak memory so far {peaks[n]:7.1f} MiB")
+        if seconds:  # --state: per batch of trials, reading the context once, then each question from the file
+            k = seconds["reads"]  # batches of trials read, each once
+            states[n] = dict(reads=k, s_per_read=seconds["read"] / k, s_per_save=seconds["save"] / k,
+                             state_kib=seconds["kib"], asks=seconds["asks"], s_per_ask=seconds["ask"] / seconds["asks"])
+            bar.write(f"  per batch of trials: read in {states[n]['s_per_read']:.2f} s, a state file of "
+                      f"{seconds['kib']:,.1f} KiB written in {states[n]['s_per_save']:.3f} s, then "
+                      f"{states[n]['s_per_ask']:.3f} s per asking from it (loaded again each time)")
         if cfg["json"]:  # after every length: a long run killed midway keeps what it measured
             write_json(cfg["json"], dict(**r.record, task=r.what, method=r.how, keep_ratio=r.ram.keep_ratio if r.how in
                                          ("ram", "truncate") else None, cells=cells,
-                                         tok_s={str(k): v for k, v in speeds.items()},
+                                         tok_s={str(k): v for k, v in speeds.items()}, state={str(k): v for k, v
+                                                                                                in states.items()},
                                          peak_memory_mib={str(k): v for k, v in peaks.items()}))
     bar.close()
     print(ascii_heatmap(grid, lens, deps, cfg["trials"]))

@@ -6,6 +6,9 @@ shares: opening a model (a checkpoint of ours, or a Llama) and the plain decoder
     python sample.py --init_from=/path/to/Llama-3.2-1B --prompt="The capital of France is"
     python sample.py --init_from=model.gguf --chunk_size=512 --prompt_file=book.txt   # llama.cpp's format
     python sample.py --ckpt=docs/smollm2/memories.safetensors --prompt_file=essay.txt  # trained memories on SmolLM2
+    python sample.py --prompt_file=book.txt --save_state=out/book.state      # read a long context once ...
+    python sample.py --load_state=out/book.state --prompt="What is the pass key? The pass key is"   # ... ask later
+    python sample.py --load_state=out/book.state --questions=questions.txt   # one question per line, as one batch
 
 Prints the continuation, the streaming and generation speed, and the peak memory.
 """
@@ -23,7 +26,8 @@ from data import bos_id, get_tokenizer
 from llama import attach_memories, load_llama, read_memories
 from model import Transformer
 from ram import load_ram
-from stream import generate, new_stream, stream
+from stream import check_state_path, generate, new_stream, repeat_state, stream
+from stream import load_state as state_from_file, save_state as state_to_file  # the settings own these names
 
 # -----------------------------------------------------------------------------
 ckpt = "out/ckpt.pt"      # checkpoint written by train.py, or trained memories (memories.safetensors) on their base
@@ -38,6 +42,9 @@ dtype = "auto"            # pretrained weights: auto (bf16 on a CUDA device that
 prompt = ("The grass is green. The sky is blue. The pass key is 12345. Remember it. What is the pass key? "
           "The pass key is")
 prompt_file = ""          # read the prompt from this file instead (any length)
+save_state = ""           # stream the prompt, write the stream state to this file (stream.save_state), stop
+load_state = ""           # continue from this state file (the context read once) instead of an empty stream
+questions = ""            # a file of prompts, one per line, answered from the same state, as one batch
 max_new_tokens = 20
 temperature = 0.0         # 0: greedy
 top_k = 0                 # 0: no top-k filtering
@@ -111,42 +118,104 @@ def peak_memory_mib(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def read_prompts(cfg: dict, enc, bos: int | None, device: str) -> tuple[list[str], list[torch.Tensor]]:
+    """The prompts and their token ids (1, n) each: the questions file's lines, else the prompt (file)."""
+    if cfg["questions"]:
+        with open(cfg["questions"], encoding="utf-8") as f:
+            texts = [line.rstrip("\r\n") for line in f if line.strip()]
+        if not texts:
+            raise ValueError(f"{cfg['questions']} holds no questions (one per line)")
+    elif cfg["prompt_file"]:
+        with open(cfg["prompt_file"], encoding="utf-8") as f:
+            texts = [f.read()]
+    else:
+        texts = [cfg["prompt"]]
+    ids = [torch.tensor([[bos] * (bos is not None) + enc.encode_ordinary(t)], dtype=torch.long, device=device)
+           for t in texts]
+    if any(i.size(1) == 0 for i in ids):
+        raise ValueError("the prompt is empty" + (f" (a line of {cfg['questions']})" if cfg["questions"] else ""))
+    return texts, ids
+
+
+def answer(model, prompts: list[torch.Tensor], state, cfg: dict, seconds: list[float]) -> list[torch.Tensor]:
+    """Each prompt (1, n) streamed after `state` (batch 1), then max_new_tokens generated; prompts of one token
+    count run as one batch. The last prompt token goes to generate(), the rest is streamed piece by piece;
+    seconds gets the time of each (streaming, generating) added."""
+    by_length: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        by_length.setdefault(p.size(1), []).append(i)
+    out = [None] * len(prompts)
+    for rows in by_length.values():
+        t0 = time.perf_counter()
+        ids, st = torch.cat([prompts[i] for i in rows]), repeat_state(state, len(rows)) if len(rows) > 1 else state
+        head, last = ids[:, :-1], ids[:, -1:]
+        for a in tqdm(range(0, head.size(1), cfg["piece"]), unit="piece", disable=head.size(1) <= cfg["piece"]):
+            _, st = stream(model, head[:, a:a + cfg["piece"]], st)
+        t1 = time.perf_counter()
+        new, _ = generate(model, last, cfg["max_new_tokens"], cfg["temperature"], cfg["top_k"] or None, st)
+        seconds[0], seconds[1] = seconds[0] + t1 - t0, seconds[1] + time.perf_counter() - t1
+        for i, row in zip(rows, new):
+            out[i] = row
+    return out
+
+
 def main() -> None:
     cfg = configure_or_exit(settings_of(globals()))
     torch.manual_seed(cfg["seed"])
     try:
         if cfg["piece"] <= 0 or cfg["top_k"] < 0 or cfg["temperature"] < 0 or cfg["max_new_tokens"] < 0:
             raise ValueError("piece must be positive; top_k, temperature and max_new_tokens must be >= 0")
+        if cfg["save_state"] and cfg["questions"] or cfg["questions"] and cfg["prompt_file"]:
+            raise ValueError("--questions asks from a state instead of a prompt: give it without --prompt_file "
+                             "and --save_state (read the context first with those two)")
+        if cfg["save_state"]:
+            check_state_path(cfg["save_state"])  # before a long read, not after
         model, enc, _, dev = open_for_inference(cfg)
         if not isinstance(model, Transformer):
             raise ValueError(f"{cfg['ckpt']} is a RAM checkpoint (ram.py): it answers a question about a context "
                              "given apart; evaluate it with eval_passkey.py --method ram")
-        if cfg["prompt_file"]:
-            with open(cfg["prompt_file"], encoding="utf-8") as f:
-                text = f.read()
-        else:
-            text = cfg["prompt"]
-        bos = bos_id(enc) if cfg["init_from"] else None  # a pretrained Llama expects its begin-of-text token
-        ids = torch.tensor([[bos] * (bos is not None) + enc.encode_ordinary(text)], dtype=torch.long, device=dev)
-        if ids.size(1) == 0:
-            raise ValueError("the prompt is empty")
-        check_fits(model, ids.size(1) + cfg["max_new_tokens"])
+        source = cfg["init_from"] or cfg["ckpt"]
+        t0 = time.perf_counter()
+        state, header = state_from_file(cfg["load_state"], model, enc) if cfg["load_state"] else (new_stream(model), {})
+        loaded = f"{cfg['load_state']} (loaded in {time.perf_counter() - t0:.3f} s)"
+        if state.tokens.size(0) != 1:
+            raise ValueError(f"{cfg['load_state']} holds the states of {state.tokens.size(0)} contexts (eval_passkey"
+                             ".py --state writes one per trial); sample.py continues one: write it with --save_state")
+        read = header.get("tokens_read", 0)
+        bos = bos_id(enc) if cfg["init_from"] and not read else None  # a pretrained Llama expects it first
+        texts, prompts = read_prompts(cfg, enc, bos, dev)
+        check_fits(model, read + max(p.size(1) for p in prompts) + cfg["max_new_tokens"] * (not cfg["save_state"]))
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}")
-    state = new_stream(model, 1)
-    t0 = time.perf_counter()
-    head, last = ids[:, :-1], ids[:, -1:]  # the last prompt token goes to generate()
-    for a in tqdm(range(0, head.size(1), cfg["piece"]), unit="piece", disable=head.size(1) <= cfg["piece"]):
-        _, state = stream(model, head[:, a:a + cfg["piece"]], state)
-    t1 = time.perf_counter()
-    out, state = generate(model, last, cfg["max_new_tokens"], temperature=cfg["temperature"],
-                          top_k=cfg["top_k"] or None, state=state)
-    t2 = time.perf_counter()
-    print(("..." if len(text) > 300 else "") + text[-300:])
-    print("=> " + enc.decode(out[0].tolist()))
-    print(f"prompt {ids.size(1):,} tokens streamed at {head.size(1) / max(t1 - t0, 1e-9):,.0f} tok/s; "
-          f"{cfg['max_new_tokens']} tokens generated at {cfg['max_new_tokens'] / max(t2 - t1, 1e-9):,.1f} tok/s; "
+    if cfg["save_state"]:
+        return write_state(model, enc, prompts[0], state, read, source, cfg, dev)
+    seconds = [0.0, 0.0]
+    outs = answer(model, prompts, state, cfg, seconds)
+    if cfg["questions"]:
+        for t, o in zip(texts, outs):
+            print(f"{t} => {enc.decode(o.tolist())}")
+        print(f"{len(prompts)} questions answered from {loaded if read else 'an empty stream'} in "
+              f"{sum(seconds):.3f} s ({sum(seconds) / len(prompts):.3f} s per question); "
+              f"peak memory {peak_memory_mib(dev):,.1f} MiB")
+        return
+    print(("..." if len(texts[0]) > 300 else "") + texts[0][-300:])
+    print("=> " + enc.decode(outs[0].tolist()))
+    n, after = prompts[0].size(1), f" after the {read:,} of {loaded}" if read else ""
+    print(f"prompt {n:,} tokens{after} streamed at {(n - 1) / max(seconds[0], 1e-9):,.0f} tok/s; "
+          f"{cfg['max_new_tokens']} tokens generated at {cfg['max_new_tokens'] / max(seconds[1], 1e-9):,.1f} tok/s; "
           f"peak memory {peak_memory_mib(dev):,.1f} MiB")
+
+
+def write_state(model, enc, ids: torch.Tensor, state, read: int, source: str, cfg: dict, dev: str) -> None:
+    """Stream the prompt ids (1, n) piece by piece after `state` and write the state to cfg["save_state"]."""
+    t0 = time.perf_counter()
+    for a in tqdm(range(0, ids.size(1), cfg["piece"]), unit="piece", disable=ids.size(1) <= cfg["piece"]):
+        _, state = stream(model, ids[:, a:a + cfg["piece"]], state)
+    t1 = time.perf_counter()
+    size = state_to_file(cfg["save_state"], model, state, enc, read + ids.size(1), source)
+    print(f"read {ids.size(1):,} tokens at {ids.size(1) / max(t1 - t0, 1e-9):,.0f} tok/s "
+          f"({read + ids.size(1):,} in all); wrote {cfg['save_state']}: {size / 1024:,.1f} KiB in "
+          f"{time.perf_counter() - t1:.3f} s; peak memory {peak_memory_mib(dev):,.1f} MiB")
 
 
 if __name__ == "__main__":

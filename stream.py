@@ -3,20 +3,33 @@
     state = new_stream(model, batch=1)
     logits, state = stream(model, context, state)   # any number of tokens, in as many calls as you like
     tokens, state = generate(model, prompt, 50, temperature=0.8, top_k=40, state=state)
+    save_state("book.state", model, state, enc, n_read)   # read a book once: a file of a few hundred KiB
+    state, header = load_state("book.state", model, enc)  # ask about it any number of times
 
 Every completed chunk is closed: run whole, with its compression and readout rows, through
 `Transformer.forward_chunk`, which updates every layer's memories. The tokens after the last closed chunk
 form the open chunk; each call extends it through its KV cache, running only its new rows. A plain decoder
 (chunk_size=0) is one open chunk of up to block_size tokens.
+
+A state file is safetensors (never pickle): every layer's memories, the open chunk's tokens and its KV
+cache, padded to the longest open chunk so that CoMeT's file has one size whatever the context; its
+header names the model (config and a fingerprint of the weights), the tokenizer and the tokens read.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
 from torch import Tensor
 
+from checkpoint import write_atomically
 from memory import MemoryState
 from model import Transformer
 
@@ -91,3 +104,149 @@ def generate(model: Transformer, idx: Tensor, max_new_tokens: int, temperature: 
         out.append(nxt)
         logits, state = stream(model, nxt, state)
     return torch.cat(out, 1) if out else idx[:, :0], state
+
+
+# --- state files: read once, ask many times ---------------------------------------------------------------
+
+STATE_FORMAT = "nanocomet-state/1"
+PROBE = "The pass key is 12345. Remember it.\n\tWhat is Zoë's code? ¿Qué? 東京 🙂"  # tells tokenizers apart
+
+
+def model_fingerprint(model: Transformer) -> str:
+    """A short identity of a model's weights: sha256 over each tensor's name, shape, dtype and up to 4,096 evenly
+    spaced values. Cheap at 8B; any training step or other checkpoint changes it, so does another dtype."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        flat = t.detach().reshape(-1)
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(flat[::max(1, flat.numel() // 4096)][:4096].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def tokenizer_fingerprint(enc) -> str:
+    """A short identity of a tokenizer: its vocabulary size and how it splits PROBE."""
+    return hashlib.sha256(f"{enc.n_vocab}:{enc.encode_ordinary(PROBE)}".encode()).hexdigest()[:16]
+
+
+def _checksum(tensors: dict[str, Tensor], header: dict[str, str]) -> str:
+    """sha256 of the header (but its checksum) and every tensor's bytes: safetensors checks the file's layout,
+    not its values, and a changed count in the header would load a wrong state without an error."""
+    h = hashlib.sha256(json.dumps({k: v for k, v in header.items() if k != "checksum"}, sort_keys=True).encode())
+    for name in sorted(tensors):
+        h.update(name.encode() + tensors[name].contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _open_rows(model: Transformer) -> int:
+    """KV-cache rows of the longest open chunk: [G; T] in full and chunk_size - 1 tokens (S2)."""
+    cfg = model.config
+    return cfg.n_global + cfg.temp_budget + model.layout(cfg.chunk_size - 1, False).length
+
+
+def save_state(path: str, model: Transformer, state: StreamState, enc, n_read: int, source: str = "") -> int:
+    """Write `state` (after n_read tokens) to path as safetensors, atomically; returns the file's size in bytes.
+    CoMeT pads the open chunk and its cache to their longest, so once the memories are full (a few chunks) the
+    size stays the same whatever the context; a plain decoder's state is its whole KV cache and grows.
+    source: what the model was opened from (for messages). Private (0o600): it holds the context's last tokens."""
+    cfg, (B, n_open) = model.config, state.tokens.shape
+    pad = lambda t, n, dim: F.pad(t, [0, 0] * (t.dim() - 1 - dim) + [0, max(0, n - t.size(dim))])
+    cache_rows = state.cache[0][0].size(2) if state.cache else 0
+    rows, dtype = _open_rows(model) if cfg.comet else cache_rows, state.memory[0].temp_memory.dtype
+    tensors = {"tokens": pad(state.tokens, cfg.chunk_size - 1 if cfg.comet else n_open, 1)}
+    for l, mem in enumerate(state.memory):
+        tensors.update({f"{l}.{k}": getattr(mem, k) for k in ("gate_state", "global_memory", "temp_memory")})
+        k, v = state.cache[l] if state.cache else [torch.zeros(B, cfg.n_kv_head, 0, cfg.head_dim, dtype=dtype)] * 2
+        tensors.update({f"{l}.k": pad(k, rows, 2), f"{l}.v": pad(v, rows, 2)})
+    tensors = {n: t.detach().contiguous().cpu() for n, t in tensors.items()}
+    count = lambda n: f"{n:015d}"  # fixed width: the header, too, keeps one size
+    header = dict(format=STATE_FORMAT, config=json.dumps(dataclasses.asdict(cfg), default=str),
+                  weights=model_fingerprint(model), tokenizer=tokenizer_fingerprint(enc), tokens_read=count(n_read),
+                  batch=count(B), open_tokens=count(n_open), cache_rows=count(cache_rows), source=source)
+    header["checksum"] = _checksum(tensors, header)
+    write_atomically(path, lambda f: f.write(save(tensors, metadata=header)))
+    return os.path.getsize(path)
+
+
+def check_state_path(path: str) -> None:
+    """Before reading a long context: one clear error if its state could not be written to path, or would
+    replace a file that is not a state file (a checkpoint, say)."""
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a directory: give the state file's name")
+    if os.path.exists(path):
+        try:
+            with safe_open(path, "pt") as f:
+                ours = (f.metadata() or {}).get("format") == STATE_FORMAT
+        except (SafetensorError, OSError, ValueError):
+            ours = False
+        if not ours:
+            raise ValueError(f"{path} exists and is not a state file: refusing to overwrite it; choose another name")
+    directory = os.path.dirname(os.path.abspath(path))
+    while not os.path.isdir(directory):  # write_atomically creates the missing directories
+        directory = os.path.dirname(directory)
+    if not os.access(directory, os.W_OK):
+        raise ValueError(f"cannot write the state file {path}: {directory} is not writable")
+
+
+def load_state(path: str, model: Transformer, enc) -> tuple[StreamState, dict]:
+    """The StreamState a `save_state` file holds, on the model's device, and its header (tokens_read as int).
+    One clear error for a missing, damaged or foreign file, or one written by another model or tokenizer.
+    Never runs code: safetensors is a JSON header and raw bytes."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no state file at {path} (write one with sample.py --save_state)")
+    try:
+        with safe_open(path, "pt") as f:
+            header, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"cannot read state file {path} (corrupt or truncated?): {e}") from None
+    if header.get("format") != STATE_FORMAT:
+        raise ValueError(f"{path} is not a nanocomet state file of format {STATE_FORMAT} "
+                         f"(it says {header.get('format')!r}): read the context again")
+    if header.get("checksum") != _checksum(tensors, header):
+        raise ValueError(f"state file {path} is damaged: its contents do not match the checksum it records")
+    _check_same_model(path, header, model, enc)
+    cfg, device = model.config, model.tok_embeddings.weight.device
+    try:
+        n_open, rows = int(header["open_tokens"]), int(header["cache_rows"])
+        memory = tuple(MemoryState(*(tensors[f"{l}.{k}"].to(device) for k in ("gate_state", "global_memory",
+                                                                           "temp_memory"))) for l in range(cfg.n_layer))
+        cache = tuple((tensors[f"{l}.k"][:, :, :rows].to(device), tensors[f"{l}.v"][:, :, :rows].to(device))
+                      for l in range(cfg.n_layer)) if n_open else ()
+        state = StreamState(memory, tensors["tokens"][:, :n_open].to(device), cache)
+        return state, {**header, "tokens_read": int(header["tokens_read"])}
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"state file {path} is damaged: {type(e).__name__} {e} in its header or tensors") from None
+
+
+def _check_same_model(path: str, header: dict, model: Transformer, enc) -> None:
+    """One line naming what differs between the model and tokenizer that wrote a state file and these."""
+    try:
+        saved = json.loads(header["config"])
+    except (KeyError, json.JSONDecodeError):
+        saved = None
+    if not isinstance(saved, dict):
+        raise ValueError(f"state file {path} is damaged: its header has no readable model config")
+    now = json.loads(json.dumps(dataclasses.asdict(model.config), default=str))
+    # block_size (a plain decoder's longest input) and init_std (initialisation) never change a state
+    differ = [k for k in sorted(set(saved) | set(now), key=lambda k: (k != "chunk_size", k))
+              if saved.get(k) != now.get(k) and k not in ("block_size", "init_std")]
+    by = f" (written with {header['source']})" if header.get("source") else ""
+    if differ:
+        was, has = (", ".join(f"{k}={c.get(k)!r}" for k in differ[:3]) for c in (saved, now))
+        raise ValueError(f"state file {path} was written by a model with {was}, this one has {has}{by}: "
+                         "load it with the model that read the context")
+    if header.get("weights") != model_fingerprint(model):
+        raise ValueError(f"state file {path} was written by a model of the same shape with other weights, or the "
+                         f"same in another dtype (fingerprint {header.get('weights')}, this one "
+                         f"{model_fingerprint(model)}){by}: load it with the checkpoint that read the context")
+    if header.get("tokenizer") != tokenizer_fingerprint(enc):
+        raise ValueError(f"state file {path} was read with another tokenizer (fingerprint {header.get('tokenizer')}, "
+                         f"this one {tokenizer_fingerprint(enc)}): use the tokenizer that read the context")
+
+
+def repeat_state(state: StreamState, batch: int) -> StreamState:
+    """A state of batch 1 as `batch` identical rows: several questions about one context, asked as one batch."""
+    if state.tokens.size(0) != 1:
+        raise ValueError(f"repeat_state needs a state of batch 1, got {state.tokens.size(0)}")
+    rep = lambda t: t.expand(batch, *t.shape[1:])  # views: nothing is ever written in place
+    return StreamState(tuple(MemoryState(*map(rep, m.tensors())) for m in state.memory), rep(state.tokens),
+                       tuple((rep(k), rep(v)) for k, v in state.cache))

@@ -4,3 +4,5 @@
 # python train.py config/full_attention.py --out_dir=out/full_attention
 chunk_size = 0
 edge_depths = 0.1          # as its documented run was trained (the default became 0.2 with issue 20)
+max_len = 512              # as its documented run was trained (768 and 1,600 steps since issue 20)
+max_iters = 1800

@@ -3,3 +3,5 @@
 # python train.py config/temp_only.py --out_dir=out/temp_only
 n_global = 0
 edge_depths = 0.1          # as its documented run was trained (the default became 0.2 with issue 20)
+max_len = 512              # as its documented run was trained (768 and 1,600 steps since issue 20)
+max_iters = 1800

@@ -3,6 +3,7 @@ import json
 import os
 import random
 import re
+import runpy
 import signal
 import subprocess
 import sys
@@ -203,6 +204,17 @@ def test_a_checkpoint_from_before_edge_depths_resumes_with_the_share_it_was_trai
     ckpt = dict(optimizer={}, iter_num=3, config=saved, rng={})
     assert train.resume_settings(ckpt, "out")["edge_depths"] == 0.1
     assert train.resume_settings({**ckpt, "config": {**saved, "edge_depths": 0.3}}, "out")["edge_depths"] == 0.3
+
+
+@pytest.mark.parametrize("name", ["comet", "full_attention", "global_only", "no_gate", "temp_only", "sliding_window",
+                                  "ram_passkey", "ram_facts", "truncate_facts"])
+def test_configs_of_documented_runs_pin_the_recipe_they_were_trained_with(name):
+    """Issue 20 changed the default recipe (edge_depths, max_len, max_iters); these configs' documented results
+    came from the old one, so they reproduce only if each pins it."""
+    pinned = runpy.run_path(str(ROOT / "config" / f"{name}.py"))
+    assert pinned["edge_depths"] == 0.1 and pinned["max_len"] == 512
+    assert pinned["max_iters"] == 1800 or name.startswith(("ram", "truncate"))  # RAM's runs set their own
+    assert train.DEFAULTS["max_len"] != 512 and train.DEFAULTS["max_iters"] != 1800  # else this test proves nothing
 
 
 def test_missing_or_damaged_shards_are_one_clear_error_on_resume(tmp_path):
