@@ -7,7 +7,7 @@
     python eval_passkey.py --ckpt docs/smollm2/memories.safetensors --dtype bfloat16   # memories on SmolLM2
     python eval_passkey.py --init_from model.gguf --chunk_size 0 --filler out/data/paul_graham_essays.txt
     python eval_passkey.py --ckpt out/smollm2/ckpt.pt --perplexity --lengths 512,2048   # the language model
-    python eval_passkey.py --lengths 1048576 --depths 0.5 --trials 1 --state out/haystack.state --asks 10
+    python eval_passkey.py --lengths 1048576 --depths 0.5 --trials 1 --state out/pk1m.state --asks 10
 
 Each trial is a fresh sequence of the task (passkey; facts or recall: several facts, one asked; needle); the model
 reads the context by its method, then decodes the answer greedily. A trial counts when every answer
@@ -19,6 +19,7 @@ file, and answers the question `asks` times, each from the state loaded again (s
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json as jsonlib
 import math
@@ -131,6 +132,15 @@ def ask_from_state(model, enc, state, n_read: int, question: torch.Tensor, n_ans
     for k, v in dict(read=read, reads=1, save=t1 - t0, ask=now(question.device) - t1, asks=asks, kib=kib).items():
         seconds[k] = v if k == "kib" else seconds.get(k, 0) + v
     return out
+
+
+@contextlib.contextmanager
+def _one_line(*errors):
+    """Turn these errors into the one-line exit every bad input gets."""
+    try:
+        yield
+    except errors as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def now(device) -> float:
@@ -290,9 +300,12 @@ def prepare(cfg: dict) -> Setup:
     bf16 = cfg["dtype"] == "bfloat16"  # autocast: the weights stay fp32, as train.py
     model, enc, train, dev = open_for_inference({**cfg, "dtype": "float32"} if bf16 else cfg)
     how, what = resolve(cfg, model, train)
-    if cfg["state"] and (how != "comet" or cfg["asks"] < 1 or cfg["perplexity"] or cfg["inspect"]):
+    if cfg["state"] and (how != "comet" or cfg["perplexity"] or cfg["inspect"]):
         raise ValueError(f"--state reads each passkey context once into a stream state: it needs method comet (not "
-                         f"{how}), asks >= 1 (got {cfg['asks']}), and neither --perplexity nor --inspect")
+                         f"{how}), and neither --perplexity nor --inspect")
+    if cfg["asks"] < 1 or cfg["asks"] > 1 and not cfg["state"]:
+        raise ValueError(f"asks={cfg['asks']}: the times each question is asked from a saved state, >= 1, "
+                         "and more than 1 only with --state FILE")
     if cfg["state"]:
         check_state_path(cfg["state"])
     trained = model.ram if how == "ram" else ramlib.RAMConfig(segment=train.get("segment", 50),
@@ -346,7 +359,7 @@ def main() -> None:
         t0, seconds = time.perf_counter(), {}
         for j, d in enumerate(deps):
             tokens_right = []
-            with r.autocast:
+            with r.autocast, _one_line(OSError):  # --state: a disk that fills up
                 c = passkey_cell(r.model, r.enc, n, d, cfg["trials"], cfg["seed"] + 1000 * i + j, digits, cfg["piece"],
                                  r.what, r.how, r.ram, r.held, tokens_right, cfg["state"], cfg["asks"], seconds)
             grid[i, j] = 100 * c / cfg["trials"]

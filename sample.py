@@ -212,7 +212,10 @@ def write_state(model, enc, ids: torch.Tensor, state, read: int, source: str, cf
     for a in tqdm(range(0, ids.size(1), cfg["piece"]), unit="piece", disable=ids.size(1) <= cfg["piece"]):
         _, state = stream(model, ids[:, a:a + cfg["piece"]], state)
     t1 = time.perf_counter()
-    size = state_to_file(cfg["save_state"], model, state, enc, read + ids.size(1), source)
+    try:
+        size = state_to_file(cfg["save_state"], model, state, enc, read + ids.size(1), source)
+    except OSError as e:  # checked before reading, but a disk can fill up meanwhile
+        raise SystemExit(f"error: could not write {cfg['save_state']}: {e}")
     print(f"read {ids.size(1):,} tokens at {ids.size(1) / max(t1 - t0, 1e-9):,.0f} tok/s "
           f"({read + ids.size(1):,} in all); wrote {cfg['save_state']}: {size / 1024:,.1f} KiB in "
           f"{time.perf_counter() - t1:.3f} s; peak memory {peak_memory_mib(dev):,.1f} MiB")

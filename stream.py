@@ -182,6 +182,8 @@ def check_state_path(path: str) -> None:
             raise ValueError(f"{path} exists and is not a state file: refusing to overwrite it; choose another name")
     directory = os.path.dirname(os.path.abspath(path))
     while not os.path.isdir(directory):  # write_atomically creates the missing directories
+        if os.path.exists(directory):
+            raise ValueError(f"cannot write the state file {path}: {directory} is a file, not a directory")
         directory = os.path.dirname(directory)
     if not os.access(directory, os.W_OK):
         raise ValueError(f"cannot write the state file {path}: {directory} is not writable")

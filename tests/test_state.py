@@ -148,7 +148,7 @@ def test_eval_passkey_from_a_saved_state_gives_the_answers_of_reading_it_whole(t
 def test_a_state_is_never_written_over_a_file_that_is_not_one(model, tmp_path):
     ckpt = tmp_path / "ckpt.pt"
     ckpt.write_bytes(b"a checkpoint")
-    for path, says in [(ckpt, "not a state file"), (tmp_path, "is a directory")]:
+    for path, says in [(ckpt, "not a state file"), (tmp_path, "is a directory"), (ckpt / "x" / "s", "is a file")]:
         with pytest.raises(ValueError, match=says) as e:
             check_state_path(str(path))
         assert "\n" not in str(e.value)
