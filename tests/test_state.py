@@ -12,6 +12,7 @@ import torch
 
 import eval_passkey
 from checkpoint import load_model, save_checkpoint
+from configurator import settings_of
 from conftest import tiny_model
 from data import get_tokenizer
 from eval_passkey import count, passkey_cell
@@ -156,6 +157,19 @@ def test_a_state_is_never_written_over_a_file_that_is_not_one(model, tmp_path):
     save_state(str(tmp_path / "new" / "s"), model, read(model, 20), ENC, 20)
     check_state_path(str(tmp_path / "new" / "s"))  # a state file may be replaced by a newer one
     check_state_path(str(tmp_path / "newer" / "s"))  # the missing directory is created when it is written
+
+
+@pytest.mark.parametrize("options, says", [
+    (dict(asks=3), "more than 1 only with --state"), (dict(asks=0), "asks=0"),
+    (dict(state="new", perplexity=True), "neither --perplexity"), (dict(state="ckpt"), "not a state file"),
+])
+def test_eval_passkey_state_options_are_checked_before_reading(tmp_path, options, says):
+    ckpt = _checkpoint(tmp_path / "ckpt.pt")
+    paths = dict(new=str(tmp_path / "s"), ckpt=ckpt)
+    cfg = {**settings_of(vars(eval_passkey)), "ckpt": ckpt, **{k: paths.get(v, v) for k, v in options.items()}}
+    with pytest.raises(ValueError, match=says) as e:
+        eval_passkey.prepare(cfg)
+    assert "\n" not in str(e.value)
 
 
 def _checkpoint(path: Path, seed: int = 0) -> str:
