@@ -1,4 +1,4 @@
-# RAM (SPEC S9, ram.py) on the passkey task: the same tiny shape and recipe as config/comet.py (issue 20's before),
+# RAM (SPEC S9, ram.py) on the passkey task: the same tiny shape and recipe as config/comet.py (the default before issue 20),
 # read as 50-token segments of which a quarter are kept (4x), the rest skimmed to one vector each.
 # python train.py config/ram_passkey.py --out_dir=out/ram_passkey
 method = "ram"
