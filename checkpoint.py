@@ -20,6 +20,7 @@ from typing import BinaryIO
 
 import torch
 import torch.distributed.checkpoint as dcp
+from safetensors import SafetensorError, safe_open
 from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
@@ -47,6 +48,18 @@ def write_atomically(path: str, write: Callable[[BinaryIO], None], mode: int = 0
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def read_safetensors(path: str, noun: str, hint: str = "") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, header metadata) of a safetensors file we wrote (a `noun`: memories file, state file); one
+    clear error for a missing (hint: how to make one) or damaged file. Never runs code: a JSON header, raw bytes."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no {noun} at {path}{hint}")
+    try:
+        with safe_open(path, "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"cannot read {noun} {path} (corrupt or truncated?): {e}") from None
 
 
 def save_checkpoint(ckpt: dict, path: str) -> None:

@@ -19,7 +19,6 @@ file, and answers the question `asks` times, each from the state loaded again (s
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json as jsonlib
 import math
@@ -132,15 +131,6 @@ def ask_from_state(model, enc, state, n_read: int, question: torch.Tensor, n_ans
     for k, v in dict(read=read, reads=1, save=t1 - t0, ask=now(question.device) - t1, asks=asks, kib=kib).items():
         seconds[k] = v if k == "kib" else seconds.get(k, 0) + v
     return out
-
-
-@contextlib.contextmanager
-def _one_line(*errors):
-    """Turn these errors into the one-line exit every bad input gets."""
-    try:
-        yield
-    except errors as e:
-        raise SystemExit(f"error: {e}") from None
 
 
 def now(device) -> float:
@@ -359,9 +349,13 @@ def main() -> None:
         t0, seconds = time.perf_counter(), {}
         for j, d in enumerate(deps):
             tokens_right = []
-            with r.autocast, _one_line(OSError):  # --state: a disk that fills up
-                c = passkey_cell(r.model, r.enc, n, d, cfg["trials"], cfg["seed"] + 1000 * i + j, digits, cfg["piece"],
-                                 r.what, r.how, r.ram, r.held, tokens_right, cfg["state"], cfg["asks"], seconds)
+            try:
+                with r.autocast:
+                    c = passkey_cell(r.model, r.enc, n, d, cfg["trials"], cfg["seed"] + 1000 * i + j, digits,
+                                     cfg["piece"], r.what, r.how, r.ram, r.held, tokens_right, cfg["state"],
+                                     cfg["asks"], seconds)
+            except OSError as e:  # --state: a disk that fills up
+                raise SystemExit(f"error: {e}") from None
             grid[i, j] = 100 * c / cfg["trials"]
             cells.append(dict(length=n, depth=d, correct=c, trials=cfg["trials"], accuracy=grid[i, j] / 100,
                               tokens_right=tokens_right))

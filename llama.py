@@ -20,11 +20,11 @@ import math
 import os
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.torch import save
 from torch import nn
 
-from checkpoint import torch_load, write_atomically
+from checkpoint import read_safetensors, torch_load, write_atomically
 from model import ModelConfig, Transformer
 
 # our parameter names (= Meta's) -> Hugging Face's; {i} is the layer index
@@ -409,13 +409,7 @@ def save_memories(memories: dict[str, torch.Tensor], path: str, header: dict, se
 
 def read_memories(path: str) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, header) of a `save_memories` file; one clear error for anything else. Never runs code."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no memories file at {path}")
-    try:
-        with safe_open(path, "pt") as f:
-            meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"cannot read {path} (corrupt or truncated?): {e}") from None
+    tensors, meta = read_safetensors(path, "memories file")
     if meta.get("format") != MEMORIES_FORMAT:
         raise ValueError(f"{path} is not a nanocomet memories file (format {meta.get('format')!r})")
     try:

@@ -137,6 +137,13 @@ def read_prompts(cfg: dict, enc, bos: int | None, device: str) -> tuple[list[str
     return texts, ids
 
 
+def read_pieces(model, ids: torch.Tensor, state, piece: int):
+    """Stream ids (B, n) after `state` in pieces of `piece` tokens (a bar when there are several); the new state."""
+    for a in tqdm(range(0, ids.size(1), piece), unit="piece", disable=ids.size(1) <= piece):
+        _, state = stream(model, ids[:, a:a + piece], state)
+    return state
+
+
 def answer(model, prompts: list[torch.Tensor], state, cfg: dict, seconds: list[float]) -> list[torch.Tensor]:
     """Each prompt (1, n) streamed after `state` (batch 1), then max_new_tokens generated; prompts of one token
     count run as one batch. The last prompt token goes to generate(), the rest is streamed piece by piece;
@@ -148,11 +155,9 @@ def answer(model, prompts: list[torch.Tensor], state, cfg: dict, seconds: list[f
     for rows in by_length.values():
         t0 = time.perf_counter()
         ids, st = torch.cat([prompts[i] for i in rows]), repeat_state(state, len(rows)) if len(rows) > 1 else state
-        head, last = ids[:, :-1], ids[:, -1:]
-        for a in tqdm(range(0, head.size(1), cfg["piece"]), unit="piece", disable=head.size(1) <= cfg["piece"]):
-            _, st = stream(model, head[:, a:a + cfg["piece"]], st)
+        st = read_pieces(model, ids[:, :-1], st, cfg["piece"])
         t1 = time.perf_counter()
-        new, _ = generate(model, last, cfg["max_new_tokens"], cfg["temperature"], cfg["top_k"] or None, st)
+        new, _ = generate(model, ids[:, -1:], cfg["max_new_tokens"], cfg["temperature"], cfg["top_k"] or None, st)
         seconds[0], seconds[1] = seconds[0] + t1 - t0, seconds[1] + time.perf_counter() - t1
         for i, row in zip(rows, new):
             out[i] = row
@@ -209,8 +214,7 @@ def main() -> None:
 def write_state(model, enc, ids: torch.Tensor, state, read: int, source: str, cfg: dict, dev: str) -> None:
     """Stream the prompt ids (1, n) piece by piece after `state` and write the state to cfg["save_state"]."""
     t0 = time.perf_counter()
-    for a in tqdm(range(0, ids.size(1), cfg["piece"]), unit="piece", disable=ids.size(1) <= cfg["piece"]):
-        _, state = stream(model, ids[:, a:a + cfg["piece"]], state)
+    state = read_pieces(model, ids, state, cfg["piece"])
     t1 = time.perf_counter()
     try:
         size = state_to_file(cfg["save_state"], model, state, enc, read + ids.size(1), source)

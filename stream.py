@@ -29,7 +29,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 from torch import Tensor
 
-from checkpoint import write_atomically
+from checkpoint import read_safetensors, write_atomically
 from memory import MemoryState
 from model import Transformer
 
@@ -109,6 +109,7 @@ def generate(model: Transformer, idx: Tensor, max_new_tokens: int, temperature: 
 # --- state files: read once, ask many times ---------------------------------------------------------------
 
 STATE_FORMAT = "nanocomet-state/1"
+MEMORY_FIELDS = tuple(f.name for f in dataclasses.fields(MemoryState))  # each layer's tensors, saved by these names
 PROBE = "The pass key is 12345. Remember it.\n\tWhat is Zoë's code? ¿Qué? 東京 🙂"  # tells tokenizers apart
 
 
@@ -137,6 +138,11 @@ def _checksum(tensors: dict[str, Tensor], header: dict[str, str]) -> str:
     return h.hexdigest()
 
 
+def _config_json(model: Transformer) -> str:
+    """The model's config as a state file's header records it (and compares it)."""
+    return json.dumps(dataclasses.asdict(model.config), default=str)
+
+
 def _open_rows(model: Transformer) -> int:
     """KV-cache rows of the longest open chunk: [G; T] in full and chunk_size - 1 tokens (S2)."""
     cfg = model.config
@@ -154,12 +160,12 @@ def save_state(path: str, model: Transformer, state: StreamState, enc, n_read: i
     rows, dtype = _open_rows(model) if cfg.comet else cache_rows, state.memory[0].temp_memory.dtype
     tensors = {"tokens": pad(state.tokens, cfg.chunk_size - 1 if cfg.comet else n_open, 1)}
     for l, mem in enumerate(state.memory):
-        tensors.update({f"{l}.{k}": getattr(mem, k) for k in ("gate_state", "global_memory", "temp_memory")})
+        tensors.update({f"{l}.{k}": getattr(mem, k) for k in MEMORY_FIELDS})
         k, v = state.cache[l] if state.cache else [torch.zeros(B, cfg.n_kv_head, 0, cfg.head_dim, dtype=dtype)] * 2
         tensors.update({f"{l}.k": pad(k, rows, 2), f"{l}.v": pad(v, rows, 2)})
     tensors = {n: t.detach().contiguous().cpu() for n, t in tensors.items()}
     count = lambda n: f"{n:015d}"  # fixed width: the header, too, keeps one size
-    header = dict(format=STATE_FORMAT, config=json.dumps(dataclasses.asdict(cfg), default=str),
+    header = dict(format=STATE_FORMAT, config=_config_json(model),
                   weights=model_fingerprint(model), tokenizer=tokenizer_fingerprint(enc), tokens_read=count(n_read),
                   batch=count(B), open_tokens=count(n_open), cache_rows=count(cache_rows), source=source)
     header["checksum"] = _checksum(tensors, header)
@@ -193,13 +199,7 @@ def load_state(path: str, model: Transformer, enc) -> tuple[StreamState, dict]:
     """The StreamState a `save_state` file holds, on the model's device, and its header (tokens_read as int).
     One clear error for a missing, damaged or foreign file, or one written by another model or tokenizer.
     Never runs code: safetensors is a JSON header and raw bytes."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no state file at {path} (write one with sample.py --save_state)")
-    try:
-        with safe_open(path, "pt") as f:
-            header, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"cannot read state file {path} (corrupt or truncated?): {e}") from None
+    tensors, header = read_safetensors(path, "state file", " (write one with sample.py --save_state)")
     if header.get("format") != STATE_FORMAT:
         raise ValueError(f"{path} is not a nanocomet state file of format {STATE_FORMAT} "
                          f"(it says {header.get('format')!r}): read the context again")
@@ -209,8 +209,8 @@ def load_state(path: str, model: Transformer, enc) -> tuple[StreamState, dict]:
     cfg, device = model.config, model.tok_embeddings.weight.device
     try:
         n_open, rows = int(header["open_tokens"]), int(header["cache_rows"])
-        memory = tuple(MemoryState(*(tensors[f"{l}.{k}"].to(device) for k in ("gate_state", "global_memory",
-                                                                           "temp_memory"))) for l in range(cfg.n_layer))
+        memory = tuple(MemoryState(*(tensors[f"{l}.{k}"].to(device) for k in MEMORY_FIELDS))
+                       for l in range(cfg.n_layer))
         cache = tuple((tensors[f"{l}.k"][:, :, :rows].to(device), tensors[f"{l}.v"][:, :, :rows].to(device))
                       for l in range(cfg.n_layer)) if n_open else ()
         state = StreamState(memory, tensors["tokens"][:, :n_open].to(device), cache)
@@ -227,7 +227,7 @@ def _check_same_model(path: str, header: dict, model: Transformer, enc) -> None:
         saved = None
     if not isinstance(saved, dict):
         raise ValueError(f"state file {path} is damaged: its header has no readable model config")
-    now = json.loads(json.dumps(dataclasses.asdict(model.config), default=str))
+    now = json.loads(_config_json(model))
     # block_size (a plain decoder's longest input) and init_std (initialisation) never change a state
     differ = [k for k in sorted(set(saved) | set(now), key=lambda k: (k != "chunk_size", k))
               if saved.get(k) != now.get(k) and k not in ("block_size", "init_std")]
