@@ -37,8 +37,9 @@ from checkpoint import write_atomically
 from configurator import configure_or_exit, settings_of
 from data import TASKS, by_shape, filler_tokens, make_sample
 from inspection import ascii_view, record, save_figures
+from model import CHUNK_ALIGNS
 from sample import check_fits, open_for_inference, peak_memory_mib, set_block_size
-from stream import check_state_path, generate, load_state, new_stream, save_state, stream
+from stream import check_state_path, generate, load_state, new_stream, read_first_chunk, save_state, stream
 
 # -----------------------------------------------------------------------------
 ckpt = "out/ckpt.pt"            # checkpoint written by train.py, or trained memories (memories.safetensors)
@@ -55,6 +56,9 @@ filler = "auto"                 # auto (as trained) | grass | a text file; its h
 perplexity = False              # instead: perplexity of the held-out filler's last ppl_tail tokens at each
 ppl_tail = 256                  #   length, over `trials` evenly spaced windows
 method = "auto"                 # auto (as trained) | comet | ram | truncate
+chunk_align = "right"           # comet: where chunks start (model.chunk_spans): right, each prompt and its answer end
+                                #   a chunk (whatever the model trained with) | left, from the first token (before
+                                #   issue 20: answers that crossed a chunk border were mostly missed)
 task = "auto"                   # auto (as trained) | passkey | facts | recall | needle
 keep_ratio = 0.0                # ram/truncate: share of the context read closely; 0 = as trained
 block_size = 0                  # plain decoders (full attention, RAM, truncate): longest input; 0 = as trained
@@ -78,14 +82,16 @@ def passkey_cell(model, enc, length: int, depth: float, trials: int, seed: int, 
                  piece: int = 65536, task: str = "passkey", method: str = "comet",
                  ram: ramlib.RAMConfig | None = None, filler: np.ndarray | None = None,
                  tokens_right: list | None = None, state_file: str = "", asks: int = 1,
-                 seconds: dict | None = None) -> int:
+                 seconds: dict | None = None, align: str = "left") -> int:
     """Number of `trials` sequences of `length` tokens whose answer the model gives exactly.
     ram: RAM's settings (segment, keep_ratio) for method ram (its keep_ratio) and truncate (the budget).
     filler: the filler's token ids (data.filler_tokens; None: S8's repeated sentences).
     tokens_right: if given, each answer position's count of right greedy tokens is added to it (a list of
     ints, one per answer token): partial recall that exact match does not show.
     state_file (comet): the context's stream state is written there and the question asked `asks` times, each
-    from the file loaded again; seconds gets the time of reading, saving and asking added (and the file size)."""
+    from the file loaded again; seconds gets the time of reading, saving and asking added (and the file size).
+    align (comet): where chunks start, as in training (model.chunk_spans over the prompt and the answer's tokens
+    it reads back); "right" closes a short first chunk, so that the question and its answer end a chunk."""
     rng = random.Random(seed)
     samples = [make_sample(task, enc, length, depth, rng, digits, filler) for _ in range(trials)]
     device = next(model.parameters()).device
@@ -103,6 +109,10 @@ def passkey_cell(model, enc, length: int, depth: float, trials: int, seed: int, 
         start = n_context - ramlib.budget(n_context, ram or ramlib.RAMConfig()) if method == "truncate" else 0
         stop, t0 = n_context if state_file else n_prompt, now(device)  # --state: ask after saving
         state = new_stream(model, len(group))
+        if method == "comet":  # the chunk plan: maybe a short first chunk, read and closed now
+            stop_first = min(stop - (not state_file), model.config.chunk_size)  # generate() needs a prompt token
+            first = torch.from_numpy(np.stack([s.tokens(0, stop_first) for s in group]))
+            state, start = read_first_chunk(model, first.to(device), n_prompt + n_answer - 1, align)
         for a in range(start, stop, piece):
             b = min(a + piece, stop)
             idx = torch.from_numpy(np.stack([s.tokens(a, b) for s in group])).to(device)
@@ -154,8 +164,8 @@ def count(out: torch.Tensor, answers: torch.Tensor, tokens_right: list | None) -
 @torch.no_grad()
 def held_out_perplexity(model, ids: np.ndarray, length: int, tail: int, windows: int) -> float:
     """exp(mean NLL) of the last `tail` tokens of `windows` evenly spaced windows of `length` tokens of `ids`,
-    each read whole by the model's forward (CoMeT: chunk by chunk through its memories; a plain decoder:
-    full attention), so the context before the tail is what differs between models."""
+    each read whole by the model's forward (CoMeT: chunk by chunk through its memories, chunks from the first
+    token; a plain decoder: full attention), so the context before the tail is what differs between models."""
     if not 0 < tail < length <= len(ids):
         raise ValueError(f"perplexity needs 0 < ppl_tail={tail} < length={length} <= {len(ids):,} held-out tokens")
     device = next(model.parameters()).device
@@ -234,7 +244,7 @@ def inspect_one(model, enc, task: str, length: int, depth: float, seed: int, dig
     n = len(s.answer)
     hit = [i for i in range(len(s.sentence) - n + 1) if (s.sentence[i:i + n] == s.answer).all()]
     mark = (a + hit[0] + n - 1) // C if hit else a // C
-    print(f"one {task} sequence of {length:,} tokens in chunks of {C}: the answer's sentence at tokens {a}-{b - 1} "
+    print(f"one {task} sequence of {length:,} tokens in chunks of {C} from its first token: the answer's sentence at tokens {a}-{b - 1} "
           f"(chunk {a // C}{'' if a // C == (b - 1) // C else f'-{(b - 1) // C}'}), the question from token "
           f"{s.n_context} (chunk {s.n_context // C}); * marks chunk {mark}, where the answer is first read\n")
     print(ascii_view(ins, mark))
@@ -280,6 +290,7 @@ class Setup(NamedTuple):
     deps: list
     held: np.ndarray | None  # held-out filler tokens; None: S8's repeated sentences
     record: dict            # what the JSON says of the model read
+    align: str              # comet: where chunks start (model.chunk_spans)
 
 
 def prepare(cfg: dict) -> Setup:
@@ -290,6 +301,9 @@ def prepare(cfg: dict) -> Setup:
     bf16 = cfg["dtype"] == "bfloat16"  # autocast: the weights stay fp32, as train.py
     model, enc, train, dev = open_for_inference({**cfg, "dtype": "float32"} if bf16 else cfg)
     how, what = resolve(cfg, model, train)
+    align = cfg["chunk_align"]
+    if align not in CHUNK_ALIGNS:
+        raise ValueError(f"chunk_align={align!r} must be right or left")
     if cfg["state"] and (how != "comet" or cfg["perplexity"] or cfg["inspect"]):
         raise ValueError(f"--state reads each passkey context once into a stream state: it needs method comet (not "
                          f"{how}), and neither --perplexity nor --inspect")
@@ -318,7 +332,7 @@ def prepare(cfg: dict) -> Setup:
                   else str(next(model.parameters()).dtype).removeprefix("torch."),
                   **{k: getattr(model.config, k) for k in ("chunk_size", "n_global", "temp_budget", "stride")})
     autocast = torch.autocast(torch.device(dev).type, dtype=torch.bfloat16, enabled=bf16)
-    return Setup(model, enc, train, dev, autocast, how, what, ram, lens, deps, held, record)
+    return Setup(model, enc, train, dev, autocast, how, what, ram, lens, deps, held, record, align)
 
 
 def main() -> None:
@@ -353,7 +367,7 @@ def main() -> None:
                 with r.autocast:
                     c = passkey_cell(r.model, r.enc, n, d, cfg["trials"], cfg["seed"] + 1000 * i + j, digits,
                                      cfg["piece"], r.what, r.how, r.ram, r.held, tokens_right, cfg["state"],
-                                     cfg["asks"], seconds)
+                                     cfg["asks"], seconds, r.align)
             except OSError as e:  # --state: a disk that fills up
                 raise SystemExit(f"error: {e}") from None
             grid[i, j] = 100 * c / cfg["trials"]
@@ -372,10 +386,11 @@ def main() -> None:
                       f"{seconds['kib']:,.1f} KiB written in {states[n]['s_per_save']:.3f} s, then "
                       f"{states[n]['s_per_ask']:.3f} s per asking from it (loaded again each time)")
         if cfg["json"]:  # after every length: a long run killed midway keeps what it measured
-            write_json(cfg["json"], dict(**r.record, task=r.what, method=r.how, keep_ratio=r.ram.keep_ratio if r.how in
-                                         ("ram", "truncate") else None, cells=cells,
-                                         tok_s={str(k): v for k, v in speeds.items()}, state={str(k): v for k, v
-                                                                                                in states.items()},
+            chunked = r.how == "comet" and r.model.config.comet  # where chunks start matters only then
+            write_json(cfg["json"], dict(**r.record, chunk_align=r.align if chunked else None, task=r.what,
+                                         method=r.how, keep_ratio=r.ram.keep_ratio if r.how in ("ram", "truncate")
+                                         else None, cells=cells, tok_s={str(k): v for k, v in speeds.items()},
+                                         state={str(k): v for k, v in states.items()},
                                          peak_memory_mib={str(k): v for k, v in peaks.items()}))
     bar.close()
     print(ascii_heatmap(grid, lens, deps, cfg["trials"]))

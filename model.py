@@ -93,10 +93,12 @@ class ModelConfig:
         """Compression tokens in one closed chunk (0 without a temporary memory)."""
         return math.ceil(self.chunk_size / self.stride) if self.comet and self.temp_budget else 0
 
-    def memory_slots(self, n_closed: int) -> tuple[int, int]:
+    def memory_slots(self, n_closed: int, first: int = 0) -> tuple[int, int]:
         """(global, temporary) slots of every layer's memory after `n_closed` closed chunks (S3, S4):
-        what a pipeline rank (S7) receives before its first chunk, known without looking at data."""
-        return (self.n_global if n_closed else 0), min(self.temp_budget, n_closed * self.n_compression)
+        what a pipeline rank (S7) receives before its first chunk, known without looking at data.
+        first: the first chunk's tokens if the chunk plan starts short (chunk_spans), else 0."""
+        short = math.ceil(first / self.stride) - self.n_compression if n_closed and first and self.n_compression else 0
+        return (self.n_global if n_closed else 0), min(self.temp_budget, n_closed * self.n_compression + short)
 
     @property
     def max_positions(self) -> int:
@@ -280,6 +282,22 @@ def chunk_layout(n_tokens: int, stride: int, n_readout: int, closed: bool, devic
     return ChunkLayout(n_prefix, order.to(device), tokens.to(device), comp.to(device), readout.to(device), closed)
 
 
+CHUNK_ALIGNS = ("left", "right")
+
+
+def chunk_spans(n_tokens: int, chunk_size: int, align: str = "left") -> list[range]:
+    """S2's chunk plan, the one owner of where chunks start: the token positions of each chunk. "left": every
+    chunk_size tokens from the first token (a last partial chunk stays open). "right" (one of the authors' chunk
+    plans): the last chunk ends at the last token and the first one is short, so that a prompt and its answer end
+    together at a chunk border instead of being cut wherever the sequence's length puts a border."""
+    if align not in CHUNK_ALIGNS or chunk_size <= 0:
+        raise ValueError(f"chunk align={align!r} must be one of {', '.join(CHUNK_ALIGNS)}, chunk_size={chunk_size} "
+                         "positive")
+    first = (n_tokens - 1) % chunk_size + 1 if align == "right" and n_tokens else chunk_size
+    return [range(a, min(b, n_tokens)) for a, b in zip([0, *range(first, n_tokens, chunk_size)],
+                                                         range(first, n_tokens + chunk_size, chunk_size))]
+
+
 def bptt_cut(chunk: int, bptt_chunks: int) -> bool:
     """Truncated BPTT: True where the gradient through the memories stops, in front of every
     `bptt_chunks`-th chunk (0: never). model.forward and the pipeline (S7) both ask here."""
@@ -418,26 +436,29 @@ class Transformer(nn.Module):
             new_memory.append(mem)
         return h[:, layout.tokens], tuple(new_memory)
 
-    def chunks(self, idx: Tensor, bptt_chunks: int = 0) -> Iterator[tuple[Tensor, tuple[MemoryState, ...]]]:
-        """S1, chunk-major: idx (B, N) chunk by chunk from empty memories; yields each chunk's real-token states
-        (B, n, C) and the memories after it. A last partial chunk stays open, as streaming sees it. BPTT: cut
-        at `bptt_cut`."""
+    def chunks(self, idx: Tensor, bptt_chunks: int = 0, align: str = "left"
+               ) -> Iterator[tuple[Tensor, tuple[MemoryState, ...]]]:
+        """S1, chunk-major: idx (B, N) chunk by chunk (`chunk_spans`) from empty memories; yields each chunk's
+        real-token states (B, n, C) and the memories after it. A chunk is closed if it is full or more follow;
+        a last partial chunk stays open, as streaming sees it. BPTT: cut at `bptt_cut`."""
         cs, memory = self.config.chunk_size, self.empty_memory(idx.size(0))
-        for i, start in enumerate(range(0, idx.size(1), cs)):
+        spans = chunk_spans(idx.size(1), cs, align)
+        for i, span in enumerate(spans):
             if bptt_cut(i, bptt_chunks):
                 memory = tuple(m.detach() for m in memory)  # truncated BPTT
-            chunk = idx[:, start:start + cs]
-            h, memory = self.forward_chunk(chunk, memory, closed=chunk.size(1) == cs)
+            closed = len(span) == cs or i < len(spans) - 1
+            h, memory = self.forward_chunk(idx[:, span.start:span.stop], memory, closed)
             yield h, memory
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None, bptt_chunks: int = 0):
+    def forward(self, idx: Tensor, targets: Tensor | None = None, bptt_chunks: int = 0, align: str = "left"):
         """idx (B, N) token ids -> (logits (B, N, V), loss or None), like nanoGPT's GPT.forward.
         CoMeT: `chunks`, then only the real tokens' states reach the output, so the loss never sees memory
-        rows. A plain decoder: every block over the whole sequence. targets: -1 = no loss at that token."""
+        rows. A plain decoder: every block over the whole sequence. targets: -1 = no loss at that token.
+        align: where CoMeT's chunks start (`chunk_spans`)."""
         if idx.dim() != 2 or idx.size(1) == 0:
             raise ValueError(f"idx must be (batch, tokens) with at least one token, got shape {tuple(idx.shape)}")
         if self.config.comet:
-            h = torch.cat([h for h, _ in self.chunks(idx, bptt_chunks)], 1)  # (B, N, C)
+            h = torch.cat([h for h, _ in self.chunks(idx, bptt_chunks, align)], 1)  # (B, N, C)
         elif idx.size(1) > self.config.block_size:
             raise ValueError(f"sequence of {idx.size(1)} tokens is longer than block_size={self.config.block_size}")
         else:

@@ -39,7 +39,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from memory import MemoryState
-from model import Transformer, bptt_cut
+from model import Transformer, bptt_cut, chunk_spans
 
 
 def pipeline_size(world: int, dp: int) -> int:
@@ -207,27 +207,31 @@ class Pipeline:
 
     # --- one training step: forward, then backward + all-reduce ----------------------------------------
 
-    def forward(self, model: Transformer, idx: Tensor, bptt_chunks: int = 0) -> tuple[Tensor, slice]:
+    def forward(self, model: Transformer, idx: Tensor, bptt_chunks: int = 0, align: str = "left"
+                ) -> tuple[Tensor, slice]:
         """S7: idx (B, N) is the whole sequence (every rank of this pipeline gets it). Returns the logits of
         this rank's tokens (B, n, V) and which tokens they are (idx[:, span]). Same maths as `model(idx)`;
         then `loss.backward()` runs the wavefront in reverse and `all_reduce` sums the weight gradients.
         Sharded (dp > 1): through FSDP2's root unit, which gathers the weights outside the blocks."""
         if self.root is not None:
-            return self.root(idx, bptt_chunks)
-        return self.wavefront(model, idx, bptt_chunks)
+            return self.root(idx, bptt_chunks, align)
+        return self.wavefront(model, idx, bptt_chunks, align)
 
-    def wavefront(self, model: Transformer, idx: Tensor, bptt_chunks: int = 0) -> tuple[Tensor, slice]:
+    def wavefront(self, model: Transformer, idx: Tensor, bptt_chunks: int = 0, align: str = "left"
+                  ) -> tuple[Tensor, slice]:
         """`forward`'s work: this rank's chunks, layer by layer, memories received and sent on."""
         cfg, B, N = model.config, idx.size(0), idx.size(1)
         if not cfg.comet:
             raise ValueError("the pipeline splits a sequence by chunks: it needs chunk_size > 0")
-        cs = cfg.chunk_size
-        mine = rank_chunks(math.ceil(N / cs), self.rank, self.world)
-        chunks = [idx[:, c * cs:(c + 1) * cs] for c in mine]
-        # S2: chunk c's prefix is its memory, of a size known without data (the FIFO may still be filling)
-        layouts = [model.layout(x.size(1), x.size(1) == cs, sum(cfg.memory_slots(c))) for c, x in zip(mine, chunks)]
+        spans = chunk_spans(N, cfg.chunk_size, align)
+        mine = rank_chunks(len(spans), self.rank, self.world)
+        chunks = [idx[:, spans[c].start:spans[c].stop] for c in mine]
+        # S2: chunk c's prefix is its memory, of a size known without data (the FIFO may still be filling);
+        # closed as model.chunks closes it: full, or more chunks follow
+        layouts = [model.layout(x.size(1), x.size(1) == cfg.chunk_size or c < len(spans) - 1,
+                                sum(cfg.memory_slots(c, len(spans[0])))) for c, x in zip(mine, chunks)]
         hs = [model.embed_chunk(x, lay) for x, lay in zip(chunks, layouts)]  # (B, L_chunk, C) each
-        n_g, n_t = cfg.memory_slots(mine.start)
+        n_g, n_t = cfg.memory_slots(mine.start, len(spans[0]))
         shape = (B, 2 * n_g + n_t, cfg.n_embd)
         wire = max((p.dtype for p in model.parameters() if p.is_floating_point()),  # fp32 if any is:
                    key=lambda d: torch.finfo(d).bits)
@@ -256,8 +260,7 @@ class Pipeline:
         sent += [self.send_memory(mem, l, wire) for mem, l in outgoing]
         h = torch.cat([h[:, lay.tokens] for h, lay in zip(hs, layouts)], 1)  # (B, n, C) real tokens only
         h = h + sum(z for z in sent if z is not None)  # + 0: ties the sends into the graph for backward
-        span = slice(mine.start * cs, min(N, mine.stop * cs))
-        return model.output(model.norm(h)), span
+        return model.output(model.norm(h)), slice(spans[mine.start].start, spans[mine.stop - 1].stop)
 
     def shard(self, model: Transformer, param_dtype: torch.dtype | None = None) -> None:
         """FSDP2 over "dp" (dp > 1): every decoder block and then the rest sharded across the dp ranks, which
@@ -352,8 +355,8 @@ class _Root(nn.Module):
         super().__init__()
         self.model, self.run = model, pipe.wavefront
 
-    def forward(self, idx: Tensor, bptt_chunks: int) -> tuple[Tensor, slice]:
-        return self.run(self.model, idx, bptt_chunks)
+    def forward(self, idx: Tensor, bptt_chunks: int, align: str) -> tuple[Tensor, slice]:
+        return self.run(self.model, idx, bptt_chunks, align)
 
 
 def _local_numel(p: Tensor) -> int:

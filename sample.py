@@ -15,6 +15,7 @@ Prints the continuation, the streaming and generation speed, and the peak memory
 from __future__ import annotations
 
 import resource
+import sys
 import time
 
 import torch
@@ -24,9 +25,9 @@ from checkpoint import load_model, read_checkpoint
 from configurator import configure_or_exit, pick_device, pick_dtype, settings_of
 from data import bos_id, get_tokenizer
 from llama import attach_memories, load_llama, read_memories
-from model import Transformer
+from model import CHUNK_ALIGNS, Transformer
 from ram import load_ram
-from stream import check_state_path, generate, new_stream, repeat_state, stream
+from stream import check_state_path, generate, new_stream, read_first_chunk, repeat_state, stream
 from stream import load_state as state_from_file, save_state as state_to_file  # the settings own these names
 
 # -----------------------------------------------------------------------------
@@ -46,6 +47,8 @@ save_state = ""           # stream the prompt, write the stream state to this fi
 load_state = ""           # continue from this state file (the context read once) instead of an empty stream
 questions = ""            # a file of prompts, one per line, answered from the same state, as one batch
 max_new_tokens = 20
+chunk_align = "right"     # a prompt read from an empty stream: where chunks start (model.chunk_spans), right: the
+                          # prompt and its max_new_tokens end a chunk | left: from the first token
 temperature = 0.0         # 0: greedy
 top_k = 0                 # 0: no top-k filtering
 seed = 1337
@@ -144,10 +147,12 @@ def read_pieces(model, ids: torch.Tensor, state, piece: int):
     return state
 
 
-def answer(model, prompts: list[torch.Tensor], state, cfg: dict, seconds: list[float]) -> list[torch.Tensor]:
+def answer(model, prompts: list[torch.Tensor], state, cfg: dict, seconds: list[float], align: str = "left"
+           ) -> list[torch.Tensor]:
     """Each prompt (1, n) streamed after `state` (batch 1), then max_new_tokens generated; prompts of one token
     count run as one batch. The last prompt token goes to generate(), the rest is streamed piece by piece;
-    seconds gets the time of each (streaming, generating) added."""
+    seconds gets the time of each (streaming, generating) added. align: where chunks start, for an empty `state`
+    only (a loaded state's chunks go on where they are)."""
     by_length: dict[int, list[int]] = {}
     for i, p in enumerate(prompts):
         by_length.setdefault(p.size(1), []).append(i)
@@ -155,7 +160,10 @@ def answer(model, prompts: list[torch.Tensor], state, cfg: dict, seconds: list[f
     for rows in by_length.values():
         t0 = time.perf_counter()
         ids, st = torch.cat([prompts[i] for i in rows]), repeat_state(state, len(rows)) if len(rows) > 1 else state
-        st = read_pieces(model, ids[:, :-1], st, cfg["piece"])
+        head = 0
+        if align != "left" and not state.tokens.size(1) and not state.memory[0].prefix_len:  # an empty stream
+            st, head = read_first_chunk(model, ids[:, :-1], ids.size(1) + cfg["max_new_tokens"] - 1, align)
+        st = read_pieces(model, ids[:, head:-1], st, cfg["piece"])
         t1 = time.perf_counter()
         new, _ = generate(model, ids[:, -1:], cfg["max_new_tokens"], cfg["temperature"], cfg["top_k"] or None, st)
         seconds[0], seconds[1] = seconds[0] + t1 - t0, seconds[1] + time.perf_counter() - t1
@@ -175,7 +183,10 @@ def main() -> None:
                              "and --save_state (read the context first with those two)")
         if cfg["save_state"]:
             check_state_path(cfg["save_state"])  # before a long read, not after
-        model, enc, _, dev = open_for_inference(cfg)
+        model, enc, train, dev = open_for_inference(cfg)
+        align = cfg["chunk_align"]
+        if align not in CHUNK_ALIGNS:
+            raise ValueError(f"chunk_align={align!r} must be right or left")
         if not isinstance(model, Transformer):
             raise ValueError(f"{cfg['ckpt']} is a RAM checkpoint (ram.py): it answers a question about a context "
                              "given apart; evaluate it with eval_passkey.py --method ram")
@@ -192,10 +203,14 @@ def main() -> None:
         check_fits(model, read + max(p.size(1) for p in prompts) + cfg["max_new_tokens"] * (not cfg["save_state"]))
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}")
+    if train.get("chunk_align") == "right" and (cfg["save_state"] or cfg["load_state"]) and model.config.comet:
+        print("note: trained with right-aligned chunks, this model reads a question well only where the question and "
+              "its answer end a chunk; a question asked from a state starts wherever the state's open chunk ends "
+              "(docs/passkey20.md: train with --chunk_align=left to ask from states)", file=sys.stderr)
     if cfg["save_state"]:
         return write_state(model, enc, prompts[0], state, read, source, cfg, dev)
     seconds = [0.0, 0.0]
-    outs = answer(model, prompts, state, cfg, seconds)
+    outs = answer(model, prompts, state, cfg, seconds, "left" if read else align)
     if cfg["questions"]:
         for t, o in zip(texts, outs):
             print(f"{t} => {enc.decode(o.tolist())}")

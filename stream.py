@@ -31,7 +31,7 @@ from torch import Tensor
 
 from checkpoint import read_safetensors, write_atomically
 from memory import MemoryState
-from model import Transformer
+from model import Transformer, chunk_spans
 
 
 @dataclass(frozen=True)
@@ -62,13 +62,34 @@ def stream(model: Transformer, idx: Tensor, state: StreamState) -> tuple[Tensor,
             raise ValueError(f"plain decoder: context longer than block_size={cfg.block_size}")
         tokens, idx = torch.cat([state.tokens, idx[:, :take]], 1), idx[:, take:]
         if cfg.comet and tokens.size(1) == cfg.chunk_size:  # close: its open part is recomputed once
-            h, memory = model.forward_chunk(tokens, state.memory, closed=True)
-            state = StreamState(memory, tokens[:, :0], ())
+            h, state = close_chunk(model, StreamState(state.memory, tokens, state.cache))
         else:
             h, state = _extend_open_chunk(model, tokens, state)
     if h is None:
         raise ValueError("stream() needs at least one token")
     return model.output(model.norm(h[:, -1])), state
+
+
+@torch.no_grad()
+def close_chunk(model: Transformer, state: StreamState) -> tuple[Tensor, StreamState]:
+    """Close the open chunk now, full or short (a chunk plan's short first chunk: model.chunk_spans): it runs
+    whole with its readout and compression tokens and the memories update. Returns its real tokens' states
+    (B, n, C) and the state with an empty open chunk."""
+    h, memory = model.forward_chunk(state.tokens, state.memory, closed=True)
+    return h, StreamState(memory, state.tokens[:, :0], ())
+
+
+@torch.no_grad()
+def read_first_chunk(model: Transformer, idx: Tensor, n_inputs: int, align: str) -> tuple[StreamState, int]:
+    """A fresh stream that will read n_inputs tokens in all (a prompt and the answer tokens fed back), its chunks
+    cut as `align` says (model.chunk_spans): a short first chunk, idx's (B, n) first tokens, is read and closed
+    now. Returns the state and how many of idx's tokens it read: 0 if the plan starts with a full chunk, or if
+    idx holds fewer tokens than its first chunk (a prompt shorter than that: chunks then start at its first token)."""
+    state, cs = new_stream(model, idx.size(0)), model.config.chunk_size
+    head = len(chunk_spans(n_inputs, cs, align)[0]) if cs and n_inputs > 0 else 0
+    if head in (0, cs) or head > idx.size(1) or head >= n_inputs:
+        return state, 0
+    return close_chunk(model, StreamState(state.memory, idx[:, :head], ()))[1], head
 
 
 def _extend_open_chunk(model: Transformer, tokens: Tensor, state: StreamState) -> tuple[Tensor, StreamState]:

@@ -6,8 +6,8 @@ import torch
 
 from baselines import sliding_window_attention
 from conftest import tiny_config, tiny_model
-from model import Transformer, _bool_mask, chunk_layout
-from stream import generate, new_stream, stream
+from model import Transformer, _bool_mask, chunk_layout, chunk_spans
+from stream import generate, new_stream, read_first_chunk, stream
 
 
 def tokens(n, batch=2, seed=1, vocab=32):
@@ -115,6 +115,55 @@ def test_plain_decoder_streams_with_a_kv_cache():
         torch.testing.assert_close(logits, full[:, p], rtol=0, atol=1e-5)
 
 
+# --- chunk plans: where chunks start ------------------------------------------------------------------
+
+@pytest.mark.parametrize("align", ["left", "right"])
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 23, 24, 25])
+def test_chunk_plan_cuts_the_sequence_into_consecutive_chunks_of_at_most_chunk_size(n, align):
+    spans = chunk_spans(n, 8, align)
+    assert [i for s in spans for i in s] == list(range(n))
+    sizes = [len(s) for s in spans]
+    assert all(0 < k <= 8 for k in sizes) and len(spans) == math.ceil(n / 8)
+    inner = sizes[:-1] if align == "left" else sizes[1:]  # only the first (right) or last (left) may be short
+    assert all(k == 8 for k in inner)
+
+
+def test_right_aligned_plan_is_the_left_one_when_the_length_is_a_multiple_of_the_chunk(model):
+    assert torch.equal(model(tokens(24), align="right")[0], model(tokens(24))[0])
+    assert not torch.allclose(model(tokens(21), align="right")[0], model(tokens(21))[0])  # else it does nothing
+
+
+def test_right_aligned_forward_equals_streaming_a_closed_short_first_chunk_then_the_rest(model):
+    idx = tokens(21)  # chunks of 5, 8, 8 tokens
+    full, _ = model(idx, align="right")
+    state, head = read_first_chunk(model, idx, 21, "right")
+    assert head == 5
+    for p in range(head, 21):
+        logits, state = stream(model, idx[:, p:p + 1], state)
+        torch.testing.assert_close(logits, full[:, p], rtol=0, atol=1e-5)
+    assert state.tokens.size(1) == 0  # the plan's last chunk ends at the last token: closed
+
+
+def test_greedy_generation_after_a_right_aligned_prompt_follows_the_right_aligned_forward_argmax(model):
+    prompt, n_new = tokens(13, batch=1), 6  # 18 tokens read in all: chunks of 2, 8, 8; the answer is not cut
+    state, head = read_first_chunk(model, prompt[:, :-1], 13 + n_new - 1, "right")
+    _, state = stream(model, prompt[:, head:-1], state)
+    new, _ = generate(model, prompt[:, -1:], n_new, temperature=0, state=state)
+    full, _ = model(torch.cat([prompt, new], 1)[:, :-1], align="right")
+    assert head == 2 and torch.equal(full[0, 12:].argmax(-1), new[0])
+
+
+def test_a_plan_that_starts_with_a_full_chunk_reads_nothing_ahead(model):
+    for n_inputs, align in [(21, "left"), (24, "right"), (6, "right")]:  # a full first chunk; one open chunk
+        state, head = read_first_chunk(model, tokens(21), n_inputs, align)
+        assert head == 0 and state.tokens.size(1) == 0 and state.memory[0].prefix_len == 0
+
+
+def test_an_unknown_chunk_plan_raises_one_clear_error(model):
+    with pytest.raises(ValueError, match="chunk align='middle' must be one of left, right"):
+        model(tokens(9), align="middle")
+
+
 # --- causality and gradients ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("p", [0, 3, 4, 7, 8, 12, 23, 30])  # chunk borders at 8, 16, 24; stride 4
@@ -159,15 +208,17 @@ def test_gradient_is_exactly_zero_across_a_bptt_truncation_boundary(memory):
     assert first_chunk_embedding_grad(model, bptt_chunks=4).abs().sum() > 0   # no boundary crossed
 
 
+@pytest.mark.parametrize("first", [0, 3])  # 3: a right-aligned plan's short first chunk (1 compression token)
 @pytest.mark.parametrize("memory", [dict(), dict(n_global=0), dict(temp_budget=0), dict(temp_budget=12)])
-def test_memory_slots_predict_the_memory_shapes_after_every_chunk(memory):
+def test_memory_slots_predict_the_memory_shapes_after_every_chunk(memory, first):
     model = tiny_model(**memory)
     state = model.empty_memory(2)
     for n_closed in range(7):  # the FIFO fills, then stays at its budget
         for mem in state:
-            assert (mem.global_memory.size(1), mem.temp_memory.size(1)) == model.config.memory_slots(n_closed)
+            want = model.config.memory_slots(n_closed, first)
+            assert (mem.global_memory.size(1), mem.temp_memory.size(1)) == want
             assert mem.gate_state.shape == mem.global_memory.shape
-        _, state = model.forward_chunk(tokens(8), state)
+        _, state = model.forward_chunk(tokens(first if first and not n_closed else 8), state)
 
 
 @pytest.mark.parametrize("bptt", [0, 2])

@@ -35,6 +35,10 @@ CASES = {
     "no_memories": (2, 48, dict(n_global=0, temp_budget=0), 0, "wavefront"),  # nothing to send
     # every layer-over-chunk step recomputed in backward on the ranks; the reference keeps everything
     "checkpointed_activations": (3, 75, dict(checkpoint_activations=True), 2, "wavefront"),
+    # the right-aligned chunk plan: a short first chunk of 3 tokens, then 9 full ones (3 + 3 + 4)
+    "right_aligned": (3, 75, dict(align="right"), 2, "wavefront"),
+    # ... with a FIFO still filling at the ranks' borders: rank 1 receives 5 slots after a short first chunk, not 6
+    "right_aligned_fifo_filling": (3, 75, dict(align="right", temp_budget=12), 0, "wavefront"),
 }
 
 
@@ -49,10 +53,11 @@ def pipelined_step(pipe, n_tokens, overrides, bptt_chunks):
     """On every rank: this rank's share of the loss, backward, all-reduce; returns (loss, gradients)."""
     overrides = dict(overrides)
     checkpointed = overrides.pop("checkpoint_activations", False)
+    align = overrides.pop("align", "left")
     model = tiny_model(**overrides).train()
     model.checkpoint_activations = checkpointed
     idx, targets = batch(n_tokens)
-    logits, span = pipe.forward(model, idx, bptt_chunks)
+    logits, span = pipe.forward(model, idx, bptt_chunks, align)
     loss = F.cross_entropy(logits.flatten(0, 1), targets[:, span].flatten(), ignore_index=-1, reduction="sum")
     share = loss / (targets != -1).sum()
     share.backward()
@@ -62,11 +67,11 @@ def pipelined_step(pipe, n_tokens, overrides, bptt_chunks):
 
 def one_process_step(n_tokens, overrides, bptt_chunks, rows=2):
     model = tiny_model(**{k: v for k, v in overrides.items() if k not in ("checkpoint_activations",
-                                                                          "freeze_base")}).train()
+                                                                          "freeze_base", "align")}).train()
     if overrides.get("freeze_base"):
         freeze_base(model)
     idx, targets = batch(n_tokens, rows)
-    _, loss = model(idx, targets, bptt_chunks=bptt_chunks)
+    _, loss = model(idx, targets, bptt_chunks=bptt_chunks, align=overrides.get("align", "left"))
     loss.backward()
     return loss.item(), {n: p.grad for n, p in model.named_parameters()}
 

@@ -225,3 +225,14 @@ def same_state(a, b) -> bool:
 def continuation(out: str) -> str:
     """The generated text sample.py prints after "=> " (it may hold new lines)."""
     return out.split("=> ", 1)[1].rsplit("\nprompt ", 1)[0]
+
+
+@pytest.mark.parametrize("align", ["left", "right"])
+def test_sample_answers_a_prompt_from_an_empty_stream_with_the_chunk_plan_it_is_given(model, align):
+    """sample.py right-aligns the prompt and its max_new_tokens, as eval_passkey does: the greedy answer follows
+    the forward with that plan (12 + 7 - 1 = 18 tokens read: chunks of 2, 8, 8 when right-aligned)."""
+    prompts, cfg = [tokens(12), tokens(12, seed=1)], dict(piece=5, max_new_tokens=7, temperature=0.0, top_k=0)
+    news = answer(model, prompts, new_stream(model), cfg, [0.0, 0.0], align)  # one batch of two
+    for prompt, new in zip(prompts, news):
+        full, _ = model(torch.cat([prompt, new[None]], 1)[:, :-1], align=align)
+        assert torch.equal(full[0, 11:].argmax(-1), new)

@@ -22,6 +22,7 @@ from checkpoint import load_model
 from conftest import tiny_model
 from data import get_tokenizer, make_sample
 from eval_passkey import passkey_cell
+from model import Transformer
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["config/smoke.py"]
@@ -148,6 +149,7 @@ def test_resume_refuses_to_change_the_model_and_keeps_the_log_in_place(tmp_path)
     ("--pipeline=True --chunk_size=0", "pipeline=True splits sequences by chunks: it needs chunk_size > 0"),
     ("--freeze_base=True --chunk_size=0", "freeze_base=True trains only the memories: it needs chunk_size > 0"),
     ("--ckpt_shards=True --method=ram", "ckpt_shards=True writes CoMeT's shards: it needs method=comet"),
+    ("--chunk_align=middle", "chunk_align='middle' must be left or right"),
 ])
 def test_bad_settings_stop_training_with_one_clear_line(tmp_path, bad, message):
     err = fail(train_cmd(tmp_path, *bad.split()))
@@ -206,6 +208,47 @@ def test_a_checkpoint_from_before_edge_depths_resumes_with_the_share_it_was_trai
     assert train.resume_settings({**ckpt, "config": {**saved, "edge_depths": 0.3}}, "out")["edge_depths"] == 0.3
 
 
+@pytest.mark.parametrize("align", ["left", "right"])
+def test_training_cuts_chunks_as_the_chunk_align_setting_says(monkeypatch, align):
+    seen = []
+    monkeypatch.setattr(train, "chunk_align", align)
+    monkeypatch.setattr(Transformer, "forward_chunk", lambda self, idx, memory, closed: seen.append(
+        (idx.size(1), closed)) or (torch.zeros(idx.size(0), idx.size(1), self.config.n_embd), memory))
+    x = torch.zeros(2, 21, dtype=torch.long)
+    train.lm_loss(tiny_model(), (x, x, x > 0), None)
+    assert seen == ([(8, True), (8, True), (5, False)] if align == "left" else [(5, True), (8, True), (8, True)])
+
+
+@pytest.mark.parametrize("align", ["left", "right"])
+def test_the_passkey_evaluations_greedy_answers_follow_the_forward_with_the_same_chunk_plan(monkeypatch, align):
+    model, answers = tiny_model(vocab_size=ENC.n_vocab), []
+    real = eval_passkey.generate
+    monkeypatch.setattr(eval_passkey, "generate", lambda *a, **k: answers.append(real(*a, **k)[0]) or
+                        (answers[-1], None))
+    passkey_cell(model, ENC, 203, 0.5, 2, seed=5, align=align)
+    rng = random.Random(5)
+    samples = [make_sample("passkey", ENC, 203, 0.5, rng, 5) for _ in range(2)]
+    prompt = torch.from_numpy(np.stack([s.tokens(0, 203 - 6) for s in samples]))
+    (out,) = answers  # read back: the prompt and 5 of the 6 answer tokens, 202 in all
+    logits, _ = model(torch.cat([prompt, out[:, :-1]], 1), align=align)
+    assert torch.equal(logits[:, 203 - 6 - 1:].argmax(-1), out)
+
+
+@pytest.mark.parametrize("align", ["left", "right"])
+def test_the_passkey_evaluation_reads_a_short_first_chunk_only_when_right_aligned(monkeypatch, align):
+    seen = []
+
+    def oracle(model, idx, n_new, temperature, state):  # what generate() is given: the prompt's rest and the state
+        seen.append((idx.size(1), state.memory[0].prefix_len))
+        return idx[:, :n_new], state
+
+    monkeypatch.setattr(eval_passkey, "generate", oracle)
+    passkey_cell(tiny_model(vocab_size=ENC.n_vocab), ENC, 203, 0.5, 2, seed=5, align=align)
+    n_prompt = 203 - 6  # " " and 5 digits; the model reads 202 tokens: 2 + 25 chunks of 8 when right-aligned
+    # right: a chunk of 2 tokens was closed first: 3 global slots and 1 compression slot in front of what follows
+    assert seen == ([(n_prompt, 0)] if align == "left" else [(n_prompt - 2, 3 + 1)])
+
+
 @pytest.mark.parametrize("name", ["comet", "full_attention", "global_only", "no_gate", "temp_only", "sliding_window",
                                   "ram_passkey", "ram_facts", "truncate_facts"])
 def test_configs_of_documented_runs_pin_the_recipe_they_were_trained_with(name):
@@ -262,9 +305,11 @@ def test_eval_passkey_its_inspection_and_sample_run_on_a_trained_checkpoint(tmp_
     cells = result["cells"]
     assert [(c["length"], c["depth"], c["trials"]) for c in cells] == [(150, 0, 3), (150, 1, 3), (1000, 0, 3),
                                                                         (1000, 1, 3)]
+    assert result["chunk_align"] == "right"  # the default reading: each prompt and its answer end a chunk
     model, _ = load_model(ckpt)  # the grid reports what the model does: every cell recomputed in this process
     for k, (n, d) in enumerate([(150, 0), (150, 1), (1000, 0), (1000, 1)]):
-        assert cells[k]["correct"] == passkey_cell(model, ENC, n, d, 3, 1234 + 1000 * (k // 2) + k % 2, piece=100)
+        assert cells[k]["correct"] == passkey_cell(model, ENC, n, d, 3, 1234 + 1000 * (k // 2) + k % 2, piece=100,
+                                                   align="right")
     out = run([sys.executable, "eval_passkey.py", f"--ckpt={ckpt}", "--inspect", "--lengths=200", "--depths=0.5",
                "--threads=1", f"--png={tmp_path / 'look'}"])
     assert "global-memory gate" in out and "FIFO" in out and "answer (argmax" in out
