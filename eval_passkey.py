@@ -90,8 +90,9 @@ def passkey_cell(model, enc, length: int, depth: float, trials: int, seed: int, 
     ints, one per answer token): partial recall that exact match does not show.
     state_file (comet): the context's stream state is written there and the question asked `asks` times, each
     from the file loaded again; seconds gets the time of reading, saving and asking added (and the file size).
-    align (comet): where chunks start, as in training (model.chunk_spans over the prompt and the answer's tokens
-    it reads back); "right" closes a short first chunk, so that the question and its answer end a chunk."""
+    align (comet): where chunks start (model.chunk_spans over the prompt and the answer's tokens it reads back,
+    as training cuts a sequence); "right" closes a short first chunk, so that the question and its answer end a
+    chunk."""
     rng = random.Random(seed)
     samples = [make_sample(task, enc, length, depth, rng, digits, filler) for _ in range(trials)]
     device = next(model.parameters()).device
@@ -244,9 +245,10 @@ def inspect_one(model, enc, task: str, length: int, depth: float, seed: int, dig
     n = len(s.answer)
     hit = [i for i in range(len(s.sentence) - n + 1) if (s.sentence[i:i + n] == s.answer).all()]
     mark = (a + hit[0] + n - 1) // C if hit else a // C
-    print(f"one {task} sequence of {length:,} tokens in chunks of {C} from its first token: the answer's sentence at tokens {a}-{b - 1} "
-          f"(chunk {a // C}{'' if a // C == (b - 1) // C else f'-{(b - 1) // C}'}), the question from token "
-          f"{s.n_context} (chunk {s.n_context // C}); * marks chunk {mark}, where the answer is first read\n")
+    span = f"{a // C}" + ("" if a // C == (b - 1) // C else f"-{(b - 1) // C}")
+    print(f"one {task} sequence of {length:,} tokens in chunks of {C} from its first token: the answer's sentence "
+          f"at tokens {a}-{b - 1} (chunk {span}), the question from token {s.n_context} (chunk {s.n_context // C}); "
+          f"* marks chunk {mark}, where the answer is first read\n")
     print(ascii_view(ins, mark))
     guess = ins.logits[0, -len(s.answer) - 1:-1].argmax(-1).tolist()  # teacher-forced, as training scores it
     print(f"\nanswer (argmax at each answer position): {enc.decode(guess)!r}, "

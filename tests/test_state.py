@@ -127,7 +127,8 @@ def test_batch_answers_equal_one_by_one_answers(model):
     assert all(torch.equal(a, b) for a, b in zip(batch, alone)) and len({tuple(a.tolist()) for a in alone}) > 1
 
 
-def test_eval_passkey_from_a_saved_state_gives_the_answers_of_reading_it_whole(tmp_path, monkeypatch):
+@pytest.mark.parametrize("align", ["left", "right"])
+def test_eval_passkey_from_a_saved_state_gives_the_answers_of_reading_it_whole(tmp_path, monkeypatch, align):
     model = tiny_model(vocab_size=ENC.n_vocab, chunk_size=16)
     answers, saved, loaded = [], [], []  # every batch of greedy answers passkey_cell scores; the states
     monkeypatch.setattr(eval_passkey, "count", lambda out, *rest: answers.append(out) or count(out, *rest))
@@ -139,8 +140,9 @@ def test_eval_passkey_from_a_saved_state_gives_the_answers_of_reading_it_whole(t
     monkeypatch.setattr(eval_passkey, "load_state", load)
     seconds = {}
     for n, d in [(150, 0.0), (299, 1.0)]:  # contexts of 107 and 256 tokens: ending inside a chunk, at a border
-        passkey_cell(model, ENC, n, d, 3, 7, piece=64)
-        passkey_cell(model, ENC, n, d, 3, 7, piece=64, state_file=str(tmp_path / "s"), asks=2, seconds=seconds)
+        passkey_cell(model, ENC, n, d, 3, 7, piece=64, align=align)
+        passkey_cell(model, ENC, n, d, 3, 7, piece=64, state_file=str(tmp_path / "s"), asks=2, seconds=seconds,
+                     align=align)
     assert all(torch.equal(a, b) for a, b in zip(answers[::2], answers[1::2])) and len(answers) == 4
     assert seconds["asks"] == 4 and seconds["kib"] > 0 and len(loaded) == 4
     assert all(same_state(a, b) for a, b in zip(loaded, [st for st in saved for _ in range(2)]))
