@@ -298,6 +298,12 @@ def chunk_spans(n_tokens: int, chunk_size: int, align: str = "left") -> list[ran
                                                          range(first, n_tokens + chunk_size, chunk_size))]
 
 
+def chunk_closed(spans: list[range], i: int, chunk_size: int) -> bool:
+    """Whether chunk i of a plan (`chunk_spans`) is closed: full, or more chunks follow; a last partial chunk stays
+    open, as streaming sees it. model.chunks and the pipeline (S7) both ask here."""
+    return len(spans[i]) == chunk_size or i < len(spans) - 1
+
+
 def bptt_cut(chunk: int, bptt_chunks: int) -> bool:
     """Truncated BPTT: True where the gradient through the memories stops, in front of every
     `bptt_chunks`-th chunk (0: never). model.forward and the pipeline (S7) both ask here."""
@@ -446,8 +452,7 @@ class Transformer(nn.Module):
         for i, span in enumerate(spans):
             if bptt_cut(i, bptt_chunks):
                 memory = tuple(m.detach() for m in memory)  # truncated BPTT
-            closed = len(span) == cs or i < len(spans) - 1
-            h, memory = self.forward_chunk(idx[:, span.start:span.stop], memory, closed)
+            h, memory = self.forward_chunk(idx[:, span.start:span.stop], memory, chunk_closed(spans, i, cs))
             yield h, memory
 
     def forward(self, idx: Tensor, targets: Tensor | None = None, bptt_chunks: int = 0, align: str = "left"):

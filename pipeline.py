@@ -39,7 +39,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from memory import MemoryState
-from model import Transformer, bptt_cut, chunk_spans
+from model import Transformer, bptt_cut, chunk_closed, chunk_spans
 
 
 def pipeline_size(world: int, dp: int) -> int:
@@ -226,9 +226,8 @@ class Pipeline:
         spans = chunk_spans(N, cfg.chunk_size, align)
         mine = rank_chunks(len(spans), self.rank, self.world)
         chunks = [idx[:, spans[c].start:spans[c].stop] for c in mine]
-        # S2: chunk c's prefix is its memory, of a size known without data (the FIFO may still be filling);
-        # closed as model.chunks closes it: full, or more chunks follow
-        layouts = [model.layout(x.size(1), x.size(1) == cfg.chunk_size or c < len(spans) - 1,
+        # S2: chunk c's prefix is its memory, of a size known without data (the FIFO may still be filling)
+        layouts = [model.layout(x.size(1), chunk_closed(spans, c, cfg.chunk_size),
                                 sum(cfg.memory_slots(c, len(spans[0])))) for c, x in zip(mine, chunks)]
         hs = [model.embed_chunk(x, lay) for x, lay in zip(chunks, layouts)]  # (B, L_chunk, C) each
         n_g, n_t = cfg.memory_slots(mine.start, len(spans[0]))

@@ -210,7 +210,7 @@ def main() -> None:
     if cfg["save_state"]:
         return write_state(model, enc, prompts[0], state, read, source, cfg, dev)
     seconds = [0.0, 0.0]
-    outs = answer(model, prompts, state, cfg, seconds, "left" if read else align)
+    outs = answer(model, prompts, state, cfg, seconds, align)  # a loaded state's chunks go on where they are
     if cfg["questions"]:
         for t, o in zip(texts, outs):
             print(f"{t} => {enc.decode(o.tolist())}")
