@@ -15,12 +15,10 @@ import torch  # noqa: E402
 
 import train  # noqa: E402
 from data import filler_tokens, get_tokenizer, sample_batch  # noqa: E402
-from model import ModelConfig, Transformer  # noqa: E402
 
 enc = get_tokenizer("bytes")
-cfg = ModelConfig(vocab_size=enc.n_vocab, block_size=1024, **{k: train.DEFAULTS[k] for k in train.MODEL_KEYS})
 torch.manual_seed(0)
-model = Transformer(cfg)
+model = train.build_model(dict(train.DEFAULTS), enc, None, "cpu", verbose=False)  # the default job's model
 length = int(sys.argv[1]) if len(sys.argv) > 1 else 705
 rows = sample_batch(enc, 16, length, 1, 5, filler=filler_tokens(enc, "grass", "train"), edges=0.2)
 (x, y, answer), n = train.lm_batch(rows, "cpu")
