@@ -13,6 +13,7 @@ are a pure function of (seed, iteration): a resumed run sees the same data and, 
 from __future__ import annotations
 
 import contextlib
+import functools
 import glob
 import json
 import math
@@ -21,6 +22,7 @@ import random
 import shutil
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, fields
 from typing import Callable, NamedTuple
 
@@ -49,6 +51,9 @@ device = "auto"           # auto | cpu | cuda
 dtype = "auto"            # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16
 compile = False           # torch.compile each decoder block
 threads = 0               # torch CPU threads; 0 = torch's default
+batch_threads = 2         # CPU, fp32, one process, no compile: the batch's rows in this many slices (at most one per
+                          # thread), each slice's forward and backward on its own thread, the threads sharing the
+                          # cores (at d 128 on 2 cores faster than both on the whole batch: docs/passkey20.md); 1: off
 eval_interval = 300       # iterations between passkey evaluations (and at the end)
 eval_trials = 40          # sequences per evaluation, at the longest training length, spread over 5 depths
 ckpt_interval = 300       # iterations between checkpoints (and at the end)
@@ -85,13 +90,15 @@ max_len = 768             # longest training sequence ("training length"), token
 curriculum = 0.5          # the longest length ramps from min_len to max_len over this share of the run; 0: off
 edge_depths = 0.2         # share of training sequences with the key exactly at depth 0 or 1, the rest uniform
                           # (max_len 512: 0.1 gave 98.6 / 96.2 / 98.2% at 1x / 4x / 16x, 0.2 100 / 99.8 / 99.8%)
-chunk_align = "left"      # where chunks start (model.chunk_spans): left, from the first token | right, the last chunk
-                          # ends with the answer (one of the authors' chunk plans: not kept, docs/passkey20.md); the
-                          # evaluations during training cut chunks alike
+chunk_align = "mixed"     # where chunks start (model.chunk_spans): left, from the first token (as a question asked
+                          # from a saved state meets them) | right, the last chunk ends with the answer (as
+                          # eval_passkey and sample read a prompt) | mixed: each iteration one or the other, half and
+                          # half (`batch_align`; docs/passkey20.md). The evaluations during training read right-aligned
+                          # unless chunk_align is left
 lm_weight = 0.1           # loss = NLL(answer) + lm_weight * NLL(other tokens); 0: answer tokens only
 # optimizer
 batch_size = 16
-max_iters = 1600          # 1,800 at max_len 512 before issue 20; 768 x 1,600 is 20% more tokens
+max_iters = 2000          # 1,800 at max_len 512 before issue 20, then 1,600 at 768 (batch_threads pays for most)
 lr = 1.5e-3
 memory_lr_mult = 5.0      # memory modules and compression/readout embeddings train at lr * this (S5)
 weight_decay = 0.0
@@ -130,49 +137,106 @@ def get_samples(enc, it: int) -> tuple[list, int]:
     return rows[dp_rank * batch_size:(dp_rank + 1) * batch_size], length
 
 
-def lm_batch(samples: list, device: str, keep: int = 0) -> tuple[tuple, int]:
-    """(inputs, targets, answer mask over targets), all (B, L-1), and the input token count; keep > 0:
-    only the sequences' last `keep` tokens (the truncated baseline)."""
+def batch_align(it: int) -> str:
+    """Iteration it's chunk plan (model.chunk_spans): chunk_align's, or for "mixed" right-aligned when a coin
+    drawn from the iteration alone says so (the same iterations for every seed), else left."""
+    if chunk_align != "mixed":
+        return chunk_align
+    return "right" if random.Random(it * 7919 + 17).random() < 0.5 else "left"
+
+
+def lm_batch(samples: list, device: str, keep: int, align: str) -> tuple[tuple, int]:
+    """(inputs, targets, answer mask over targets), all (B, L-1), and the chunk plan to read them with; and the
+    input token count. keep > 0: only the sequences' last `keep` tokens (the truncated baseline)."""
     tokens, answer = stack(samples)
     tokens, answer = torch.from_numpy(tokens[:, -keep:]).to(device), torch.from_numpy(answer[:, -keep:]).to(device)
-    return (tokens[:, :-1], tokens[:, 1:], answer[:, 1:]), tokens[:, :-1].numel()
+    return (tokens[:, :-1], tokens[:, 1:], answer[:, 1:], align), tokens[:, :-1].numel()
 
 
 def passkey_loss(logits, targets, answer, whole=None):
     """Mean NLL on the answer tokens + lm_weight * mean NLL on every other real token.
-    whole: the answer mask of the whole batch when logits cover only a pipeline rank's tokens; the
-    means then divide by the whole batch's counts, so the ranks' losses add up to the loss."""
+    whole: the answer mask of the whole batch when logits cover only a pipeline rank's tokens or a slice of the
+    rows; the means then divide by the whole batch's counts, so the shares add up to the loss."""
     whole = answer if whole is None else whole
     nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none").view_as(targets)
     loss = nll[answer].sum() / whole.sum()
     return loss + lm_weight * nll[~answer].sum() / (~whole).sum() if lm_weight else loss
 
 
-def lm_loss(model: Transformer, batch: tuple, pipe: Pipeline | None) -> tuple[torch.Tensor, dict]:
-    """`passkey_loss` of the model reading the whole batch, in one process or over the pipeline's ranks
-    (S7: this rank's tokens; its loss share is their sum over the whole batch's counts)."""
-    x, y, answer = batch
+def lm_loss(model: Transformer, batch: tuple, pipe: Pipeline | None, rows: slice = slice(None)
+            ) -> tuple[torch.Tensor, dict]:
+    """`passkey_loss` of the model reading the batch's `rows`, as their share of the whole batch's loss, in one
+    process; or the whole batch over the pipeline's ranks (S7: this rank's tokens; its loss share is their sum
+    over the whole batch's counts)."""
+    x, y, answer, align = batch
     if pipe is None:
-        logits, _ = model(x, bptt_chunks=bptt_chunks, align=chunk_align)
-        return passkey_loss(logits, y, answer), {}
-    logits, span = pipe.forward(model, x, bptt_chunks, chunk_align)
+        logits, _ = model(x[rows], bptt_chunks=bptt_chunks, align=align)
+        return passkey_loss(logits, y[rows], answer[rows], whole=answer), {}
+    logits, span = pipe.forward(model, x, bptt_chunks, align)
     return passkey_loss(logits, y[:, span], answer[:, span], whole=answer), {}
 
 
 class Method(NamedTuple):
     """What the training loop asks of a method, and nothing more."""
-    batch: Callable  # task samples -> (batch on the device, tokens it reads)
-    loss: Callable   # (model, batch) -> (loss to backpropagate, dict of floats to log)
+    batch: Callable  # (task samples, chunk plan) -> (batch on the device, tokens it reads)
+    loss: Callable   # (model, batch[, rows]) -> (loss to backpropagate, dict of floats to log)
+    slices: int = 1  # > 1: loss takes a slice of the batch's rows, and `forward_backward` runs them on threads
 
 
-def pick_method(pipe: Pipeline | None, dev: str) -> Method:
-    """CoMeT and its baselines read whole sequences; RAM and the truncated decoder come from ram.py."""
+def pick_method(pipe: Pipeline | None, dev: str, slices: int = 1) -> Method:
+    """CoMeT and its baselines read whole sequences (in `slices` row slices); RAM and the truncated decoder
+    come from ram.py."""
     cfg = ramlib.config_of(globals())  # RAM's settings (ram.SETTINGS): segment, keep_ratio, ...
     if method == "ram":
-        return Method(lambda s: ramlib.train_batch(s, cfg.segment, dev),
+        return Method(lambda s, align: ramlib.train_batch(s, cfg.segment, dev),
                       lambda m, b: ramlib.train_loss(m, b, lm_weight))
     keep = (lambda s: ramlib.truncate_keep(s, cfg)) if method == "truncate" else (lambda s: 0)
-    return Method(lambda s: lm_batch(s, dev, keep(s)), lambda m, b: lm_loss(m, b, pipe))
+    return Method(lambda s, align: lm_batch(s, dev, keep(s), align),
+                  lambda m, b, rows=slice(None): lm_loss(m, b, pipe, rows), slices if pipe is None else 1)
+
+
+def batch_slices(dev: str, precision: torch.dtype, pipe: Pipeline | None, verbose: bool = False) -> int:
+    """How many slices `forward_backward` cuts a batch into: batch_threads for CoMeT and its baselines in one
+    process on CPU in fp32 without torch.compile (compiling from several threads at once is not safe), at most
+    one per torch thread; the slices' threads then share those threads (intra-op threads divided among them)."""
+    if torch.device(dev).type != "cpu" or precision != torch.float32 or compile or pipe or method == "ram":
+        return 1
+    slices = max(1, min(batch_threads, torch.get_num_threads()))
+    torch.set_num_threads(max(1, torch.get_num_threads() // slices))
+    if verbose and slices > 1:
+        print(f"each batch in {slices} slices, each on its own thread with {torch.get_num_threads()} "
+              "intra-op thread(s)")
+    return slices
+
+
+@functools.cache
+def thread_pool(n: int) -> ThreadPoolExecutor:
+    """The threads that run a batch's slices, started once and kept."""
+    return ThreadPoolExecutor(n, thread_name_prefix="batch-slice")
+
+
+def forward_backward(model, train: Method, batch, autocast) -> tuple[torch.Tensor, dict]:
+    """Forward + backward of one batch: its loss and the dict to log. Several slices (batch_threads): each
+    slice's gradients on its own thread (torch.autograd.grad), added up in slice order, so that a run stays
+    deterministic; fp32 only, since autocast is per thread."""
+    if train.slices == 1:
+        with autocast:
+            loss, parts = train.loss(model, batch)
+        loss.backward()  # over the pipeline: the wavefront in reverse, memory gradients sent back (S7)
+        return loss, parts
+    params = [p for p in model.parameters() if p.requires_grad]
+    n = batch[0].size(0)
+    bounds = [n * i // train.slices for i in range(train.slices + 1)]
+
+    def one(rows: slice) -> tuple[torch.Tensor, tuple]:
+        loss, _ = train.loss(model, batch, rows)  # this slice's share of the batch's loss
+        return loss.detach(), torch.autograd.grad(loss, params, allow_unused=True)
+
+    done = list(thread_pool(train.slices).map(one, [slice(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]))
+    for i, p in enumerate(params):  # None: a parameter this batch does not reach, as backward() leaves it
+        grads = [g[i] for _, g in done if g[i] is not None]
+        p.grad = functools.reduce(torch.add, grads) if grads else None
+    return functools.reduce(torch.add, [loss for loss, _ in done]), {}
 
 
 def make_optimizer(model: Transformer, fused: bool) -> torch.optim.AdamW:
@@ -197,7 +261,8 @@ def _evaluate(model, enc) -> float:
     model.eval()
     per_depth = max(1, eval_trials // 5)
     correct = sum(passkey_cell(model, enc, max_len, d, per_depth, 10**9 + 10 * seed + k, digits, task=task,
-                               method=method, ram=ramlib.config_of(globals()), align=chunk_align,
+                               method=method, ram=ramlib.config_of(globals()),
+                               align="left" if chunk_align == "left" else "right",
                                filler=filler_tokens(enc, filler, "heldout"))
                   for k, d in enumerate((0.0, 0.25, 0.5, 0.75, 1.0)))
     model.train()
@@ -242,7 +307,8 @@ def build_model(config: dict, enc, ckpt: dict | None, dev: str, verbose: bool):
 def check_settings(config: dict, enc) -> None:
     """Settings that only fail deep inside a run: one clear error now instead."""
     c = config
-    problems = [f"{k}={c[k]} must be positive" for k in ("batch_size", "max_iters", "max_len", "digits") if c[k] <= 0]
+    problems = [f"{k}={c[k]} must be positive"
+                for k in ("batch_size", "batch_threads", "max_iters", "max_len", "digits") if c[k] <= 0]
     problems += [text for bad, text in (
         (not 0 < c["min_len"] <= c["max_len"], f"need 0 < min_len={c['min_len']} <= max_len={c['max_len']}"),
         (not 0 <= c["curriculum"] <= 1, f"curriculum={c['curriculum']} must lie in [0, 1]"),
@@ -258,7 +324,8 @@ def check_settings(config: dict, enc) -> None:
         (c["pipeline_schedule"] not in SCHEDULES, f"pipeline_schedule={c['pipeline_schedule']!r} must be wavefront "
                                                    "or naive"),
         (c["pipeline_timeout"] <= 0, f"pipeline_timeout={c['pipeline_timeout']} must be positive"),
-        (c["chunk_align"] not in CHUNK_ALIGNS, f"chunk_align={c['chunk_align']!r} must be left or right"),
+        (c["chunk_align"] not in (*CHUNK_ALIGNS, "mixed"),
+         f"chunk_align={c['chunk_align']!r} must be left, right or mixed"),
         (c["task"] not in TASKS, f"task={c['task']!r} must be one of {', '.join(TASKS)}"),
         (c["method"] not in ramlib.METHODS, f"method={c['method']!r} must be comet, ram or truncate")) if bad]
     if problems:
@@ -272,7 +339,8 @@ def check_settings(config: dict, enc) -> None:
         ramlib.check_settings(c, len(sample.question))
 
 
-PREDATED = {"edge_depths": 0.1}  # what a checkpoint saved before a setting existed was trained with
+# what a checkpoint saved before a setting existed was trained with
+PREDATED = {"edge_depths": 0.1, "batch_threads": 1, "chunk_align": "left"}
 
 
 def resume_settings(ckpt: dict, out: str) -> dict:
@@ -355,11 +423,9 @@ def train_step(model, optimizer, train: Method, pipe: Pipeline | None, autocast,
     for group in optimizer.param_groups:
         group["lr"] = lr_now * group["lr_mult"]
     samples, length = get_samples(enc, it)
-    batch, tokens = train.batch(samples)
+    batch, tokens = train.batch(samples, batch_align(it))
     optimizer.zero_grad(set_to_none=True)
-    with autocast:
-        loss, parts = train.loss(model, batch)
-    loss.backward()  # over the pipeline: the wavefront in reverse, memory gradients sent back (S7)
+    loss, parts = forward_backward(model, train, batch, autocast)
     loss, halt = reduce_step(pipe, model, loss, bool(stop))
     if grad_clip:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -438,7 +504,7 @@ def main() -> None:
         # over "dp", before the optimizer sees the parameters; bf16: weights gathered in bf16, fp32 masters
     autocast = torch.autocast(torch.device(dev).type, dtype=torch.bfloat16, enabled=precision == torch.bfloat16)
     optimizer = make_optimizer(model, fused=torch.device(dev).type == "cuda")
-    train = pick_method(pipe, dev)
+    train = pick_method(pipe, dev, batch_slices(dev, precision, pipe, verbose=master))
     iter_num, acc = start(model, optimizer, ckpt, master)
     ckpt_path, log_path = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "log.jsonl")
     stop = []  # Ctrl-C: finish the step, checkpoint, exit

@@ -32,3 +32,5 @@ memory_lr_mult = 5.0      # every trained parameter is a memory parameter: 2e-3
 warmup = 0.03
 lm_weight = 0.1
 edge_depths = 0.1          # as its documented run was trained (the default became 0.2 with issue 20)
+chunk_align = "left"       # as its documented run was trained (half the batches right-aligned since issue 20)
+batch_threads = 1          # as its documented run was trained (each batch in 2 slices on 2 threads since issue 20)

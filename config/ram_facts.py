@@ -11,4 +11,6 @@ min_len = 256             # four facts + question + answer take 135 tokens; leav
 max_iters = 5000          # the measured model (docs/ram.md): this file with --max_iters=3000 until step 2,073,
 eval_interval = 500       # then resumed with --max_iters=5000 (the cosine schedule stretched from there on)
 edge_depths = 0.1          # as its documented run was trained (the default became 0.2 with issue 20)
+chunk_align = "left"       # as its documented run was trained (half the batches right-aligned since issue 20)
+batch_threads = 1          # as its documented run was trained (each batch in 2 slices on 2 threads since issue 20)
 max_len = 512              # as its documented run was trained (768 since issue 20)

@@ -10,4 +10,6 @@ contrast_weight = 0.1     # as ram.SETTINGS' default (the paper's 1 stalled this
 max_iters = 1500
 eval_interval = 300
 edge_depths = 0.1          # as its documented run was trained (the default became 0.2 with issue 20)
+chunk_align = "left"       # as its documented run was trained (half the batches right-aligned since issue 20)
+batch_threads = 1          # as its documented run was trained (each batch in 2 slices on 2 threads since issue 20)
 max_len = 512              # as its documented run was trained (768 since issue 20)

@@ -20,3 +20,5 @@ segment = 50              # RAM: 20 segments of context at 1,024 tokens, of whic
 keep_ratio = 0.25
 contrast_weight = 0.1     # as ram.SETTINGS' default (the paper's 1 stalled the tiny model: docs/ram.md)
 edge_depths = 0.1          # as its documented run was trained (the default became 0.2 with issue 20)
+chunk_align = "left"       # as its documented run was trained (half the batches right-aligned since issue 20)
+batch_threads = 1          # as its documented run was trained (each batch in 2 slices on 2 threads since issue 20)

@@ -143,13 +143,14 @@ def test_resume_refuses_to_change_the_model_and_keeps_the_log_in_place(tmp_path)
     ("--curriculum=2.0", "curriculum=2.0 must lie in [0, 1]"),
     ("--edge_depths=-0.1", "edge_depths=-0.1 must lie in [0, 1]"),
     ("--batch_size=0", "batch_size=0 must be positive"),
+    ("--batch_threads=0", "batch_threads=0 must be positive"),
     ("--tokenizer=/no/such.tiktoken", "no BPE file at /no/such.tiktoken"),
     ("--stride=64", "stride=64 must be <= chunk_size=16"),
     ("--pipeline_schedule=zigzag", "pipeline_schedule='zigzag' must be wavefront or naive"),
     ("--pipeline=True --chunk_size=0", "pipeline=True splits sequences by chunks: it needs chunk_size > 0"),
     ("--freeze_base=True --chunk_size=0", "freeze_base=True trains only the memories: it needs chunk_size > 0"),
     ("--ckpt_shards=True --method=ram", "ckpt_shards=True writes CoMeT's shards: it needs method=comet"),
-    ("--chunk_align=middle", "chunk_align='middle' must be left or right"),
+    ("--chunk_align=middle", "chunk_align='middle' must be left, right or mixed"),
 ])
 def test_bad_settings_stop_training_with_one_clear_line(tmp_path, bad, message):
     err = fail(train_cmd(tmp_path, *bad.split()))
@@ -200,12 +201,14 @@ def test_the_edge_depths_setting_decides_where_training_keys_sit(monkeypatch, sh
     assert len(depths) == train.batch_size and sum(d in (0.0, 1.0) for d in depths) == share * len(depths)
 
 
-def test_a_checkpoint_from_before_edge_depths_resumes_with_the_share_it_was_trained_with(monkeypatch):
+@pytest.mark.parametrize("key, then, now", [("edge_depths", 0.1, 0.3), ("chunk_align", "left", "right"),
+                                            ("batch_threads", 1, 3)])
+def test_a_checkpoint_from_before_a_setting_resumes_with_what_it_was_trained_with(monkeypatch, key, then, now):
     monkeypatch.setattr(sys, "argv", ["train.py"])
-    saved = {k: v for k, v in train.DEFAULTS.items() if k != "edge_depths"}
+    saved = {k: v for k, v in train.DEFAULTS.items() if k != key}
     ckpt = dict(optimizer={}, iter_num=3, config=saved, rng={})
-    assert train.resume_settings(ckpt, "out")["edge_depths"] == 0.1
-    assert train.resume_settings({**ckpt, "config": {**saved, "edge_depths": 0.3}}, "out")["edge_depths"] == 0.3
+    assert train.resume_settings(ckpt, "out")[key] == then != train.DEFAULTS[key]
+    assert train.resume_settings({**ckpt, "config": {**saved, key: now}}, "out")[key] == now
 
 
 @pytest.mark.parametrize("align", ["left", "right"])
@@ -215,8 +218,15 @@ def test_training_cuts_chunks_as_the_chunk_align_setting_says(monkeypatch, align
     monkeypatch.setattr(Transformer, "forward_chunk", lambda self, idx, memory, closed: seen.append(
         (idx.size(1), closed)) or (torch.zeros(idx.size(0), idx.size(1), self.config.n_embd), memory))
     x = torch.zeros(2, 21, dtype=torch.long)
-    train.lm_loss(tiny_model(), (x, x, x > 0), None)
+    train.lm_loss(tiny_model(), (x, x, x > 0, train.batch_align(0)), None)
     assert seen == ([(8, True), (8, True), (5, False)] if align == "left" else [(5, True), (8, True), (8, True)])
+
+
+def test_mixed_chunk_plans_cut_half_the_iterations_right_aligned_the_same_way_every_run(monkeypatch):
+    monkeypatch.setattr(train, "chunk_align", "mixed")
+    plans = [train.batch_align(it) for it in range(2000)]
+    assert set(plans) == {"left", "right"} and 900 < plans.count("right") < 1100
+    assert plans[:8] == ["left"] * 5 + ["right", "left", "left"]  # a pure function of it: docs/passkey20.md's runs
 
 
 @pytest.mark.parametrize("align", ["left", "right"])
@@ -252,12 +262,14 @@ def test_the_passkey_evaluation_reads_a_short_first_chunk_only_when_right_aligne
 @pytest.mark.parametrize("name", ["comet", "full_attention", "global_only", "no_gate", "temp_only", "sliding_window",
                                   "ram_passkey", "ram_facts", "truncate_facts"])
 def test_configs_of_documented_runs_pin_the_recipe_they_were_trained_with(name):
-    """Issue 20 changed the default recipe (edge_depths, max_len, max_iters); these configs' documented results
-    came from the old one, so they reproduce only if each pins it."""
+    """Issue 20 changed the default recipe (edge_depths, max_len, max_iters, chunk_align, batch_threads); these
+    configs' documented results came from the old one, so they reproduce only if each pins it."""
     pinned = runpy.run_path(str(ROOT / "config" / f"{name}.py"))
     assert pinned["edge_depths"] == 0.1 and pinned["max_len"] == 512
+    assert pinned["chunk_align"] == "left" and pinned["batch_threads"] == 1
     assert pinned["max_iters"] == 1800 or name.startswith(("ram", "truncate"))  # RAM's runs set their own
     assert train.DEFAULTS["max_len"] != 512 and train.DEFAULTS["max_iters"] != 1800  # else this test proves nothing
+    assert train.DEFAULTS["chunk_align"] != "left" and train.DEFAULTS["batch_threads"] != 1
 
 
 def test_missing_or_damaged_shards_are_one_clear_error_on_resume(tmp_path):
@@ -376,3 +388,84 @@ def test_pipeline_ranks_loss_shares_add_up_to_the_passkey_loss():
         shares = [train.passkey_loss(logits[:, s], targets[:, s], answer[:, s], whole=answer)
                   for s in (slice(0, cut), slice(cut, 40))]
         assert torch.allclose(sum(shares), whole, rtol=1e-6)
+
+
+def slice_model():
+    config = dict(train.DEFAULTS, n_layer=2, n_embd=32, n_head=2, n_kv_head=2, ffn_hidden=64, chunk_size=16,
+                  n_global=2, stride=4, temp_budget=8)
+    torch.manual_seed(0)
+    return train.build_model(config, ENC, None, "cpu", verbose=False)
+
+
+def sliced_backward(monkeypatch, model, slices):
+    """Loss and gradients of one batch of 5 passkey sequences, its rows in `slices` slices on threads."""
+    for k, v in {**train.DEFAULTS, "chunk_size": 16}.items():  # the settings pick_method and lm_loss read
+        monkeypatch.setattr(train, k, v, raising=False)
+    rows = data.sample_batch(ENC, 5, 150, seed=3)
+    method = train.pick_method(None, "cpu", slices)
+    batch, _ = method.batch(rows, "left")
+    model.zero_grad(set_to_none=True)
+    loss, _ = train.forward_backward(model, method, batch, torch.autocast("cpu", enabled=False))
+    return float(loss), [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("slices", [2, 3])
+def test_a_batch_in_slices_on_threads_has_the_whole_batchs_loss_and_gradients(monkeypatch, slices):
+    model = slice_model()
+    whole, grads = sliced_backward(monkeypatch, model, 1)
+    loss, sliced = sliced_backward(monkeypatch, model, slices)
+    assert loss == pytest.approx(whole, rel=1e-6)
+    for a, b in zip(sliced, grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_a_batch_in_slices_on_threads_gives_the_same_gradients_bit_for_bit_every_time(monkeypatch):
+    model = slice_model()
+    first = sliced_backward(monkeypatch, model, 3)
+    for _ in range(3):
+        loss, grads = sliced_backward(monkeypatch, model, 3)
+        assert loss == first[0] and all(torch.equal(a, b) for a, b in zip(grads, first[1]))
+
+
+def test_training_in_batch_slices_follows_training_on_the_whole_batch(tmp_path):
+    common = ("--max_iters=8", "--eval_interval=0", "--batch_size=4", "--threads=2")
+    out = run(train_cmd(tmp_path / "sliced", *common, "--batch_threads=2"))
+    assert "each batch in 2 slices, each on its own thread with 1 intra-op thread(s)" in out
+    assert "each batch in" not in run(train_cmd(tmp_path / "whole", *common, "--batch_threads=1"))
+    sliced, whole = losses(tmp_path / "sliced"), losses(tmp_path / "whole")
+    assert [i for i, _ in sliced] == list(range(8))
+    assert [loss for _, loss in sliced] == pytest.approx([loss for _, loss in whole], rel=1e-4)
+
+
+def test_one_thread_trains_the_whole_batch_at_once(tmp_path):
+    assert "each batch in" not in run(train_cmd(tmp_path, "--max_iters=1", "--eval_interval=0", "--threads=1"))
+
+
+def test_each_training_step_reads_its_batch_with_its_iterations_chunk_plan(monkeypatch):
+    model, seen, real = slice_model(), [], train.lm_loss
+    for k, v in {**train.DEFAULTS, "chunk_size": 16, "min_len": 110, "max_len": 150, "batch_size": 2,
+                 "chunk_align": "mixed"}.items():
+        monkeypatch.setattr(train, k, v, raising=False)
+    monkeypatch.setattr(train, "lm_loss", lambda m, batch, *a: seen.append(batch[3]) or real(m, batch, *a))
+    method, optimizer = train.pick_method(None, "cpu", 2), train.make_optimizer(model, fused=False)
+    for it in range(4, 8):
+        train.train_step(model, optimizer, method, None, torch.autocast("cpu", enabled=False), ENC, it, [])
+    assert seen == [train.batch_align(it) for it in range(4, 8) for _ in range(2)]  # two slices per step
+    assert set(seen) == {"left", "right"}
+
+
+@pytest.mark.parametrize("dev, dtype, method, compiled, slices", [
+    ("cpu", torch.float32, "comet", False, 2), ("cpu", torch.float32, "truncate", False, 2),
+    ("cpu", torch.float32, "ram", False, 1), ("cpu", torch.bfloat16, "comet", False, 1),
+    ("cpu", torch.float32, "comet", True, 1), ("cuda", torch.float32, "comet", False, 1)])
+def test_batches_are_sliced_only_where_slices_run_and_only_then_share_the_threads(monkeypatch, dev, dtype, method,
+                                                                                 compiled, slices):
+    for k, v in {"batch_threads": 2, "method": method, "compile": compiled}.items():
+        monkeypatch.setattr(train, k, v)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert train.batch_slices(dev, dtype, None) == slices
+        assert torch.get_num_threads() == 2 // slices
+    finally:
+        torch.set_num_threads(threads)
