@@ -406,7 +406,7 @@ def sliced_backward(monkeypatch, model, slices):
     batch, _ = method.batch(rows, "left")
     model.zero_grad(set_to_none=True)
     loss, _ = train.forward_backward(model, method, batch, torch.autocast("cpu", enabled=False))
-    return float(loss), [p.grad.clone() for p in model.parameters()]
+    return float(loss.detach()), [p.grad.clone() for p in model.parameters()]
 
 
 @pytest.mark.parametrize("slices", [2, 3])
