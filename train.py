@@ -201,7 +201,7 @@ def batch_slices(dev: str, precision: torch.dtype, pipe: Pipeline | None, verbos
     one per torch thread; the slices' threads then share those threads (intra-op threads divided among them)."""
     if torch.device(dev).type != "cpu" or precision != torch.float32 or compile or pipe or method == "ram":
         return 1
-    slices = max(1, min(batch_threads, torch.get_num_threads()))
+    slices = min(batch_threads, torch.get_num_threads())  # check_settings: batch_threads >= 1
     torch.set_num_threads(max(1, torch.get_num_threads() // slices))
     if verbose and slices > 1:
         print(f"each batch in {slices} slices, each on its own thread with {torch.get_num_threads()} "

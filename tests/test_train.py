@@ -397,10 +397,16 @@ def slice_model():
     return train.build_model(config, ENC, None, "cpu", verbose=False)
 
 
+def train_settings(monkeypatch, **over):
+    """train's settings as main() sets them (DEFAULTS, RAM's among them), `over` on top: what pick_method,
+    lm_loss and train_step read."""
+    for k, v in {**train.DEFAULTS, **over}.items():
+        monkeypatch.setattr(train, k, v, raising=False)
+
+
 def sliced_backward(monkeypatch, model, slices):
     """Loss and gradients of one batch of 5 passkey sequences, its rows in `slices` slices on threads."""
-    for k, v in {**train.DEFAULTS, "chunk_size": 16}.items():  # the settings pick_method and lm_loss read
-        monkeypatch.setattr(train, k, v, raising=False)
+    train_settings(monkeypatch, chunk_size=16)
     rows = data.sample_batch(ENC, 5, 150, seed=3)
     method = train.pick_method(None, "cpu", slices)
     batch, _ = method.batch(rows, "left")
@@ -443,9 +449,7 @@ def test_one_thread_trains_the_whole_batch_at_once(tmp_path):
 
 def test_each_training_step_reads_its_batch_with_its_iterations_chunk_plan(monkeypatch):
     model, seen, real = slice_model(), [], train.lm_loss
-    for k, v in {**train.DEFAULTS, "chunk_size": 16, "min_len": 110, "max_len": 150, "batch_size": 2,
-                 "chunk_align": "mixed"}.items():
-        monkeypatch.setattr(train, k, v, raising=False)
+    train_settings(monkeypatch, chunk_size=16, min_len=110, max_len=150, batch_size=2, chunk_align="mixed")
     monkeypatch.setattr(train, "lm_loss", lambda m, batch, *a: seen.append(batch[3]) or real(m, batch, *a))
     method, optimizer = train.pick_method(None, "cpu", 2), train.make_optimizer(model, fused=False)
     for it in range(4, 8):
