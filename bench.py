@@ -17,6 +17,7 @@ import json as jsonlib
 import math
 import multiprocessing as mp
 import os
+import platform
 import queue
 import statistics
 import time
@@ -76,6 +77,18 @@ def flops_per_token(cfg: ModelConfig, method: str, ctx: int) -> float:
     prefixes = [sum(cfg.memory_slots(i)) for i in range(n_chunks)]  # [G; T] before chunk i: filling at first
     total = sum(block_flops(cfg, rows, p, rows * p + rows * (rows + 1) / 2) for p in prefixes)
     return L * total / (n_chunks * c) + (2 * cfg.n_embd * cfg.vocab_size if method == "train" else 0)
+
+
+def device_name(dev: str, cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The processor a measurement ran on: speeds from two machines (or two VMs of one name) don't compare."""
+    if dev.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(dev))
+    try:
+        with open(cpuinfo) as f:  # Linux; platform.processor() there says only "x86_64"
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        model = ""
+    return f"{model or platform.processor() or platform.machine()}, {os.cpu_count()} logical cores"
 
 
 def peak_reset(dev: str) -> float:
@@ -178,7 +191,7 @@ def measure(settings: dict, method: str, results) -> None:
     net = build_net(cfg, method, dev, wdtype, longest_full)
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=cuda) if method == "train" else None
     autocast = torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=use_bf16)
-    name = torch.cuda.get_device_name() if cuda else ""
+    name = device_name(dev) if cuda else ""
     peak_flops = next((v for k, v in PEAK_FLOPS.items() if k in name), None) if use_bf16 else None
     run = {"comet": lambda n, g: run_comet(net, n, dev, g), "full": lambda n, g: run_full(net, n, dev, g),
            "ceiling": lambda n, g: run_ceiling(net, n, dev, g, cfg.chunk_size),
@@ -269,9 +282,10 @@ def main() -> None:
     cfg, dev = ModelConfig(**SHAPES[settings["shape"]]), pick_device(settings["device"])
     name = f"{settings['shape']} (L{cfg.n_layer} d{cfg.n_embd} V{cfg.vocab_size}, chunk {cfg.chunk_size})"
     results, out = [], open(settings["json"], "a") if settings["json"] else None
+    machine = device_name(dev)
 
     def emit(**record) -> None:
-        line = jsonlib.dumps(dict(shape=name, device=dev, **record))
+        line = jsonlib.dumps(dict(shape=name, device=dev, device_name=machine, **record))
         print(line, flush=True)
         results.append(record)
         if out:

@@ -1,5 +1,6 @@
 """bench.py runs end to end on CPU and prints one valid JSON line per measurement."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -7,7 +8,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench import SHAPES, block_flops, flops_per_token
+from bench import SHAPES, block_flops, device_name, flops_per_token
 from model import ModelConfig, Transformer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,6 +29,7 @@ def test_bench_prints_a_json_line_per_method_and_length_and_skips_full_attention
         ("train", 256)}
     for (method, ctx), x in got.items():
         assert x["shape"].startswith("tiny") and x["device"] == "cpu" and x["dtype"] == "float32"
+        assert x["device_name"] == device_name("cpu")  # which machine: speeds of two boxes don't compare
         if method == "full" and ctx == 512:
             assert x["status"] == "skipped" and "full_max=256" in x["note"]
         elif method != "comet/ceiling":
@@ -38,6 +40,15 @@ def test_bench_prints_a_json_line_per_method_and_length_and_skips_full_attention
         assert 0 < low <= median <= high
     ratio = got["comet/ceiling", 512]
     assert abs(ratio["adjusted_flops"][0] - ratio["raw"][0] / ratio["flops_factor"]) < 5e-3  # rounding only
+
+
+def test_device_name_of_a_cpu_is_its_model_and_core_count(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9R14 96-Core Processor\n")
+    cores = f", {os.cpu_count()} logical cores"
+    assert device_name("cpu", str(cpuinfo)) == "AMD EPYC 9R14 96-Core Processor" + cores
+    missing = device_name("cpu", str(tmp_path / "none"))  # no /proc (macOS, Windows): what platform knows
+    assert missing.endswith(cores) and missing != cores
 
 
 def test_bench_rejects_an_unknown_method_in_one_line():

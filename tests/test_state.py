@@ -174,10 +174,10 @@ def test_eval_passkey_state_options_are_checked_before_reading(tmp_path, options
     assert "\n" not in str(e.value)
 
 
-def _checkpoint(path: Path, seed: int = 0) -> str:
+def _checkpoint(path: Path, seed: int = 0, **config) -> str:
     model = tiny_model(seed, vocab_size=ENC.n_vocab, chunk_size=16)
-    save_checkpoint(dict(model=model.state_dict(), model_args=asdict(model.config), config={"tokenizer": "bytes"}),
-                    str(path))
+    save_checkpoint(dict(model=model.state_dict(), model_args=asdict(model.config),
+                         config={"tokenizer": "bytes", **config}), str(path))
     return str(path)
 
 
@@ -217,6 +217,16 @@ def test_sample_saves_a_state_then_answers_from_it_again_and_again_without_chang
     r = subprocess.run([sys.executable, "sample.py", f"--ckpt={ckpt}", f"--load_state={tmp_path / 'two.state'}",
                         "--prompt=Where"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode and r.stderr.count("\n") == 1 and "states of 2 contexts" in r.stderr
+
+
+@pytest.mark.parametrize("trained, noted", [("left", False), ("right", True), ("mixed", True)])
+def test_saving_a_state_notes_that_a_model_trained_right_aligned_reads_questions_best_at_a_chunk_end(tmp_path, trained,
+                                                                                                     noted):
+    ckpt = _checkpoint(tmp_path / "ckpt.pt", chunk_align=trained)
+    r = subprocess.run([sys.executable, "sample.py", "--threads=1", f"--ckpt={ckpt}", f"--prompt={'abc de. ' * 8}",
+                        f"--save_state={tmp_path / 's'}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert ("note: trained with chunk_align=" in r.stderr) == noted
 
 
 def same_state(a, b) -> bool:

@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
 
 import train  # noqa: E402
+from bench import device_name  # noqa: E402
 from data import get_tokenizer  # noqa: E402
 from model import Block  # noqa: E402
 from stream import new_stream, stream  # noqa: E402
@@ -51,6 +52,7 @@ def measure(label: str, mode: str) -> None:
           flush=True)
 
 
+print(f"# {device_name('cpu')}, torch {torch.__version__}")
 for mode in ("fp32", "bf16"):  # warm-up
     train_tok_s(mode, 2)
     stream_tok_s(mode)
