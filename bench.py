@@ -88,7 +88,8 @@ def device_name(dev: str, cpuinfo: str = "/proc/cpuinfo") -> str:
             model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
     except OSError:
         model = ""
-    return f"{model or platform.processor() or platform.machine()}, {os.cpu_count()} logical cores"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()  # ours, not the host's
+    return f"{model or platform.processor() or platform.machine()}, {cores} logical cores"
 
 
 def peak_reset(dev: str) -> float:
@@ -182,17 +183,17 @@ def measure(settings: dict, method: str, results) -> None:
     torch.set_num_threads(threads or torch.get_num_threads())
     wdtype = pick_dtype(dtype, dev)
     use_bf16 = wdtype == torch.bfloat16
+    machine = device_name(dev)  # here, not in main: CUDA is initialised only in the measuring processes
 
-    def put(record: dict) -> None:  # every line says the dtype this process measured in
-        results.put({"dtype": str(wdtype).removeprefix("torch."), **record})
+    def put(record: dict) -> None:  # every line says the device and dtype this process measured in
+        results.put({"device_name": machine, "dtype": str(wdtype).removeprefix("torch."), **record})
 
     cfg = ModelConfig(**SHAPES[shape])
     longest_full = full_max or (10**12 if cuda else 65536)
     net = build_net(cfg, method, dev, wdtype, longest_full)
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=cuda) if method == "train" else None
     autocast = torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=use_bf16)
-    name = device_name(dev) if cuda else ""
-    peak_flops = next((v for k, v in PEAK_FLOPS.items() if k in name), None) if use_bf16 else None
+    peak_flops = next((v for k, v in PEAK_FLOPS.items() if k in machine), None) if use_bf16 and cuda else None
     run = {"comet": lambda n, g: run_comet(net, n, dev, g), "full": lambda n, g: run_full(net, n, dev, g),
            "ceiling": lambda n, g: run_ceiling(net, n, dev, g, cfg.chunk_size),
            "train": lambda n, g: run_train(net, optimizer, n, dev, g, autocast)}[method]
@@ -282,10 +283,11 @@ def main() -> None:
     cfg, dev = ModelConfig(**SHAPES[settings["shape"]]), pick_device(settings["device"])
     name = f"{settings['shape']} (L{cfg.n_layer} d{cfg.n_embd} V{cfg.vocab_size}, chunk {cfg.chunk_size})"
     results, out = [], open(settings["json"], "a") if settings["json"] else None
-    machine = device_name(dev)
+    machine = {"name": ""}  # as the measuring processes report it; the summary's lines repeat it
 
     def emit(**record) -> None:
-        line = jsonlib.dumps(dict(shape=name, device=dev, device_name=machine, **record))
+        machine["name"] = record.pop("device_name", machine["name"])
+        line = jsonlib.dumps(dict(shape=name, device=dev, device_name=machine["name"], **record))
         print(line, flush=True)
         results.append(record)
         if out:

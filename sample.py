@@ -203,11 +203,13 @@ def main() -> None:
         check_fits(model, read + max(p.size(1) for p in prompts) + cfg["max_new_tokens"] * (not cfg["save_state"]))
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}")
-    if train.get("chunk_align") in ("right", "mixed") and (cfg["save_state"] or cfg["load_state"]) and model.config.comet:
-        print(f"note: trained with chunk_align={train['chunk_align']} (right-aligned chunks), this model reads a question "
-              "best where the question and its answer end a chunk; a question asked from a state starts wherever the "
-              "state's open chunk ends (docs/passkey20.md: answers missed over a chunk's 64 offsets, 43-67% trained "
-              "right, 6-10% mixed, 2-5% left)", file=sys.stderr)
+    trained = train.get("chunk_align")
+    if trained in ("right", "mixed") and (cfg["save_state"] or cfg["load_state"]) and model.config.comet:
+        print(f"note: trained with chunk_align={trained} (all or half of its batches right-aligned), this model reads a "
+              "question best where the question and its answer end a chunk; a question asked from a state starts "
+              "wherever the state's open chunk ends (docs/passkey20.md: over a chunk's 64 offsets, answers missed "
+              "43-67% trained right, 6-10% mixed, 2-5% left: train with --chunk_align=left to ask from states)",
+              file=sys.stderr)
     if cfg["save_state"]:
         return write_state(model, enc, prompts[0], state, read, source, cfg, dev)
     seconds = [0.0, 0.0]

@@ -12,6 +12,7 @@ from bench import SHAPES, block_flops, device_name, flops_per_token
 from model import ModelConfig, Transformer
 
 ROOT = Path(__file__).resolve().parents[1]
+CORES = f", {len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()} logical cores"
 
 
 def bench(*args):
@@ -42,13 +43,21 @@ def test_bench_prints_a_json_line_per_method_and_length_and_skips_full_attention
     assert abs(ratio["adjusted_flops"][0] - ratio["raw"][0] / ratio["flops_factor"]) < 5e-3  # rounding only
 
 
-def test_device_name_of_a_cpu_is_its_model_and_core_count(tmp_path):
+def test_device_name_of_a_cpu_is_its_model_and_the_cores_we_may_use(tmp_path):
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9R14 96-Core Processor\n")
-    cores = f", {os.cpu_count()} logical cores"
-    assert device_name("cpu", str(cpuinfo)) == "AMD EPYC 9R14 96-Core Processor" + cores
-    missing = device_name("cpu", str(tmp_path / "none"))  # no /proc (macOS, Windows): what platform knows
-    assert missing.endswith(cores) and missing != cores
+    assert device_name("cpu", str(cpuinfo)) == "AMD EPYC 9R14 96-Core Processor" + CORES
+
+
+def test_device_name_without_cpuinfo_falls_back_to_what_platform_knows(tmp_path):
+    name = device_name("cpu", str(tmp_path / "none"))  # no /proc: macOS, Windows
+    assert name.endswith(CORES) and name != CORES
+
+
+def test_device_name_of_a_gpu_is_cudas_name_for_it(monkeypatch):
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d: asked.append(d) or "NVIDIA H100 80GB HBM3")
+    assert device_name("cuda:1") == "NVIDIA H100 80GB HBM3" and asked == [torch.device("cuda:1")]
 
 
 def test_bench_rejects_an_unknown_method_in_one_line():

@@ -220,8 +220,7 @@ def test_sample_saves_a_state_then_answers_from_it_again_and_again_without_chang
 
 
 @pytest.mark.parametrize("trained, noted", [("left", False), ("right", True), ("mixed", True)])
-def test_saving_a_state_notes_that_a_model_trained_right_aligned_reads_questions_best_at_a_chunk_end(tmp_path, trained,
-                                                                                                     noted):
+def test_saving_a_state_notes_the_chunk_end_caveat_only_for_models_trained_right_or_mixed(tmp_path, trained, noted):
     ckpt = _checkpoint(tmp_path / "ckpt.pt", chunk_align=trained)
     r = subprocess.run([sys.executable, "sample.py", "--threads=1", f"--ckpt={ckpt}", f"--prompt={'abc de. ' * 8}",
                         f"--save_state={tmp_path / 's'}"], cwd=ROOT, capture_output=True, text=True, timeout=120)

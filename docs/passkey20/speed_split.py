@@ -2,7 +2,7 @@
 forward, backward, clipping, AdamW; batch 16 at 705-767 tokens, the same batches for both): before, the whole
 batch on 2 intra-op threads cut from the first token (batch_threads=1, chunk_align=left); after, the default: its
 rows in 2 slices, each slice's forward and backward on its own thread with 1 intra-op thread (batch_threads=2),
-half the batches right-aligned (chunk_align=mixed). Streaming one 8,191-token sequence on 2 threads: before from
+with the default's chunk plans (chunk_align=mixed). Streaming one 8,191-token sequence on 2 threads: before from
 the first token, after right-aligned (as eval_passkey.py and sample.py read now). Before and after alternate,
 three rounds, since this machine's speed drifts within minutes; the first line names the processor.
 
@@ -27,8 +27,10 @@ vars(train).update({k: v for k, v in train.DEFAULTS.items() if k not in vars(tra
 torch.manual_seed(0)
 model = train.build_model(dict(train.DEFAULTS), enc, None, "cpu", verbose=False)  # the default job's model
 optimizer = train.make_optimizer(model, fused=False)
-PLANS = {"before": (1, 2, "left", "left"), "after": (2, 1, "mixed", "right")}  # (slices, intra-op threads,
-text = torch.randint(256, (1, 8191))                                             # training's and streaming's plan)
+# (slices, intra-op threads, training's chunk plan, streaming's); mixed's coins for iterations 0-5 cut one of
+# the six right-aligned (speed_align.txt: both plans cost the same)
+PLANS = {"before": (1, 2, "left", "left"), "after": (2, 1, "mixed", "right")}
+text = torch.randint(256, (1, 8191))
 
 
 def train_tok_s(name: str, steps: int = 6) -> float:
