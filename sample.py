@@ -47,8 +47,8 @@ save_state = ""           # stream the prompt, write the stream state to this fi
 load_state = ""           # continue from this state file (the context read once) instead of an empty stream
 questions = ""            # a file of prompts, one per line, answered from the same state, as one batch
 max_new_tokens = 20
-chunk_align = "right"     # a prompt read from an empty stream: where chunks start (model.chunk_spans), right: the
-                          # prompt and its max_new_tokens end a chunk | left: from the first token
+chunk_align = "right"     # where the prompt's chunks start (model.chunk_spans), after a loaded state's open chunk too:
+                          # right: the prompt and its max_new_tokens end a chunk | left: from the first token
 temperature = 0.0         # 0: greedy
 top_k = 0                 # 0: no top-k filtering
 seed = 1337
@@ -151,8 +151,8 @@ def answer(model, prompts: list[torch.Tensor], state, cfg: dict, seconds: list[f
            ) -> list[torch.Tensor]:
     """Each prompt (1, n) streamed after `state` (batch 1), then max_new_tokens generated; prompts of one token
     count run as one batch. The last prompt token goes to generate(), the rest is streamed piece by piece;
-    seconds gets the time of each (streaming, generating) added. align: where chunks start, for an empty `state`
-    only (a loaded state's chunks go on where they are)."""
+    seconds gets the time of each (streaming, generating) added. align: where the chunks still to come start
+    (stream.read_first_chunk), after a loaded state's open chunk too: "right" ends each answer with a chunk."""
     by_length: dict[int, list[int]] = {}
     for i, p in enumerate(prompts):
         by_length.setdefault(p.size(1), []).append(i)
@@ -160,9 +160,7 @@ def answer(model, prompts: list[torch.Tensor], state, cfg: dict, seconds: list[f
     for rows in by_length.values():
         t0 = time.perf_counter()
         ids, st = torch.cat([prompts[i] for i in rows]), repeat_state(state, len(rows)) if len(rows) > 1 else state
-        head = 0
-        if align != "left" and not state.tokens.size(1) and not state.memory[0].prefix_len:  # an empty stream
-            st, head = read_first_chunk(model, ids[:, :-1], ids.size(1) + cfg["max_new_tokens"] - 1, align)
+        st, head = read_first_chunk(model, ids[:, :-1], ids.size(1) + cfg["max_new_tokens"] - 1, align, st)
         st = read_pieces(model, ids[:, head:-1], st, cfg["piece"])
         t1 = time.perf_counter()
         new, _ = generate(model, ids[:, -1:], cfg["max_new_tokens"], cfg["temperature"], cfg["top_k"] or None, st)
@@ -203,17 +201,10 @@ def main() -> None:
         check_fits(model, read + max(p.size(1) for p in prompts) + cfg["max_new_tokens"] * (not cfg["save_state"]))
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}")
-    trained = train.get("chunk_align")
-    if trained in ("right", "mixed") and (cfg["save_state"] or cfg["load_state"]) and model.config.comet:
-        print(f"note: trained with chunk_align={trained} (all or half of its batches right-aligned), this model reads a "
-              "question best where the question and its answer end a chunk; a question asked from a state starts "
-              "wherever the state's open chunk ends (docs/passkey20.md: over a chunk's 64 offsets, answers missed "
-              "43-67% trained right, 6-10% mixed, 2-5% left: train with --chunk_align=left to ask from states)",
-              file=sys.stderr)
     if cfg["save_state"]:
         return write_state(model, enc, prompts[0], state, read, source, cfg, dev)
     seconds = [0.0, 0.0]
-    outs = answer(model, prompts, state, cfg, seconds, align)  # a loaded state's chunks go on where they are
+    outs = answer(model, prompts, state, cfg, seconds, align)
     if cfg["questions"]:
         for t, o in zip(texts, outs):
             print(f"{t} => {enc.decode(o.tolist())}")

@@ -80,16 +80,24 @@ def close_chunk(model: Transformer, state: StreamState) -> tuple[Tensor, StreamS
 
 
 @torch.no_grad()
-def read_first_chunk(model: Transformer, idx: Tensor, n_inputs: int, align: str) -> tuple[StreamState, int]:
-    """A fresh stream that will read n_inputs tokens in all (a prompt and the answer tokens fed back), its chunks
-    cut as `align` says (model.chunk_spans): a short first chunk, idx's (B, n) first tokens, is read and closed
-    now. Returns the state and how many of idx's tokens it read: 0 if the plan starts with a full chunk, or if
-    idx holds fewer tokens than its first chunk (a prompt shorter than that: chunks then start at its first token)."""
-    state, cs = new_stream(model, idx.size(0)), model.config.chunk_size
-    head = len(chunk_spans(n_inputs, cs, align)[0]) if cs and n_inputs > 0 else 0
-    if head in (0, cs) or head > idx.size(1) or head >= n_inputs:
+def read_first_chunk(model: Transformer, idx: Tensor, n_inputs: int, align: str,
+                     state: StreamState | None = None) -> tuple[StreamState, int]:
+    """The chunks still to come cut as `align` says (model.chunk_spans), over the open chunk's tokens of `state`
+    (a fresh stream if None) and the n_inputs tokens still to be read (a prompt and the answer tokens fed back),
+    whose first ones are idx (B, n). A plan that starts short ("right": so that the question and its answer end a
+    chunk) has its short first chunk closed now, from the open tokens and idx's first ones: a question asked from
+    a saved state is then cut as one read whole. Returns the state and how many of idx's tokens it read: 0 if the
+    plan starts with a full chunk, or if idx holds fewer tokens than its first chunk."""
+    state, cs = state or new_stream(model, idx.size(0)), model.config.chunk_size
+    n_open = state.tokens.size(1)
+    head = len(chunk_spans(n_open + n_inputs, cs, align)[0]) if cs and n_inputs > 0 else 0
+    if head in (0, cs) or head - n_open > idx.size(1) or head >= n_open + n_inputs:
         return state, 0
-    return close_chunk(model, StreamState(state.memory, idx[:, :head], ()))[1], head
+    if head <= n_open:  # the short chunk ends inside the open tokens: the rest of them open the next chunk
+        closed = close_chunk(model, StreamState(state.memory, state.tokens[:, :head], ()))[1]
+        return (stream(model, state.tokens[:, head:], closed)[1] if head < n_open else closed), 0
+    tokens = torch.cat([state.tokens, idx[:, :head - n_open]], 1)
+    return close_chunk(model, StreamState(state.memory, tokens, ()))[1], head - n_open
 
 
 def _extend_open_chunk(model: Transformer, tokens: Tensor, state: StreamState) -> tuple[Tensor, StreamState]:
