@@ -85,9 +85,10 @@ def read_first_chunk(model: Transformer, idx: Tensor, n_inputs: int, align: str,
     """The chunks still to come cut as `align` says (model.chunk_spans), over the open chunk's tokens of `state`
     (a fresh stream if None) and the n_inputs tokens still to be read (a prompt and the answer tokens fed back),
     whose first ones are idx (B, n). A plan that starts short ("right": so that the question and its answer end a
-    chunk) has its short first chunk closed now, from the open tokens and idx's first ones: a question asked from
-    a saved state is then cut as one read whole. Returns the state and how many of idx's tokens it read: 0 if the
-    plan starts with a full chunk, or if idx holds fewer tokens than its first chunk."""
+    chunk) has its short first chunk closed now, from the open tokens and idx's first ones, so that a question
+    asked from a saved state ends its answer with a chunk too. Returns the state (its open tokens' first part
+    closed, if the short chunk ends inside them) and how many of idx's tokens it read: 0 if the plan starts with a
+    full chunk, if the short chunk ends inside the open tokens, or if idx holds fewer tokens than it needs."""
     state, cs = state or new_stream(model, idx.size(0)), model.config.chunk_size
     n_open = state.tokens.size(1)
     head = len(chunk_spans(n_open + n_inputs, cs, align)[0]) if cs and n_inputs > 0 else 0

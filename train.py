@@ -90,11 +90,11 @@ max_len = 768             # longest training sequence ("training length"), token
 curriculum = 0.5          # the longest length ramps from min_len to max_len over this share of the run; 0: off
 edge_depths = 0.2         # share of training sequences with the key exactly at depth 0 or 1, the rest uniform
                           # (max_len 512: 0.1 gave 98.6 / 96.2 / 98.2% at 1x / 4x / 16x, 0.2 100 / 99.8 / 99.8%)
-chunk_align = "mixed"     # where chunks start (model.chunk_spans): left, from the first token (as a question asked
-                          # from a saved state meets them) | right, the last chunk ends with the answer (as
-                          # eval_passkey and sample read a prompt) | mixed: each iteration one or the other, half and
-                          # half (`batch_align`; docs/passkey20.md). The evaluations during training read right-aligned
-                          # unless chunk_align is left
+chunk_align = "mixed"     # where chunks start (model.chunk_spans): left, from the first token (as a context is read
+                          # before its question is known) | right, the last chunk ends with the answer (as
+                          # eval_passkey and sample read a prompt, and ask from a saved state) | mixed: each
+                          # iteration one or the other, half and half (`batch_align`; docs/passkey20.md). The
+                          # evaluations during training read right-aligned unless chunk_align is left
 lm_weight = 0.1           # loss = NLL(answer) + lm_weight * NLL(other tokens); 0: answer tokens only
 # optimizer
 batch_size = 16

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from model import ModelConfig, Transformer
+from model import ModelConfig, Transformer, chunk_closed
+from stream import new_stream
 
 torch.set_num_threads(1)  # tests are tiny; one thread avoids oversubscribing the 2-core CI box
 
@@ -27,3 +28,14 @@ def tiny_model(seed: int = 0, **overrides) -> Transformer:
 @pytest.fixture
 def model() -> Transformer:
     return tiny_model()
+
+
+def plan_logits(model: Transformer, idx: torch.Tensor, spans: list[range]) -> torch.Tensor:
+    """The reference for a chunk plan: idx (B, N) read chunk by chunk as `spans` say, from empty memories, with
+    forward_chunk alone (no stream state); the logits at every position (B, N, V)."""
+    memory, out = new_stream(model, idx.size(0)).memory, []
+    for i, span in enumerate(spans):
+        h, memory = model.forward_chunk(idx[:, span.start:span.stop], memory,
+                                        chunk_closed(spans, i, model.config.chunk_size))
+        out.append(model.output(model.norm(h)))
+    return torch.cat(out, 1)

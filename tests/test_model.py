@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from baselines import sliding_window_attention
-from conftest import tiny_config, tiny_model
-from model import Transformer, _bool_mask, chunk_closed, chunk_layout, chunk_spans
+from conftest import plan_logits, tiny_config, tiny_model
+from model import Transformer, _bool_mask, chunk_layout, chunk_spans
 from stream import generate, new_stream, read_first_chunk, stream
 
 
@@ -159,22 +159,13 @@ def test_a_plan_that_starts_with_a_full_chunk_reads_nothing_ahead(model):
         assert head == 0 and state.tokens.size(1) == 0 and state.memory[0].prefix_len == 0
 
 
-def plan_logits(model, idx, spans):
-    """The reference: idx read chunk by chunk as `spans` say, from empty memories (forward_chunk, no stream)."""
-    memory, out = new_stream(model, idx.size(0)).memory, []
-    for i, span in enumerate(spans):
-        h, memory = model.forward_chunk(idx[:, span.start:span.stop], memory, chunk_closed(spans, i, 8))
-        out.append(model.output(model.norm(h)))
-    return torch.cat(out, 1)
-
-
-@pytest.mark.parametrize("n_read", [11, 14])  # 3 or 6 tokens open: the short chunk takes 2 prompt tokens, or ends
-# inside the open tokens (the last one then opens the next chunk)
+@pytest.mark.parametrize("n_read", [11, 13, 14])  # 3, 5 or 6 tokens open: the short chunk takes 2 prompt tokens, is
+# the open tokens, or ends inside them (the last one then opens the next chunk)
 def test_a_prompt_asked_right_aligned_from_a_state_reads_as_the_plan_that_ends_it_with_a_chunk(model, n_read):
     idx = tokens(21)  # a context read from its first token to n_read, then 21 - n_read inputs still to come
     _, state = stream(model, idx[:, :n_read], new_stream(model, 2))
     state, head = read_first_chunk(model, idx[:, n_read:], 21 - n_read, "right", state)
-    assert head == {11: 2, 14: 0}[n_read]
+    assert head == {11: 2, 13: 0, 14: 0}[n_read]
     full = plan_logits(model, idx, [range(0, 8), range(8, 13), range(13, 21)])  # the short chunk 8-13 ends 13 before
     for p in range(n_read + head, 21):
         logits, state = stream(model, idx[:, p:p + 1], state)

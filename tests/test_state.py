@@ -13,7 +13,7 @@ import torch
 import eval_passkey
 from checkpoint import load_model, save_checkpoint
 from configurator import settings_of
-from conftest import tiny_model
+from conftest import plan_logits, tiny_model
 from data import get_tokenizer
 from eval_passkey import count, passkey_cell
 from sample import answer
@@ -118,13 +118,25 @@ def test_a_damaged_or_foreign_file_is_refused_with_one_line_and_runs_nothing(mod
     assert "\n" not in str(e.value) and not payload.exists()
 
 
-def test_batch_answers_equal_one_by_one_answers(model):
+@pytest.mark.parametrize("align", ["left", "right"])  # right: 5 tokens open, short chunks of 3, 5 and 1 tokens
+def test_batch_answers_equal_one_by_one_answers(model, align):
     state = read(model, 29)
     prompts = [tokens(n, seed=s) for n, s in [(3, 1), (5, 2), (3, 3), (1, 4), (3, 5)]]  # three of one length
     cfg = dict(piece=2, max_new_tokens=12, temperature=0.0, top_k=0)
-    batch = answer(model, prompts, state, cfg, [0.0, 0.0])
-    alone = [answer(model, [p], state, cfg, [0.0, 0.0])[0] for p in prompts]
+    batch = answer(model, prompts, state, cfg, [0.0, 0.0], align)
+    alone = [answer(model, [p], state, cfg, [0.0, 0.0], align)[0] for p in prompts]
     assert all(torch.equal(a, b) for a, b in zip(batch, alone)) and len({tuple(a.tolist()) for a in alone}) > 1
+
+
+@pytest.mark.parametrize("n_context", [11, 13, 14])
+def test_a_question_answered_from_a_state_right_aligned_follows_the_plan_that_ends_its_answer_with_a_chunk(model,
+                                                                                                          n_context):
+    question = tokens(16 - n_context, seed=1)  # 3, 5 or 6 tokens open; the short chunk takes question tokens, is
+    cfg = dict(piece=65536, max_new_tokens=6, temperature=0.0, top_k=0)  # the open ones, or ends inside them
+    new = answer(model, [question], read(model, n_context), cfg, [0.0, 0.0], "right")[0]  # (6,)
+    seq = torch.cat([tokens(n_context), question, new[None]], 1)[:, :-1]  # 21 inputs: chunks 0-8, 8-13, 13-21
+    full = plan_logits(model, seq, [range(0, 8), range(8, 13), range(13, 21)])
+    assert torch.equal(full[0, 15:].argmax(-1), new)
 
 
 @pytest.mark.parametrize("align", ["left", "right"])
@@ -197,7 +209,7 @@ def test_sample_saves_a_state_then_answers_from_it_again_and_again_without_chang
     assert "wrote" in sample(f"--ckpt={ckpt}", f"--prompt_file={tmp_path / 'book.txt'}", f"--save_state={state}")
     before = Path(state).read_bytes()
     one = [continuation(sample(f"--ckpt={ckpt}", f"--load_state={state}", f"--prompt={q}")) for q in questions]
-    model, _ = load_model(ckpt)  # the unbroken stream, in this process: the book, then each question
+    model, _ = load_model(ckpt)  # in this process: the book read, then each question asked from that state
     _, read = stream(model, torch.tensor([ENC.encode_ordinary(book)]), new_stream(model))
     loaded, header = load_state(state, model, ENC)
     assert header["tokens_read"] == len(book) and same_state(loaded, read)

@@ -6,7 +6,7 @@ short chunk first, so that the question and its answer end a chunk; stream.read_
 the whole sequence read right-aligned at once, as eval_passkey.py reads it. Lengths 705-768 put the state's end
 at every offset of a chunk once.
 
-    python docs/passkey20/ask_state.py out/ckpt.pt > docs/passkey20/ask_state.txt   # 2 threads, ~1 min
+    python docs/passkey20/ask_state.py out/default/ckpt.pt > docs/passkey20/ask_state_default.txt   # 2 threads, ~1 min
 """
 import random
 import sys
