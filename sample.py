@@ -158,16 +158,22 @@ def answer(model, prompts: list[torch.Tensor], state, cfg: dict, seconds: list[f
         by_length.setdefault(p.size(1), []).append(i)
     out = [None] * len(prompts)
     for rows in by_length.values():
-        t0 = time.perf_counter()
         ids, st = torch.cat([prompts[i] for i in rows]), repeat_state(state, len(rows)) if len(rows) > 1 else state
-        st, head = read_first_chunk(model, ids[:, :-1], ids.size(1) + cfg["max_new_tokens"] - 1, align, st)
-        st = read_pieces(model, ids[:, head:-1], st, cfg["piece"])
-        t1 = time.perf_counter()
-        new, _ = generate(model, ids[:, -1:], cfg["max_new_tokens"], cfg["temperature"], cfg["top_k"] or None, st)
-        seconds[0], seconds[1] = seconds[0] + t1 - t0, seconds[1] + time.perf_counter() - t1
-        for i, row in zip(rows, new):
+        for i, row in zip(rows, ask(model, ids, st, cfg, seconds, align)):
             out[i] = row
     return out
+
+
+def ask(model, ids: torch.Tensor, state, cfg: dict, seconds: list[float], align: str) -> torch.Tensor:
+    """Prompts of one length ids (B, n) streamed after `state` (batch B), the chunks still to come cut as `align`
+    says (stream.read_first_chunk), then max_new_tokens generated (B, max_new_tokens); seconds as in `answer`."""
+    t0 = time.perf_counter()
+    state, head = read_first_chunk(model, ids[:, :-1], ids.size(1) + cfg["max_new_tokens"] - 1, align, state)
+    state = read_pieces(model, ids[:, head:-1], state, cfg["piece"])
+    t1 = time.perf_counter()
+    new, _ = generate(model, ids[:, -1:], cfg["max_new_tokens"], cfg["temperature"], cfg["top_k"] or None, state)
+    seconds[0], seconds[1] = seconds[0] + t1 - t0, seconds[1] + time.perf_counter() - t1
+    return new
 
 
 def main() -> None:

@@ -94,11 +94,11 @@ def read_first_chunk(model: Transformer, idx: Tensor, n_inputs: int, align: str,
     head = len(chunk_spans(n_open + n_inputs, cs, align)[0]) if cs and n_inputs > 0 else 0
     if head in (0, cs) or head - n_open > idx.size(1) or head >= n_open + n_inputs:
         return state, 0
-    if head <= n_open:  # the short chunk ends inside the open tokens: the rest of them open the next chunk
-        closed = close_chunk(model, StreamState(state.memory, state.tokens[:, :head], ()))[1]
-        return (stream(model, state.tokens[:, head:], closed)[1] if head < n_open else closed), 0
-    tokens = torch.cat([state.tokens, idx[:, :head - n_open]], 1)
-    return close_chunk(model, StreamState(state.memory, tokens, ()))[1], head - n_open
+    taken = max(0, head - n_open)  # idx's tokens in the short chunk
+    tokens = torch.cat([state.tokens, idx[:, :taken]], 1)[:, :head]
+    closed = close_chunk(model, StreamState(state.memory, tokens, ()))[1]
+    rest = state.tokens[:, head:]  # the short chunk ended inside the open tokens: the rest open the next chunk
+    return (stream(model, rest, closed)[1] if rest.size(1) else closed), taken
 
 
 def _extend_open_chunk(model: Transformer, tokens: Tensor, state: StreamState) -> tuple[Tensor, StreamState]:

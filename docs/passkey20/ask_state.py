@@ -18,18 +18,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from data import sample_batch  # noqa: E402
-from sample import open_for_inference  # noqa: E402
-from stream import generate, new_stream, read_first_chunk, stream  # noqa: E402
+from sample import ask, open_for_inference  # noqa: E402
+from stream import new_stream, stream  # noqa: E402
 
 TRIALS = 32  # sequences per length, depths uniform in [0, 1]
-
-
-def ask(model, prompt: torch.Tensor, state, n_answer: int, align: str) -> torch.Tensor:
-    """sample.answer's steps: the chunk plan's short first chunk, the prompt but its last token, then generate."""
-    state, head = read_first_chunk(model, prompt[:, :-1], prompt.size(1) + n_answer - 1, align, state)
-    if prompt.size(1) - 1 > head:
-        _, state = stream(model, prompt[:, head:-1], state)
-    return generate(model, prompt[:, -1:], n_answer, temperature=0, state=state)[0]
 
 
 torch.set_num_threads(2)
@@ -46,8 +38,9 @@ with torch.no_grad():
         n_context, n_answer = group[0].n_context, len(group[0].answer)
         prompt, answer = seq[:, n_context:-n_answer], seq[:, -n_answer:]
         _, state = stream(model, seq[:, :n_context], new_stream(model, TRIALS))  # as --save_state reads it
-        row = {align: ask(model, prompt, state, n_answer, align) for align in ("left", "right")}
-        row["whole"] = ask(model, seq[:, :-n_answer], new_stream(model, TRIALS), n_answer, "right")
+        cfg, seconds = dict(piece=65536, max_new_tokens=n_answer, temperature=0.0, top_k=0), [0.0, 0.0]
+        row = {align: ask(model, prompt, state, cfg, seconds, align) for align in ("left", "right")}  # sample.py's
+        row["whole"] = ask(model, seq[:, :-n_answer], new_stream(model, TRIALS), cfg, seconds, "right")  # steps
         row = {k: int((out != answer).any(1).sum()) for k, out in row.items()}
         for k in misses:
             misses[k] += row[k]
