@@ -133,10 +133,14 @@ def run_comet(model: Transformer, ctx: int, dev: str, gen: torch.Generator, betw
 
 @torch.no_grad()
 def run_full(plain: Transformer, ctx: int, dev: str, gen: torch.Generator) -> None:
-    cache = None
+    """Prefill with a KV cache, full_piece tokens at a time. Layer by layer, each layer's longer keys/values replace
+    its old ones at once: one cache in memory (and a layer's copy), not the old and the new whole."""
+    cache = [None] * plain.config.n_layer  # per layer (k, v) of everything so far
     for a in tqdm(range(0, ctx, full_piece), desc=f"full {ctx:,}", leave=False, disable=ctx <= 8 * full_piece):
         h = plain.tok_embeddings(random_tokens(plain.config, min(full_piece, ctx - a), dev, gen))
-        h, cache = plain.run_blocks(h, cache)  # keys/values of everything so far
+        rope = plain.rope_at(range(a, a + h.size(1)))
+        for l, block in enumerate(plain.layers):
+            h, cache[l] = block(h, rope, cache[l])
         plain.output(plain.norm(h[:, -1]))
 
 
@@ -248,7 +252,8 @@ def measure(settings: dict, method: str, results) -> None:
             continue
         tokens = ctx * (batch if method == "train" else 1)
         flops = flops_per_token(cfg, method, ctx) * (3 if method == "train" else 1)
-        record = dict(method=method, ctx=ctx, status="ok", seconds=round(best, 4), tokens_per_s=round(tokens / best, 1),
+        record = dict(method=method, ctx=ctx, **({"batch": batch, "compiled": compile} if method == "train" else {}),
+                      status="ok", seconds=round(best, 4), tokens_per_s=round(tokens / best, 1),
                       peak_mib=round(peak, 1), start_mib=round(start, 1),
                       mfu=round(flops * tokens / best / peak_flops, 4) if peak_flops else None)
         for key, ratios in paired.items():  # median and range over every piece of every repeat

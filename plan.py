@@ -3,6 +3,7 @@
     python plan.py --model=Llama-3.1-8B --context=32768 --pp=8 --gpu_gib=80
     python plan.py --model=Llama-3.1-8B --context=131072 --freeze_base --checkpoint_activations --pp=8
     python plan.py --model=/path/to/Llama-3.2-1B --context=32768 --checkpoint_activations   # config.json or .gguf
+    python plan.py --context=16384 --checkpoint_activations --measure --device=cuda   # check it on this GPU
 
 What one GPU holds (docs/scale.md has the assumptions and their validation):
   parameters   fp32 master weights (a frozen base: bf16), sharded over the dp ranks; the pipeline's ranks
@@ -12,7 +13,7 @@ What one GPU holds (docs/scale.md has the assumptions and their validation):
   activations  what backward needs of this rank's chunks: every layer's saved tensors per extended-chunk row
                (`layer_elements`), or with --checkpoint_activations only each layer-over-chunk step's inputs
                plus one step's saved tensors while it is recomputed;
-  logits       the fp32 logits of this rank's tokens, the loss's log-softmax, and in backward both gradients;
+  logits       the logits of this rank's tokens, and their fp32 log-softmax, its gradient and theirs in backward;
   transient    weights in the compute dtype beside the fp32 ones: with dp > 1, a block gathered and the next
                one prefetched, and the weights outside the blocks (FSDP2's root unit stays gathered); in
                one process under bf16 autocast, autocast's bf16 copy of every trainable matrix, which it
@@ -21,14 +22,16 @@ What one GPU holds (docs/scale.md has the assumptions and their validation):
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-from configurator import configure_or_exit, settings_of
-from llama import read_config
+from configurator import configure_or_exit, pick_device, settings_of
+from llama import freeze_base as freeze, read_config
 from model import ModelConfig, Transformer
 from pipeline import Pipeline
 from sample import peak_memory_mib
@@ -62,7 +65,8 @@ dtype = "bfloat16"              # compute dtype of activations: bfloat16 | float
 freeze_base = False             # train only what CoMeT adds; the base is held in bf16
 checkpoint_activations = False
 gpu_gib = 80.0                  # GPU memory to check the plan against
-measure = False                 # also run one training step here (CPU, fp32) and report its peak memory
+measure = False                 # also run training steps of this shape here and report their peak memory
+device = "cpu"                  # --measure on: cpu (fp32) | cuda (in the dtype setting's autocast, as train.py) | auto
 threads = 0
 # -----------------------------------------------------------------------------
 
@@ -139,8 +143,10 @@ def make_plan(cfg: ModelConfig, context: int, batch: int, pp: int, dp: int, act_
         # an untied embedding table is looked up, never cast)
         cast = mem if freeze_base else base + mem - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.n_embd)
         transient = 2 * cast if act_bytes == 2 else 0
-    # fp32 logits, the loss's log-softmax and, in backward, the gradients of both; bf16 logits under autocast
-    logit_bytes = 4 * 4 + (2 if act_bytes == 2 else 0)
+    # the logits in the compute dtype, and three fp32 tensors of their size: the loss's log-softmax and, in
+    # backward, its gradient and the logits' (under autocast the fp32 copy of the logits lives only during the
+    # loss's forward; measured with bf16 autocast: tests/test_plan.py)
+    logit_bytes = act_bytes + 3 * 4
     acts += 3 * tokens * cfg.n_embd * act_bytes  # the last layer's token states gathered, normed, fed to the output
     return Plan(parameters=(base * (2 if freeze_base else 4) + mem * 4) // dp, gradients=4 * trainable // dp,
                 optimizer=8 * trainable // dp, activations=acts, logits=logit_bytes * tokens * cfg.vocab_size,
@@ -148,33 +154,43 @@ def make_plan(cfg: ModelConfig, context: int, batch: int, pp: int, dp: int, act_
                 chunks_per_rank=mine, chunk_major=pp == 1 and dp == 1)
 
 
-def measure_step(cfg: ModelConfig, context: int, batch: int, freeze_base: bool, checkpoint_activations: bool,
-                 pipe: Pipeline | None = None) -> tuple[int, int, int | None]:
-    """fp32 training steps here (forward, backward, AdamW) of a random model on random tokens. Returns the peak
-    resident memory before and after two steps (the second is what every later step looks like, the
-    optimizer's states already there; their difference is the plan's peak minus its parameters, plus what
-    the process's allocator keeps), and the peak of live tensors during a third, profiled step above the
-    weights and optimizer states (the plan's peak minus parameters and optimizer). pipe: under torchrun
-    with --dp, this rank's share of a sharded step (FSDP2, pp = 1); then no profile (None): the profiler
-    misses the storages FSDP2 frees by resizing them)."""
+def step_runner(cfg: ModelConfig, context: int, batch: int, freeze_base: bool, checkpoint_activations: bool,
+                device: str = "cpu", bf16: bool = False, pipe: Pipeline | None = None) -> Callable[[], None]:
+    """A random model of this shape on `device` and one training step of it on random tokens, as train.py runs
+    it: forward, loss, backward, fused AdamW; bf16: autocast over fp32 weights, a frozen base held in bf16.
+    pipe: under torchrun with --dp, this rank's share of a sharded step (FSDP2, pp = 1)."""
     torch.manual_seed(0)
-    model = Transformer(cfg, verbose=False)
+    with torch.device(device):
+        model = Transformer(cfg, verbose=False)
     model.checkpoint_activations = checkpoint_activations
     if freeze_base:
-        for name, p in model.named_parameters():
-            p.requires_grad_(model.is_memory_param(name))
+        freeze(model, torch.bfloat16 if bf16 else None)
     if pipe is not None:
         pipe.shard(model)
     # fused, as train.py on a GPU: no foreach temporaries the size of the weights during the step
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
-    idx = torch.randint(cfg.vocab_size, (batch, context + 1))
+    idx = torch.randint(cfg.vocab_size, (batch, context + 1)).to(device)
+    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
 
-    def step():
-        logits, _ = pipe.forward(model, idx[:, :-1]) if pipe is not None else model(idx[:, :-1])
-        F.cross_entropy(logits.flatten(0, 1), idx[:, 1:].flatten()).backward()
+    def step() -> None:
+        with autocast:
+            logits, _ = pipe.forward(model, idx[:, :-1]) if pipe is not None else model(idx[:, :-1])
+            loss = F.cross_entropy(logits.flatten(0, 1), idx[:, 1:].flatten())
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+    return step
 
+
+def measure_step(cfg: ModelConfig, context: int, batch: int, freeze_base: bool, checkpoint_activations: bool,
+                 pipe: Pipeline | None = None) -> tuple[int, int, int | None]:
+    """fp32 training steps here on CPU (`step_runner`). Returns the peak resident memory before and after two
+    steps (the second is what every later step looks like, the optimizer's states already there; their
+    difference is the plan's peak minus its parameters, plus what the process's allocator keeps), and the peak
+    of live tensors during a third, profiled step above the weights and optimizer states (the plan's peak minus
+    parameters and optimizer). pipe: a sharded step (FSDP2); then no profile (None): the profiler misses the
+    storages FSDP2 frees by resizing them."""
+    step = step_runner(cfg, context, batch, freeze_base, checkpoint_activations, pipe=pipe)
     before = peak_memory_mib("cpu")  # this process's peak resident memory so far
     for _ in range(2):
         step()
@@ -184,6 +200,22 @@ def measure_step(cfg: ModelConfig, context: int, batch: int, freeze_base: bool, 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
     return round(before * 2**20), after, live_peak(prof.events())
+
+
+def measure_cuda_step(cfg: ModelConfig, context: int, batch: int, freeze_base: bool, checkpoint_activations: bool,
+                      bf16: bool = True, steps: int = 3) -> tuple[int, float]:
+    """Training steps on this process's GPU (`step_runner`). Returns the most bytes CUDA's allocator held over
+    them, which is the plan's whole peak (from the second step on, AdamW's states are there), and the seconds of
+    the last step."""
+    torch.cuda.reset_peak_memory_stats()
+    step = step_runner(cfg, context, batch, freeze_base, checkpoint_activations, "cuda", bf16)
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+    return torch.cuda.max_memory_allocated(), seconds
 
 
 def live_peak(events) -> int:
@@ -224,6 +256,41 @@ def report(plan: Plan, cfg: dict) -> str:
     return "\n".join(lines)
 
 
+def measure_here(mc: ModelConfig, cfg: dict) -> None:
+    """--measure: run this shape's training steps here and print their peak memory beside the plan's. CPU: fp32,
+    with dp > 1 under torchrun (FSDP2, pp = 1); CUDA: one process, in the dtype setting's autocast."""
+    if cfg["device"].startswith("cuda"):
+        plan = make_plan(mc, cfg["context"], cfg["batch"], 1, 1, 2 if cfg["dtype"] == "bfloat16" else 4,
+                         cfg["freeze_base"], cfg["checkpoint_activations"])
+        gpu = f"{torch.cuda.get_device_name()}, {torch.cuda.get_device_properties(0).total_memory / GIB:.1f} GiB"
+        try:
+            peak, seconds = measure_cuda_step(mc, cfg["context"], cfg["batch"], cfg["freeze_base"],
+                                              cfg["checkpoint_activations"], bf16=cfg["dtype"] == "bfloat16")
+        except torch.cuda.OutOfMemoryError:
+            raise SystemExit(f"measured on {gpu}: out of memory; the plan says {plan.peak / GIB:.2f} GiB")
+        print(f"measured on {gpu}: three steps (pp=1, dp=1) peaked at {peak / GIB:.2f} GiB allocated, the plan "
+              f"says {plan.peak / GIB:.2f} ({plan.peak / peak - 1:+.1%}); the last step took {seconds:.2f} s")
+        return
+    plan = make_plan(mc, cfg["context"], cfg["batch"], 1, cfg["dp"], 4, cfg["freeze_base"],
+                     cfg["checkpoint_activations"])
+    try:
+        pipe = Pipeline.from_env("cpu", dp=cfg["dp"], threads=cfg["threads"]) if cfg["dp"] > 1 else None
+    except ValueError as e:
+        raise SystemExit(f"error: --measure with --dp={cfg['dp']} runs under torchrun "
+                         f"(torchrun --nproc_per_node={cfg['dp']} plan.py ...): {e}")
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
+    before, after, live = measure_step(mc, cfg["context"], cfg["batch"], cfg["freeze_base"],
+                                       cfg["checkpoint_activations"], pipe)
+    tensors = "" if live is None else (f"a step's live tensors peaked {live / GIB:.3f} GiB above the weights "
+                                       f"and AdamW states, the plan says "
+                                       f"{(plan.peak - plan.parameters - plan.optimizer) / GIB:.3f}; ")
+    print(f"measured here (CPU, fp32, pp=1, dp={cfg['dp']}, rank {pipe.dp_rank if pipe else 0}): {tensors}"
+          f"two steps added {(after - before) / GIB:.3f} GiB to the peak resident memory (AdamW states and "
+          f"the allocator's own included), the plan says {(plan.peak - plan.parameters) / GIB:.3f} (peak - "
+          "parameters)")
+
+
 def main() -> None:
     cfg = configure_or_exit(settings_of(globals()))
     try:
@@ -234,6 +301,12 @@ def main() -> None:
         if math.ceil(cfg["context"] / cfg["chunk_size"]) < cfg["pp"]:
             raise ValueError(f"{math.ceil(cfg['context'] / cfg['chunk_size'])} chunks cannot split over pp="
                              f"{cfg['pp']} ranks: lower pp or chunk_size")
+        dev = pick_device(cfg["device"])
+        if cfg["measure"] and dev.startswith("cuda"):
+            if not torch.cuda.is_available():
+                raise ValueError(f"device={cfg['device']!r}, but torch sees no CUDA device: measure on cpu")
+            if cfg["dp"] > 1:
+                raise ValueError("--measure --device=cuda runs one process: drop --dp")
         mc = model_config(cfg["model"], cfg)
     except (OSError, ValueError, TypeError) as e:
         raise SystemExit(f"error: {e}")
@@ -241,27 +314,9 @@ def main() -> None:
     plan = make_plan(mc, cfg["context"], cfg["batch"], cfg["pp"], cfg["dp"], act_bytes, cfg["freeze_base"],
                      cfg["checkpoint_activations"])
     print(report(plan, cfg))
-    fits = plan.peak <= cfg["gpu_gib"] * GIB
-    if cfg["measure"]:  # the plan of this CPU's step: fp32; dp > 1: under torchrun, FSDP2 (pp = 1)
-        plan = make_plan(mc, cfg["context"], cfg["batch"], 1, cfg["dp"], 4, cfg["freeze_base"],
-                         cfg["checkpoint_activations"])
-        try:
-            pipe = Pipeline.from_env("cpu", dp=cfg["dp"], threads=cfg["threads"]) if cfg["dp"] > 1 else None
-        except ValueError as e:
-            raise SystemExit(f"error: --measure with --dp={cfg['dp']} runs under torchrun "
-                             f"(torchrun --nproc_per_node={cfg['dp']} plan.py ...): {e}")
-        if cfg["threads"]:
-            torch.set_num_threads(cfg["threads"])
-        before, after, live = measure_step(mc, cfg["context"], cfg["batch"], cfg["freeze_base"],
-                                           cfg["checkpoint_activations"], pipe)
-        tensors = "" if live is None else (f"a step's live tensors peaked {live / GIB:.3f} GiB above the weights "
-                                           f"and AdamW states, the plan says "
-                                           f"{(plan.peak - plan.parameters - plan.optimizer) / GIB:.3f}; ")
-        print(f"measured here (CPU, fp32, pp=1, dp={cfg['dp']}, rank {pipe.dp_rank if pipe else 0}): {tensors}"
-              f"two steps added {(after - before) / GIB:.3f} GiB to the peak resident memory (AdamW states and "
-              f"the allocator's own included), the plan says {(plan.peak - plan.parameters) / GIB:.3f} (peak - "
-              "parameters)")
-    if not fits:
+    if cfg["measure"]:
+        measure_here(mc, {**cfg, "device": dev})
+    if plan.peak > cfg["gpu_gib"] * GIB:
         raise SystemExit(1)  # scripts can ask: does it fit?
 
 
