@@ -4,7 +4,7 @@
 
 The other baselines need no code of their own: full attention is `ModelConfig(chunk_size=0)`, the
 ablations are settings (docs/ablations.md), and the truncated decoder RAM is compared with reads the last
-tokens of its context (ram.truncate_keep).
+tokens of its context (ram/train_ram.py, truncate_keep).
 """
 from __future__ import annotations
 

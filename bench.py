@@ -26,11 +26,11 @@ from dataclasses import replace
 import torch
 from tqdm import tqdm
 
-from configurator import configure_or_exit, pick_device, pick_dtype, settings_of
+from configurator import configure_or_exit, peak_memory_mib, pick_device, pick_dtype, reset_peak_memory, settings_of
 from model import ModelConfig, Transformer
 from stream import new_stream, stream
 
-SHAPES = {  # "124m": GPT-2 small's size as a Llama (SwiGLU 8/3 d); CoMeT as SPEC S5's run, chunk 2048
+SHAPES = {  # "124m": GPT-2 small's size as a Llama (SwiGLU 8/3 d); CoMeT as the paper's run (docs/design.md S5), chunk 2048
     "tiny": dict(vocab_size=259, n_layer=4, n_head=4, n_embd=128, ffn_hidden=320,
                  chunk_size=64, n_global=16, stride=8, temp_budget=32),
     "124m": dict(vocab_size=50304, n_layer=12, n_head=12, n_embd=768, ffn_hidden=2048,
@@ -92,25 +92,6 @@ def device_name(dev: str, cpuinfo: str = "/proc/cpuinfo") -> str:
     return f"{model or platform.processor() or platform.machine()}, {cores} logical cores"
 
 
-def peak_reset(dev: str) -> float:
-    """Start a peak-memory window; returns the memory in use now (MiB)."""
-    if dev.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated() / 2**20
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # Linux: reset the peak RSS (VmHWM) to the current RSS
-    return peak_mib(dev)
-
-
-def peak_mib(dev: str) -> float:
-    if dev.startswith("cuda"):
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() / 2**20
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
-
-
 def random_tokens(cfg: ModelConfig, n: int, dev: str, gen: torch.Generator) -> torch.Tensor:
     return torch.randint(cfg.vocab_size, (1, n), generator=gen).to(dev)
 
@@ -164,11 +145,11 @@ def build_net(cfg: ModelConfig, method: str, dev: str, wdtype: torch.dtype, long
     """The model one method measures, from the same seeded weights in every process: CoMeT (inference in the
     benchmark dtype; training in fp32 weights + autocast), or its base without memories (full, ceiling)."""
     torch.manual_seed(seed)  # every process builds the same weights
-    model = Transformer(cfg, verbose=False)
+    model = Transformer(cfg)
     if method in ("full", "ceiling"):  # the same base weights without memories
         ctx_max = max(int(x) for x in lengths.split(","))
         longest = min(longest_full, ctx_max) if method == "full" else cfg.chunk_size  # the RoPE table it needs
-        net = Transformer(replace(cfg, chunk_size=0, block_size=max(longest, cfg.chunk_size)), verbose=False)
+        net = Transformer(replace(cfg, chunk_size=0, block_size=max(longest, cfg.chunk_size)))
         net.load_state_dict({k: v for k, v in model.state_dict().items() if not model.is_memory_param(k)})
         net = net.to(dev, wdtype)
     else:
@@ -202,12 +183,12 @@ def measure(settings: dict, method: str, results) -> None:
            "ceiling": lambda n, g: run_ceiling(net, n, dev, g, cfg.chunk_size),
            "train": lambda n, g: run_train(net, optimizer, n, dev, g, autocast)}[method]
     # comet: this machine's speed drifts by 2x within minutes. So around every piece of every CoMeT run,
-    # CoMeT on a fresh 8,192-token stream and the ceiling on 8,192 tokens (its speed does not depend on
+    # CoMeT on a fresh stream of one piece (`piece` tokens, 8,192 by default) and the ceiling on as many (its speed does not depend on
     # the length) are timed too; each piece's speed is divided by the mean of the runs before and after it.
     calib: list[tuple[float, float]] = []
 
     def calibrate() -> None:
-        g, n = torch.Generator().manual_seed(seed), 8192
+        g, n = torch.Generator().manual_seed(seed), piece
         comet_8k = n / sum(run_comet(net, n, dev, g))
         t0 = time.perf_counter()
         run_ceiling(net, n, dev, g, cfg.chunk_size)  # the same weights: the CoMeT model's plain blocks
@@ -230,7 +211,7 @@ def measure(settings: dict, method: str, results) -> None:
                 if method == "comet":
                     calib.clear()
                     calibrate()
-                start = max(start, peak_reset(dev))
+                start = max(start, reset_peak_memory(dev))
                 t0 = time.perf_counter()
                 if method == "comet":
                     pieces = run_comet(net, ctx, dev, gen, between=calibrate)
@@ -244,7 +225,7 @@ def measure(settings: dict, method: str, results) -> None:
                     if cuda:
                         torch.cuda.synchronize()
                     took = time.perf_counter() - t0
-                best, peak = min(best, took), max(peak, peak_mib(dev))
+                best, peak = min(best, took), max(peak, peak_memory_mib(dev))
         except torch.cuda.OutOfMemoryError:  # the same class as torch.OutOfMemoryError on torch >= 2.5
             stopped = f"out of memory at {ctx:,} tokens"
             put(dict(method=method, ctx=ctx, status="oom", note=stopped))
@@ -326,8 +307,8 @@ def main() -> None:
 
 
 def summary(results: list[dict], cfg: ModelConfig, emit) -> None:
-    """For every CoMeT measurement: its speed over CoMeT's on fresh 8,192-token streams timed around each
-    piece (constant time per token: ~1), and over the ceiling's, raw and adjusted for the rows (or FLOPs)
+    """For every CoMeT measurement: its speed over CoMeT's on fresh one-piece streams (`piece` tokens) timed around
+    each piece (constant time per token: ~1), and over the ceiling's, raw and adjusted for the rows (or FLOPs)
     that CoMeT adds per chunk. Medians [and ranges] of the per-piece ratios."""
     c = cfg.chunk_size
     rows = c / (c + cfg.n_compression + cfg.n_global)  # share of a chunk's rows that are real tokens

@@ -1,17 +1,21 @@
 """Checkpoints: written atomically, read with weights_only=True, one loader for every script.
 
-A checkpoint is a dict of plain data and tensors: {model, optimizer, model_args, iter_num, config,
-rng}, and ram_args for a RAM model (ram.py builds those with `load_weights` below). Nothing in it needs
-arbitrary unpickling, so a file that does is refused. A sharded run (FSDP2, train.py --dp) gathers its
-weights and AdamW states into that one file, or with ckpt_shards=True leaves them in a directory of
-shards beside it (torch.distributed.checkpoint, each rank writing its own), which the file names.
+A training checkpoint (ckpt.pt) is a dict of plain data and tensors: {model, optimizer, model_args, iter_num,
+config, rng}, and ram_args for a RAM model (ram/ram.py builds those with `load_weights` below). Nothing in it
+needs arbitrary unpickling, so a file that does is refused. A sharded run (FSDP2, train.py --dp) gathers its
+weights and AdamW states into that one file, or with ckpt_shards=True leaves them in a directory of shards beside
+it (torch.distributed.checkpoint, each rank writing its own), which the file names. A model file
+(`save_model`, e.g. models/default.safetensors) is a model's weights alone, safetensors, with the settings that
+trained it.
 """
 from __future__ import annotations
 
 import dataclasses
 import enum
+import json
 import os
 import pickle
+import shutil
 import tempfile
 import warnings
 import zipfile
@@ -21,15 +25,18 @@ from typing import BinaryIO
 import torch
 import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
 from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      get_state_dict, set_optimizer_state_dict, set_state_dict)
 from torch.distributed.tensor import DTensor
 
+from configurator import configure_or_exit
 from model import ModelConfig, Transformer
 
 REQUIRED = ("model", "model_args")
+MODEL_FORMAT = "nanocomet-model/1"
 
 
 def write_atomically(path: str, write: Callable[[BinaryIO], None], mode: int = 0o600) -> None:
@@ -60,6 +67,15 @@ def read_safetensors(path: str, noun: str, hint: str = "") -> tuple[dict[str, to
             return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"cannot read {noun} {path} (corrupt or truncated?): {e}") from None
+
+
+def safetensors_format(path: str) -> str:
+    """The format a safetensors file of ours names in its header ("" for any other file)."""
+    try:
+        with safe_open(path, "pt") as f:
+            return (f.metadata() or {}).get("format", "")
+    except (SafetensorError, OSError, ValueError):
+        return ""
 
 
 def save_checkpoint(ckpt: dict, path: str) -> None:
@@ -94,21 +110,46 @@ def read_checkpoint(path: str, device: str = "cpu") -> dict:
     return ckpt
 
 
+def save_model(path: str, model: Transformer, settings: dict) -> None:
+    """A model's weights alone as safetensors (tied embeddings once), with its config and the settings that trained
+    it in the header; readable by everyone (a file to share), written atomically."""
+    tensors = {n: t.detach().contiguous().cpu() for n, t in model.state_dict().items()
+               if not (model.config.tie_embeddings and n == "output.weight")}
+    meta = dict(format=MODEL_FORMAT, model_args=json.dumps(dataclasses.asdict(model.config)),
+                settings=json.dumps(settings))
+    write_atomically(path, lambda f: f.write(save(tensors, metadata=meta)), mode=0o644)
+
+
+def read_model_file(path: str) -> dict:
+    """A `save_model` file as a checkpoint dict (model, model_args, config); one clear error for anything else."""
+    tensors, meta = read_safetensors(path, "model file")
+    if meta.get("format") != MODEL_FORMAT:
+        raise ValueError(f"{path} is not a nanocomet model file (format {meta.get('format')!r})")
+    try:
+        args, settings = json.loads(meta["model_args"]), json.loads(meta["settings"])
+    except (KeyError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: damaged header ({type(e).__name__}: {e})") from None
+    if args.get("tie_embeddings") and "tok_embeddings.weight" in tensors:
+        tensors["output.weight"] = tensors["tok_embeddings.weight"]
+    return dict(model=tensors, model_args=args, config=settings)
+
+
 def load_model(path: str, device: str = "cpu", ckpt: dict | None = None) -> tuple[Transformer, dict]:
-    """Rebuild the model a checkpoint was trained with and load its weights; returns (model in eval mode, ckpt).
-    Built on the meta device and given the checkpoint's (memory-mapped) tensors: one copy, however large."""
-    ckpt = ckpt if ckpt is not None else read_checkpoint(path)
+    """Rebuild the model a checkpoint (or a `save_model` file) was trained with and load its weights; returns
+    (model in eval mode, ckpt). Built on the meta device and given the file's (memory-mapped) tensors: one copy."""
+    ckpt = ckpt if ckpt is not None else read_model_file(path) if path.endswith(".safetensors") else \
+        read_checkpoint(path)
     if "base" in ckpt:
         raise ValueError(f"{path} holds only memories trained on a frozen {ckpt['base']['base']}: open it with "
                          "sample.py or eval_passkey.py (llama.attach_memories)")
     if "ram_args" in ckpt:
-        raise ValueError(f"{path} is a RAM checkpoint: load it with ram.load_ram")
+        raise ValueError(f"{path} is a RAM checkpoint: evaluate it with python -m ram.eval_ram")
     try:
         cfg = ModelConfig(**ckpt["model_args"])
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: bad model_args: {e}") from None
     with torch.device("meta"):
-        model = Transformer(cfg, verbose=False)
+        model = Transformer(cfg)
     if ckpt.get("shards"):  # ckpt_shards=True: the weights are in the directory of shards the file names
         model.to_empty(device="cpu")
         directory = shards_dir(path, ckpt)
@@ -145,6 +186,41 @@ def _tie_and_rope(model: torch.nn.Module) -> torch.nn.Module:
                 net.output.weight = net.tok_embeddings.weight
             net.build_rope()
     return model
+
+
+# --- training checkpoints: everything a run needs to resume exactly -------------------------------------
+
+def save_training(path: str, model, optimizer, state: dict, shards: bool, trained_only: bool, master: bool,
+                  kept: list[str]) -> tuple[dict, list[str]]:
+    """The model, the optimizer and `state` (iter_num, config, rng, ...) to resume a run exactly, written atomically
+    by the master. Sharded (dp > 1): every rank calls it; the weights and AdamW states are gathered whole into the
+    file, or with `shards` every rank writes its own pieces into a directory beside it (ckpt-<iter>.dcp), which the
+    file names. trained_only (a frozen pretrained base): the trained parameters alone. kept: the directories of
+    shards this run wrote or resumed from, the one its last checkpoint names last; all but the newest two go (a
+    reader may still have the previous one open), and no other. Returns (the weights written, the directories kept)."""
+    out, name = os.path.dirname(path), f"ckpt-{state['iter_num']:08d}.dcp" if shards else None
+    if name:  # a directory per iteration: the file names the last complete one (a crash keeps the previous)
+        weights, opt, by_name = {}, dict(param_groups=save_shards(model, optimizer, os.path.join(out, name))), True
+    else:
+        weights, opt, by_name = state_dicts(model, optimizer, trained_only)
+    if not master:
+        return weights, kept
+    save_checkpoint(dict(model=weights, optimizer=opt, optimizer_by_name=by_name,
+                         model_args=dataclasses.asdict(model.config), shards=name, **state), path)
+    kept = [*(k for k in kept if k != name), name] if name else kept
+    for old in kept[:-2]:
+        shutil.rmtree(os.path.join(out, old), ignore_errors=True)
+    return weights, kept[-2:]
+
+
+def load_training(path: str, model, optimizer, ckpt: dict) -> None:
+    """A training checkpoint's optimizer state (and, if sharded, its weights: each rank reads the pieces of its own
+    shards) into this process's model and optimizer, and torch's random state."""
+    if ckpt.get("shards"):
+        load_shards(model, optimizer, shards_dir(path, ckpt), ckpt["optimizer"]["param_groups"])
+    else:
+        load_optimizer(model, optimizer, ckpt["optimizer"], ckpt.get("optimizer_by_name", False))
+    torch.set_rng_state(ckpt["rng"]["torch"])
 
 
 # --- sharded runs (FSDP2, train.py --dp): gathered into one file, or a directory of shards ---------------
@@ -255,3 +331,46 @@ def load_shards(model: Transformer, optimizer, directory: str, param_groups: lis
     set_state_dict(model, optimizer, model_state_dict=state["model"],  # every weight: dcp.load is strict
                    optim_state_dict=dict(state=state["optimizer"], param_groups=param_groups),
                    options=StateDictOptions(strict=False))  # (strict about the optimizer: no state-less params)
+
+
+# --- a training run's settings: new, or those of the run it resumes ----------------------------------------
+
+# what a checkpoint saved before a setting existed was trained with; settings that were renamed
+PREDATED = {"edge_depths": 0.1, "batch_threads": 1, "chunk_align": "left"}
+RENAMED = {"base": "base_path"}
+
+
+def resume_settings(ckpt: dict, out: str, defaults: dict, frozen: tuple) -> dict:
+    """The checkpoint's settings, then this command line's; `frozen` (what shapes the model and its data) cannot
+    change. A run of RAM's entry point (python -m ram.train_ram) resumes only there."""
+    missing = [k for k in ("optimizer", "iter_num", "config", "rng") if k not in ckpt]
+    if missing:
+        raise ValueError(f"it is not a training checkpoint (missing {', '.join(missing)})")
+    saved = {"method": "comet", "task": "passkey", **{RENAMED.get(k, k): v for k, v in ckpt["config"].items()}}
+    if "method" not in defaults and (saved["method"], saved["task"]) != ("comet", "passkey"):
+        raise ValueError(f"it trained {saved['method']} on the {saved['task']} task: resume it with "
+                         "python -m ram.train_ram --init_from=resume")
+    config = configure_or_exit({**defaults, **PREDATED, **{k: v for k, v in saved.items() if k in defaults}})
+    changed = [k for k in frozen if config[k] != saved.get(k, defaults[k])]
+    if changed:
+        was = ", ".join(f"{k}={saved.get(k, defaults[k])!r}" for k in changed)
+        raise ValueError(f"{', '.join(changed)} cannot change when resuming (the weights were trained with {was})")
+    return {**config, "out_dir": out}  # it lives where it was found, wherever it was first written
+
+
+def read_run(defaults: dict, frozen: tuple) -> tuple[dict, dict | None]:
+    """A training run's settings (defaults, config files, command line; a resumed run's own) and the checkpoint it
+    resumes (init_from=resume: out_dir/ckpt.pt), if any. A new run never overwrites a checkpoint: one into a used
+    out_dir is an error."""
+    config = configure_or_exit(defaults)
+    path, ckpt = os.path.join(config["out_dir"], "ckpt.pt"), None
+    if config["init_from"] == "resume":
+        try:
+            ckpt = read_checkpoint(path)
+            config = resume_settings(ckpt, config["out_dir"], defaults, frozen)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: cannot resume: {e}")
+    elif os.path.exists(path):
+        raise SystemExit(f"error: {path} exists: continue it with --init_from=resume, or train into another "
+                         "--out_dir, or delete it first")
+    return config, ckpt

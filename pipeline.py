@@ -1,4 +1,4 @@
-"""Layer-level pipeline parallelism for CoMeT training on long sequences (SPEC S7).
+"""Layer-level pipeline parallelism for CoMeT training on long sequences (docs/design.md, S7).
 
 One sequence is split by chunks across P ranks: rank r owns a contiguous block of chunks and a full
 copy of the weights. For every layer l, rank r receives layer l's memories from rank r-1, runs layer
@@ -8,7 +8,7 @@ layer l+1: a wavefront with ideal utilisation L / (L + P - 1). Sending and recei
 functions, so backward runs the same wavefront in reverse; weight gradients are then all-reduced.
 
     torchrun --standalone --nproc_per_node=2 train.py config/smoke.py --pipeline=True
-    python pipeline_sim.py --simulate --layers 28 --ranks 8   # the schedules' ideal utilisation; --measure: CPU
+    python -m scripts.pipeline_sim --simulate --layers 28 --ranks 8   # the schedules on paper; --measure: CPU
 
 With dp > 1 (`--dp`) the ranks form a (pp, dp) DeviceMesh: world / dp pipelines, each reading its own
 slice of every batch, their weights, gradients and AdamW states sharded across "dp" by FSDP2
@@ -20,19 +20,17 @@ that dies, raises or hangs stops the others within it, with a message naming the
 from __future__ import annotations
 
 import contextlib
-import math
+import functools
 import os
-import pickle
-import queue
 import re
 import time
 import warnings
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
-from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import Tensor, nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -107,7 +105,7 @@ warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a vi
 
 class Pipeline:
     """This process's place in the pipeline (rank, world, schedule, timeout) and its sends in flight.
-    Created after `dist.init_process_group`; see `from_env` and `launch`.
+    Created after `dist.init_process_group`; see `from_env` (and scripts/pipeline_sim.py's `launch`).
     NOTE: messages carry no tags: between two ranks they match in the order they were posted, which is
     what NCCL requires, so the gloo tests check that both sides post in the same order."""
 
@@ -145,7 +143,7 @@ class Pipeline:
             device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
             torch.cuda.set_device(device)
         # the group's own timeout is longer, so that our waits (with their messages) expire first;
-        # NOTE: the NCCL path's timeouts and messages are untested here (no GPUs on the dev box)
+        # NOTE: the NCCL path's timeouts and messages are untested here (the tests run on CPUs)
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=2 * timeout + 30))
         if not cuda and not threads:
             torch.set_num_threads(1)  # one core per rank: oversubscribed cores slow gloo runs badly
@@ -343,8 +341,6 @@ class Pipeline:
                 p.copy_(v.view_as(p))
 
 
-# --- local launcher (tests, --measure): P CPU processes, one thread each ---------------------------
-
 class _Root(nn.Module):
     """FSDP2's root unit over a model whose blocks are sharded units of their own: calling it gathers the
     embeddings, norms, output and memories, and runs the pipeline's forward (the model's own `forward` is
@@ -363,64 +359,6 @@ def _local_numel(p: Tensor) -> int:
     return p.to_local().numel() if isinstance(p, DTensor) else p.numel()
 
 
-class RankResult(NamedTuple):
-    code: int | None  # exit code; None: still running at the deadline (then killed)
-    status: str       # "ok", "error" (a PipelineError) or "died" (no report)
-    value: object     # fn's result, or the error message
-    seconds: float    # from joining the process group to the report
-
-
-def _rank_main(rank: int, world: int, port: int, timeout: float, schedule: str, fn, args, results, dp: int) -> None:
-    torch.set_num_threads(1)  # one core per rank: oversubscribed cores make gloo runs crawl
-    store = dist.TCPStore("127.0.0.1", port, world + 1, is_master=False, timeout=timedelta(seconds=timeout))
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timedelta(seconds=timeout))
-    t0 = time.monotonic()
-    try:  # plain pickle: tensors by value (the queue's own pickler shares memory with a rank about to exit)
-        value = fn(Pipeline(schedule, timeout, dp=dp), *args)
-        results.put((rank, "ok", pickle.dumps(value), time.monotonic() - t0))
-    except PipelineError as e:
-        results.put((rank, "error", pickle.dumps(str(e)), time.monotonic() - t0))
-        raise SystemExit(1)
-    finally:
-        dist.destroy_process_group()
-
-
-def launch(fn, world: int, *args, schedule: str = "wavefront", timeout: float = 30.0,
-           deadline: float | None = None, dp: int = 1) -> list[RankResult]:
-    """Run fn(pipe, *args) on `world` local gloo processes (fn must be importable: spawn pickles it by
-    name), as world / dp pipelines of dp-sharded ranks (`Pipeline`). Ranks still running `deadline` seconds
-    after the start, or a timeout after another rank reported an error, are killed. One result per rank."""
-    ctx = mp.get_context("spawn")
-    # the rendezvous store lives here, on a port the OS picks (port 0: no collisions between runs)
-    store = dist.TCPStore("127.0.0.1", 0, world + 1, is_master=True, wait_for_workers=False)
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_rank_main, args=(r, world, store.port, timeout, schedule, fn, args, results, dp))
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    out: dict[int, tuple] = {}
-    end = time.monotonic() + (deadline if deadline is not None else 10 * timeout + 60)
-    while len(out) < world and time.monotonic() < end and any(p.is_alive() for p in procs):
-        try:
-            rank, status, value, seconds = results.get(timeout=0.1)
-            out[rank] = status, pickle.loads(value), seconds
-            if status == "error":  # the others have one timeout to report too
-                end = min(end, time.monotonic() + timeout + 5)
-        except queue.Empty:
-            pass
-    for p in procs:
-        p.join(max(0.0, end - time.monotonic()))
-    codes = [p.exitcode for p in procs]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
-    while not results.empty():  # anything that arrived after the last poll
-        rank, status, value, seconds = results.get()
-        out[rank] = status, pickle.loads(value), seconds
-    return [RankResult(codes[r], *out.get(r, ("died", None, math.nan))) for r in range(world)]
-
-
 def reduce_step(pipe: Pipeline | None, model: Transformer, loss: Tensor, stop: bool) -> tuple[float, bool]:
     """After backward: (the loss, whether to stop). One process: as they are. A pipeline: gradients, loss
     shares and stop requests summed over the ranks, so that every rank stops after the same step."""
@@ -428,3 +366,51 @@ def reduce_step(pipe: Pipeline | None, model: Transformer, loss: Tensor, stop: b
         return loss.item(), stop
     total, stops = pipe.all_reduce(model, loss, flag=float(stop))
     return total, stops > 0
+
+
+def join(device: str, schedule: str, timeout: float, min_chunks: int, threads: int, dp: int, pipeline: bool
+         ) -> Pipeline:
+    """train.py under torchrun: this process's place in the (pp, dp) grid (`from_env`); without pipeline=True
+    every process must be a dp rank."""
+    pipe = Pipeline.from_env(device, schedule, timeout, min_chunks, threads, dp)
+    if not pipeline and pipe.world > 1:
+        raise ValueError(f"{pipe.world * dp} processes, dp={dp}: without pipeline=True every process is a dp rank "
+                         f"(--dp={pipe.world * dp}); or split sequences too with --pipeline=True")
+    return pipe
+
+
+# --- one process on a CPU: a batch's rows in slices, on threads ----------------------------------------------
+
+def cpu_slices(wanted: int, device: str, precision: torch.dtype, compiled: bool) -> int:
+    """How many slices `sliced_backward` cuts a batch into: `wanted` in one fp32 process on CPU without
+    torch.compile (compiling from several threads at once is not safe), at most one per torch thread; the slices'
+    threads then share those threads (intra-op threads divided among them). Else 1."""
+    if torch.device(device).type != "cpu" or precision != torch.float32 or compiled:
+        return 1
+    slices = min(wanted, torch.get_num_threads())
+    torch.set_num_threads(max(1, torch.get_num_threads() // slices))
+    return slices
+
+
+@functools.cache
+def _thread_pool(n: int) -> ThreadPoolExecutor:
+    """The threads that run a batch's slices, started once and kept."""
+    return ThreadPoolExecutor(n, thread_name_prefix="batch-slice")
+
+
+def sliced_backward(loss: Callable[[slice], Tensor], rows: int, slices: int, params: list[Tensor]) -> Tensor:
+    """Forward and backward of a batch of `rows` rows in `slices` slices, each on its own thread; loss(rows): the
+    slice's share of the batch's loss. The gradients are added up in slice order (a run stays deterministic) into
+    each parameter's .grad (None where no slice reaches it, as backward() leaves it). fp32 only: autocast is per
+    thread. Returns the batch's loss."""
+    bounds = [rows * i // slices for i in range(slices + 1)]
+
+    def one(part: slice) -> tuple[Tensor, tuple]:
+        value = loss(part)
+        return value.detach(), torch.autograd.grad(value, params, allow_unused=True)
+
+    done = list(_thread_pool(slices).map(one, [slice(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]))
+    for i, p in enumerate(params):
+        grads = [g[i] for _, g in done if g[i] is not None]
+        p.grad = functools.reduce(torch.add, grads) if grads else None
+    return functools.reduce(torch.add, [value for value, _ in done])

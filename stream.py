@@ -1,8 +1,9 @@
-"""Streaming inference (SPEC S6): read a context of any length chunk by chunk at constant memory, then generate.
+"""Streaming inference (docs/design.md, S6): read a context of any length chunk by chunk at constant memory, then generate.
 
     state = new_stream(model, batch=1)
     logits, state = stream(model, context, state)   # any number of tokens, in as many calls as you like
     tokens, state = generate(model, prompt, 50, temperature=0.8, top_k=40, state=state)
+    answer, state = ask(model, lambda a, b: ids[:, a:b], ids.size(1), 6, align="right")  # a prompt, then its answer
     save_state("book.state", model, state, enc, n_read)   # read a book once: a file of a few hundred KiB
     state, header = load_state("book.state", model, enc)  # ask about it any number of times
 
@@ -23,11 +24,14 @@ import json
 import os
 from dataclasses import dataclass
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 from torch import Tensor
+from tqdm import tqdm
 
 from checkpoint import read_safetensors, write_atomically
 from memory import MemoryState
@@ -134,6 +138,27 @@ def generate(model: Transformer, idx: Tensor, max_new_tokens: int, temperature: 
         out.append(nxt)
         logits, state = stream(model, nxt, state)
     return torch.cat(out, 1) if out else idx[:, :0], state
+
+
+@torch.no_grad()
+def read(model: Transformer, tokens: Callable[[int, int], Tensor], n: int, state: StreamState | None = None,
+         align: str = "left", ahead: int = 0, piece: int = 65536, progress: bool = False) -> StreamState:
+    """Stream n tokens after `state` (a new stream if None), `tokens(a, b)` giving positions a..b-1 (B, b - a), in
+    pieces of `piece` tokens (with a progress bar if asked). The chunks still to come are cut as `align` says over
+    these n tokens and the `ahead` tokens that will follow them (`read_first_chunk`)."""
+    state, a = read_first_chunk(model, tokens(0, min(n, model.config.chunk_size)), n + ahead, align, state)
+    for a in tqdm(range(a, n, piece), unit="piece", disable=not progress or n - a <= piece):
+        _, state = stream(model, tokens(a, min(a + piece, n)), state)
+    return state
+
+
+def ask(model: Transformer, tokens: Callable[[int, int], Tensor], n_prompt: int, n_new: int,
+        state: StreamState | None = None, align: str = "left", piece: int = 65536) -> tuple[Tensor, StreamState]:
+    """Read a prompt of n_prompt tokens (`tokens(a, b)`, as in `read`) after `state`, then answer it greedily with
+    n_new tokens; the chunks cut as `align` says over the prompt and its answer ("right": the answer ends a chunk).
+    Returns the answer (B, n_new) and the state after it."""
+    state = read(model, tokens, n_prompt - 1, state, align, n_new, piece)
+    return generate(model, tokens(n_prompt - 1, n_prompt), n_new, temperature=0, state=state)
 
 
 # --- state files: read once, ask many times ---------------------------------------------------------------

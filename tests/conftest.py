@@ -4,7 +4,7 @@ import torch
 from model import ModelConfig, Transformer, chunk_closed
 from stream import new_stream
 
-torch.set_num_threads(1)  # tests are tiny; one thread avoids oversubscribing the 2-core CI box
+torch.set_num_threads(1)  # tests are tiny; one thread avoids oversubscribing a 2-core CI machine
 
 
 def tiny_config(**overrides) -> ModelConfig:
@@ -17,7 +17,7 @@ def tiny_config(**overrides) -> ModelConfig:
 
 def tiny_model(seed: int = 0, **overrides) -> Transformer:
     torch.manual_seed(seed)
-    model = Transformer(tiny_config(**overrides), verbose=False)
+    model = Transformer(tiny_config(**overrides))
     # Give the zero-initialised adapters weight too, so the tests exercise them.
     for name, p in model.named_parameters():
         if name.endswith("adapter.up.weight"):

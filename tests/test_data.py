@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import data
-from data import PASSKEY, QUESTION, get_tokenizer, make_passkey, passkey_batch
+from data import PASSKEY, QUESTION, get_tokenizer, make_passkey, sample_batch, stack
+from ram.tasks import make_sample
 
 ENC = get_tokenizer("bytes")
 
@@ -57,14 +58,14 @@ def test_lazy_slices_equal_the_whole_sequence():
 
 
 def test_same_seed_gives_the_same_batch_and_another_seed_does_not():
-    a, mask_a = passkey_batch(ENC, 4, 300, seed=7)
-    b, mask_b = passkey_batch(ENC, 4, 300, seed=7)
-    c, _ = passkey_batch(ENC, 4, 300, seed=8)
+    a, mask_a = stack(sample_batch(ENC, 4, 300, seed=7))
+    b, mask_b = stack(sample_batch(ENC, 4, 300, seed=7))
+    c, _ = stack(sample_batch(ENC, 4, 300, seed=8))
     assert np.array_equal(a, b) and np.array_equal(mask_a, mask_b) and not np.array_equal(a, c)
 
 
 def test_random_depths_include_both_ends_and_the_middle():
-    tokens, _ = passkey_batch(ENC, 400, 300, seed=0)
+    tokens, _ = stack(sample_batch(ENC, 400, 300, seed=0))
     starts = np.array([ENC.decode(row.tolist()).index("The pass key is") for row in tokens])
     n_filler = 300 - 59 - len(QUESTION) - 6  # sentence, question and answer take the rest
     assert 10 <= (starts == 0).sum() <= 40 and 10 <= (starts == n_filler).sum() <= 40
@@ -81,7 +82,7 @@ def test_the_edge_share_of_random_depths_sits_exactly_at_0_or_1(edges):
 
 
 def test_batch_answer_mask_marks_the_last_answer_tokens():
-    tokens, answer = passkey_batch(ENC, 3, 250, seed=0)
+    tokens, answer = stack(sample_batch(ENC, 3, 250, seed=0))
     assert tokens.shape == answer.shape == (3, 250)
     assert answer.sum(1).tolist() == [6, 6, 6] and answer[:, -6:].all()
 
@@ -129,48 +130,7 @@ def test_bpe_tokenizer_from_a_local_rank_file(tmp_path):
     assert enc.encode_single_token("<|endoftext|>") == 260 and enc.encode_single_token("<|readout|>") == 263
 
 
-# --- the multi-fact question task (RAM's comparison, S9) ---------------------------------------------
-
-@pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
-def test_facts_task_hides_distinct_facts_and_asks_one_at_the_requested_depth(depth):
-    s = data.make_facts(ENC, 800, depth, random.Random(5), n_facts=4)
-    text = decode(s.tokens())
-    facts = [decode(f) for f in s.sentences]
-    assert len(set(f.split("'s")[0] for f in facts)) == 4 and len(set(f.split(" is ")[1] for f in facts)) == 4
-    assert all(text[i:i + len(f)] == f for i, f in zip(s.inserts, facts))
-    n_filler = s.n_context - sum(map(len, s.sentences))
-    filler_before = s.insert - sum(len(f) for f in s.sentences[:s.target])
-    assert filler_before == round(depth * n_filler)
-    name, key = facts[s.target].split("'s code is ")
-    assert decode(s.question) == data.FACT_QUESTION.format(name=name) and decode(s.answer) == " " + key[:-2]
-
-
-@pytest.mark.parametrize("depth", [0.0, 0.13, 0.5, 0.97, 1.0])
-def test_recall_task_hides_one_token_keys_and_asks_one_at_the_requested_depth(depth):
-    s = data.make_recall(ENC, 1024, depth, random.Random(7))
-    text, facts = decode(s.tokens()), [decode(f) for f in s.sentences]
-    keys, values = zip(*((f[0], f[1:-2]) for f in facts))  # "K48213. " -> "K", "48213"
-    assert len(facts) == 8 and len(set(keys)) == 8 and len(set(values)) == 8
-    assert all(len(ENC.encode(k)) == 1 and k in data.RECALL_KEYS and k not in data.FILLER for k in keys)
-    assert all(text[i:i + len(f)] == f for i, f in zip(s.inserts, facts))
-    n_filler = s.n_context - sum(map(len, s.sentences))
-    assert s.insert - sum(len(f) for f in s.sentences[:s.target]) == round(depth * n_filler)
-    key, value = keys[s.target], values[s.target]
-    assert all(f == f"{k}{v}. " and v.isdigit() and len(v) == 5 for f, k, v in zip(facts, keys, values))
-    assert decode(s.question) == f"Which code starts with {key}? {key}" and decode(s.answer) == value
-    assert text.endswith(decode(s.question) + decode(s.answer)) and len(s.tokens()) == 1024
-    assert (s.tokens(*s.evidence) == s.sentence).all()
-
-
-def test_facts_lazy_slices_equal_the_whole_sequence():
-    s = data.make_facts(ENC, 700, 0.3, random.Random(6), n_facts=6)
-    whole = s.tokens()
-    assert len(whole) == 700
-    for a, b in [(0, 700), (100, 350), (699, 700)] + [(i - 1, i + 2) for i in s.inserts]:
-        assert np.array_equal(s.tokens(a, b), whole[a:b])
-
-
-# --- real English filler (issue 17): a text file, split into training and held-out tokens ---------------
+# --- real English filler: a text file, split into training and held-out tokens ---------------------------
 
 def english_file(tmp_path, chars=40_000):
     """Real prose the repository holds (README and docs), enough of it for both splits: a test asset made here."""
@@ -220,11 +180,11 @@ def test_a_filler_text_too_short_to_split_is_a_clear_error(tmp_path):
         data.filler_tokens(ENC, str(tmp_path / "short.txt"), "train")
 
 
-def test_the_grass_filler_gives_the_same_sequences_as_before_real_filler_existed():
-    # sha256 of these sequences as commit 6beb837 (before the filler setting) generated them
+def test_the_sequences_of_a_seed_never_change():
+    # sha256 of these sequences as the passkey and facts tasks have always generated them (a pinned hash)
     h = hashlib.sha256()
     for seed in range(5):
         for s in data.sample_batch(ENC, 4, 300 + 37 * seed, seed):
             h.update(s.tokens().astype(np.int64).tobytes())
-        h.update(data.make_sample("facts", ENC, 500, 0.3, random.Random(seed)).tokens().astype(np.int64).tobytes())
+        h.update(make_sample("facts", ENC, 500, 0.3, random.Random(seed)).tokens().astype(np.int64).tobytes())
     assert h.hexdigest() == "d696f3928f9e1a01133d2b93f309432c965470ff99f937f85fd25293274f66ae"

@@ -1,5 +1,6 @@
 """llama.py reads GGUF files (llama.cpp's format): tiny random Llamas written here with the gguf package give
 the logits of the model they were written from, transformers' logits for the same file, and clear errors."""
+import copy
 import json
 import math
 import random
@@ -14,8 +15,8 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from transformers import AutoModelForCausalLM
 
-from data import filler_tokens, get_tokenizer, make_sample
-from llama import attach_memories, fingerprint, load_llama, read_memories
+from data import filler_tokens, get_tokenizer, make_passkey
+from llama import fingerprint, load_llama, read_memories
 from stream import generate
 from test_data import english_file
 from test_llama import hf_model
@@ -168,7 +169,7 @@ def test_sample_streams_a_prompt_through_memories_on_a_gguf_with_its_own_tokeniz
            "--prompt=The grass is green. The sky is blue. Here we go.", "--threads=1"]
     out = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "prompt 48 tokens streamed" in out.stdout and "5 tokens generated" in out.stdout  # one byte per token
+    assert "1 prompt(s), 48 tokens, read at" in out.stdout and "5 tokens generated" in out.stdout  # one byte per token
 
 
 def test_train_puts_memories_on_a_gguf_model_with_its_own_tokenizer(tmp_path):
@@ -217,7 +218,7 @@ def test_the_gguf_tokenizer_gives_transformers_ids_on_real_english_and_edge_case
 def test_the_smollm2_recipe_trains_one_step_on_the_real_gguf_and_writes_only_the_memories(tmp_path):
     filler = english_file(tmp_path)  # real English made here; the recipe's essays come from `python data.py essays`
     cmd = [sys.executable, "train.py", "config/finetune_smollm2.py", f"--filler={filler}", "--max_iters=1",
-           "--batch_size=1", "--min_len=256", "--max_len=256", "--eval_interval=0", "--threads=1",
+           "--batch_size=1", "--min_len=256", "--max_len=256", "--eval_interval=0", "--eval_trials=5", "--threads=1",
            f"--out_dir={tmp_path / 'run'}"]
     out = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -237,12 +238,15 @@ def test_the_shipped_smollm2_memories_carry_digits_of_a_key_across_chunks_that_u
     tensors, header = read_memories(str(Path(__file__).resolve().parents[1] / "docs/smollm2/memories.safetensors"))
     assert header["memory_args"] == dict(chunk_size=128, n_global=16, stride=8, temp_budget=32, adapter_rank=8,
                                          global_gate=True)
-    trained = attach_memories(smollm2_path(), tensors, header, "memories.safetensors")
-    untrained = load_llama(smollm2_path(), **header["memory_args"])
+    untrained = load_llama(smollm2_path(), **header["memory_args"])  # the base read once (attach_memories reads it
+    trained = copy.deepcopy(untrained)                                # again; tests/test_llama.py checks it)
+    with torch.no_grad():
+        for name, t in tensors.items():
+            trained.get_parameter(name).copy_(t)
     enc = get_tokenizer(smollm2_path())
     held = filler_tokens(enc, english_file(tmp_path), "heldout")
     rng = random.Random(7)
-    x = torch.from_numpy(np.stack([make_sample("passkey", enc, 512, 0.0, rng, 5, held).tokens() for _ in range(8)]))
+    x = torch.from_numpy(np.stack([make_passkey(enc, 512, 0.0, rng, 5, held).tokens() for _ in range(4)]))
     nll = {}
     for name, model in (("trained", trained), ("untrained", untrained)):
         with torch.no_grad():

@@ -27,14 +27,26 @@ def test_the_dry_run_passes_every_correctness_check_and_names_the_device_in_ever
     assert correctness["training on the device, fp32 = CPU"] == "skipped"  # the CPU is the device
     assert {s for (section, _), s in status.items() if section == "distributed"} == {"pass"}
     assert [c for (section, c) in status if section == "bench"] == [
-        "CoMeT vs full attention at 2,048 tokens: time", "CoMeT vs full attention at 2,048 tokens: peak memory",
-        "CoMeT prefill vs the chunk ceiling at 2,048 tokens"]
-    assert status["plan", "plan vs a measured step: tiny, 1,024 tokens x 2 (CPU, fp32, live tensors)"] == "met"
+        "CoMeT vs full attention at 1,024 tokens: time", "CoMeT vs full attention at 1,024 tokens: peak memory",
+        "CoMeT prefill vs the chunk ceiling at 1,024 tokens"]
+    assert status["plan", "plan vs a measured step: tiny, 512 tokens x 2 (CPU, fp32, live tensors)"] == "met"
     assert status["mfu", "training step MFU, float32"] == "info"
     table = (tmp_path / "table.md").read_text()
     assert all(f"| {x['check'].replace('|', chr(92) + '|')} |" in table for x in lines)
-    assert {x["method"] for x in map(json.loads, (tmp_path / "bench.jsonl").read_text().splitlines())} == {
-        "comet", "full", "ceiling", "comet/ceiling", "train"}
+    bench_lines = [json.loads(x) for x in (tmp_path / "bench.jsonl").read_text().splitlines()]  # bench.py's own
+    got = {(x["method"], x["ctx"]): x for x in bench_lines}
+    assert set(got) == {(m, c) for m in ("comet", "full", "ceiling", "comet/ceiling") for c in (256, 512, 1024)} | {
+        ("train", 256)}
+    for x in bench_lines:  # every line says where, in what and how it measured
+        assert x["device"] == "cpu" and x["device_name"] == lines[0]["device_name"] and x["dtype"] == "float32"
+        if x["method"] != "comet/ceiling":
+            assert x["status"] == "ok" and x["tokens_per_s"] > 0 and x["peak_mib"] > 100 and x["mfu"] is None
+    assert got["train", 256]["batch"] == 2 and got["train", 256]["compiled"] is False
+    for key in ("vs_comet_8k", "raw", "adjusted_rows", "adjusted_flops"):  # [median, min, max] of per-piece ratios
+        median, low, high = got["comet/ceiling", 1024][key]
+        assert 0 < low <= median <= high
+    ratio = got["comet/ceiling", 1024]
+    assert abs(ratio["adjusted_flops"][0] - ratio["raw"][0] / ratio["flops_factor"]) < 5e-3  # rounding only
 
 
 def bench_line(method, ctx, **fields):

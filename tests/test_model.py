@@ -6,7 +6,7 @@ import torch
 
 from baselines import sliding_window_attention
 from conftest import plan_logits, tiny_config, tiny_model
-from model import Transformer, _bool_mask, chunk_layout, chunk_spans
+from model import Transformer, chunk_layout, chunk_spans
 from stream import generate, new_stream, read_first_chunk, stream
 
 
@@ -52,7 +52,7 @@ def test_layout_orders_token_compression_and_readout_embeddings_into_place(model
 
 def test_comet_without_memories_equals_the_plain_decoder_within_one_chunk():
     comet = tiny_model(n_global=0, temp_budget=0)
-    plain = Transformer(tiny_config(chunk_size=0), verbose=False).eval()
+    plain = Transformer(tiny_config(chunk_size=0)).eval()
     plain.load_state_dict(comet.state_dict())  # identical parameter sets: no memory modules at all
     idx = tokens(8)
     assert (comet(idx)[0] - plain(idx)[0]).abs().max() <= 1e-6
@@ -60,7 +60,7 @@ def test_comet_without_memories_equals_the_plain_decoder_within_one_chunk():
 
 def test_gqa_equals_multi_head_attention_with_shared_key_value_heads():
     gqa = tiny_model(n_kv_head=2)
-    mha = Transformer(tiny_config(n_kv_head=4), verbose=False).eval()
+    mha = Transformer(tiny_config(n_kv_head=4)).eval()
     sd = gqa.state_dict()
     for name in list(sd):
         if name.endswith(("attention.wk.weight", "attention.wv.weight")):  # (2*hs, C) -> (4*hs, C)
@@ -316,15 +316,15 @@ def test_chunk_rows_start_right_after_the_memory_prefix_of_that_chunk(model, mon
 @pytest.mark.parametrize("bad, message", [
     (dict(n_layer=0), "n_layer=0 must be positive"),
     (dict(n_embd=-8), "n_embd=-8 must be positive"),
-    (dict(chunk_size=-1), "chunk_size=-1 must be >= 0"),
-    (dict(n_global=-1), "n_global=-1 must be >= 0"),
-    (dict(temp_budget=-2), "temp_budget=-2 must be >= 0"),
+    (dict(chunk_size=-1), "chunk_size=-1"),
+    (dict(n_global=-1), "n_global=-1"),
+    (dict(temp_budget=-2), "temp_budget=-2"),
     (dict(stride=0), "stride=0 must be positive"),
     (dict(stride=16), "stride=16 must be <= chunk_size=8"),
     (dict(n_head=5), "n_head=5 must divide n_embd=32"),
     (dict(n_kv_head=3), "n_kv_head=3 must divide n_head=4"),
     (dict(n_embd=24, n_head=8, n_kv_head=8), "must be even for RoPE"),
-    (dict(window=-1), "window=-1 must be >= 0"),
+    (dict(window=-1), "window=-1"),
     (dict(window=4), "window=4 is a plain-decoder baseline: it needs chunk_size=0"),
 ])
 def test_bad_sizes_raise_one_clear_value_error(bad, message):
@@ -349,16 +349,6 @@ def test_wrong_types_raise_type_error(bad):
 def test_plain_decoder_rejects_a_sequence_longer_than_block_size():
     with pytest.raises(ValueError, match="longer than block_size=16"):
         tiny_model(chunk_size=0, block_size=16)(tokens(17))
-
-
-def test_cpu_bool_mask_and_cudas_causal_bias_mean_the_same_lower_right_causal_attention():
-    from torch.nn.attention.bias import causal_lower_right
-
-    q, k, v = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 12, 8), torch.randn(1, 2, 12, 8)  # 7 keys before
-    bias = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(5, 12))
-    mask = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=_bool_mask(5, 12, q.device))
-    torch.testing.assert_close(bias, mask)
-    assert _bool_mask(5, 12, q.device)[0].sum() == 8  # the first query sees the 7 earlier keys and itself
 
 
 # --- the sliding-window baseline (a plain decoder whose tokens see only the last `window` positions) -------

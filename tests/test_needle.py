@@ -1,4 +1,4 @@
-"""needle.py: RAM's close reading on real weights (S9) — segments, scores, the budget — and the needle task."""
+"""ram/needle.py: RAM's close reading on real weights (S9) — segments, scores, the budget — and the needle task."""
 import random
 import subprocess
 import sys
@@ -10,7 +10,10 @@ import torch.nn.functional as F
 
 import data
 from model import ModelConfig, Transformer
-from needle import close_read, read, scores, spans
+from ram.needle import read, scores, spans
+from ram.ram import close_read
+from ram import tasks
+from ram.tasks import make_needle
 from test_data import english_file
 from test_gguf import smollm2_path
 
@@ -53,7 +56,7 @@ def test_scores_equal_a_hand_computation_of_pooled_states_after_k_layers():
     first (the attention sink); cosine."""
     torch.manual_seed(0)
     net = Transformer(ModelConfig(vocab_size=50, n_layer=3, n_head=2, n_kv_head=1, n_embd=16, chunk_size=0,
-                                  block_size=64), verbose=False).eval()
+                                  block_size=64)).eval()
     context, question = torch.randint(50, (40,)), torch.randint(50, (7,))
     parts = [(0, 12), (12, 13), (13, 30), (30, 40)]  # unequal, one of a single token
 
@@ -71,7 +74,7 @@ def test_scores_equal_a_hand_computation_of_pooled_states_after_k_layers():
 def tiny_net():
     torch.manual_seed(0)
     return Transformer(ModelConfig(vocab_size=256, n_layer=2, n_head=2, n_kv_head=1, n_embd=16, chunk_size=0,
-                                   block_size=256), verbose=False).eval()
+                                   block_size=256)).eval()
 
 
 def test_truncation_reads_the_last_quarter_and_ram_reads_kept_segments_in_order_within_it():
@@ -95,10 +98,10 @@ def test_a_budget_smaller_than_every_segment_is_one_clear_error():
 @pytest.mark.parametrize("depth", [0.0, 0.13, 0.97, 1.0])
 def test_the_needle_is_a_line_of_its_own_at_its_depth_and_the_question_completes_it(tmp_path, depth):
     held = data.filler_tokens(ENC, english_file(tmp_path), "heldout")
-    s = data.make_needle(ENC, 1500, depth, random.Random(3), filler=held)
+    s = make_needle(ENC, 1500, depth, random.Random(3), filler=held)
     fact = bytes(s.sentence.tolist()).decode()
     color, thing, code = fact.removeprefix("\nThe secret code of the ").removesuffix(".\n").replace(" is", "").split()
-    assert color in data.COLORS and thing in data.THINGS and len(code) == 5
+    assert color in tasks.COLORS and thing in tasks.THINGS and len(code) == 5
     assert (s.tokens(*s.evidence) == s.sentence).all() and len(s.tokens()) == 1500
     assert (s.tokens()[-len(s.question) - len(s.answer):] == list(s.question) + list(s.answer)).all()
     assert s.insert == round(depth * (s.n_context - len(s.sentence)))
@@ -115,7 +118,7 @@ def test_the_needle_is_a_line_of_its_own_at_its_depth_and_the_question_completes
     (["--lengths=2048,x"], "must be comma-separated numbers"),
 ])
 def test_bad_needle_settings_are_one_clear_line(args, message):
-    r = subprocess.run([sys.executable, "needle.py", "--model=x.gguf", *args], cwd=ROOT, capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "ram.needle", "--model=x.gguf", *args], cwd=ROOT, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr
 
@@ -124,7 +127,7 @@ def test_bad_needle_settings_are_one_clear_line(args, message):
 def test_ram_on_the_real_smollm2_reads_a_quarter_and_keeps_the_fact(tmp_path):
     """The real GGUF, one question at 1,024 tokens: RAM's kept segments hold the fact."""
     out = tmp_path / "ram.json"
-    r = subprocess.run([sys.executable, "needle.py", f"--model={smollm2_path()}", f"--filler={english_file(tmp_path)}",
+    r = subprocess.run([sys.executable, "-m", "ram.needle", f"--model={smollm2_path()}", f"--filler={english_file(tmp_path)}",
                         "--lengths=1024", "--depths=0.3", "--trials=1", "--threads=1", f"--json={out}"],
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]

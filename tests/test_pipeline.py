@@ -1,5 +1,5 @@
 """pipeline.py (S7): P gloo processes give the loss and gradients of one process; failures stop every rank;
-pipeline_sim.py's simulator."""
+scripts/pipeline_sim.py's simulator."""
 import json
 import os
 import signal
@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from checkpoint import load_model
 from conftest import tiny_model
 from llama import freeze_base
-from pipeline import launch, rank_chunks
-from pipeline_sim import simulate
+from pipeline import rank_chunks
+from scripts.pipeline_sim import launch, simulate
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 20.0  # seconds any rank waits for another in these tests
@@ -65,6 +65,15 @@ def pipelined_step(pipe, n_tokens, overrides, bptt_chunks):
     return total, {n: p.grad for n, p in model.named_parameters()}
 
 
+def pipelined_steps(pipe, cases: dict) -> dict:
+    """Several cases in one process group (starting processes costs seconds): name -> `pipelined_step`'s result."""
+    out = {}
+    for name, (n_tokens, overrides, bptt, schedule) in cases.items():
+        pipe.schedule = schedule
+        out[name] = pipelined_step(pipe, n_tokens, overrides, bptt)
+    return out
+
+
 def one_process_step(n_tokens, overrides, bptt_chunks, rows=2):
     model = tiny_model(**{k: v for k, v in overrides.items() if k not in ("checkpoint_activations",
                                                                           "freeze_base", "align")}).train()
@@ -78,12 +87,14 @@ def one_process_step(n_tokens, overrides, bptt_chunks, rows=2):
 
 @pytest.fixture(scope="module")
 def results():
-    """Every case, run once per module (spawning processes costs seconds)."""
+    """Every case, the cases of one world size in one launch of processes."""
     out = {}
-    for name, (ranks, n_tokens, overrides, bptt, schedule) in CASES.items():
-        res = launch(pipelined_step, ranks, n_tokens, overrides, bptt, schedule=schedule, timeout=TIMEOUT)
+    for ranks in sorted({c[0] for c in CASES.values()}):
+        cases = {name: c[1:] for name, c in CASES.items() if c[0] == ranks}
+        res = launch(pipelined_steps, ranks, cases, timeout=TIMEOUT)
         assert all(r.status == "ok" for r in res), res
-        out[name] = [r.value for r in res], one_process_step(n_tokens, overrides, bptt)
+        for name, (n_tokens, overrides, bptt, _) in cases.items():
+            out[name] = [r.value[name] for r in res], one_process_step(n_tokens, overrides, bptt)
     return out
 
 
@@ -127,17 +138,35 @@ def sharded_step(pipe, n_tokens, rows, checkpointed=False, overrides=None):
     return total, {n: None if p.grad is None else full(p.grad) for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("pp, dp, tokens, checkpointed, overrides", [
-    (1, 2, 64, False, {}), (2, 2, 64, False, {}), (2, 1, 64, False, {}), (2, 2, 16, False, dict(n_global=3)),
-    (2, 2, 44, True, {}), (2, 2, 64, False, dict(freeze_base=True))],
-    ids=["pp1_dp2", "pp2_dp2", "pp2_dp1", "pp2_dp2_last_rank_never_closes", "pp2_dp2_checkpointed",
-         "pp2_dp2_frozen_base"])
-def test_sharded_pipeline_loss_and_every_gradient_equal_one_process(pp, dp, tokens, checkpointed, overrides):
-    """pp x dp ranks (FSDP2 over dp, gloo): the loss and every gradient of one process reading all rows. 16
-    tokens: the last rank's one chunk stays open (no readout rows there; 3 of them: uneven shards)."""
-    res = launch(sharded_step, pp * dp, tokens, 2, checkpointed, overrides, dp=dp, timeout=TIMEOUT)
-    assert all(r.status == "ok" for r in res), res
-    assert_same_step([r.value for r in res], one_process_step(tokens, overrides, 0, rows=2 * dp))
+SHARDED = {  # (pp, dp, tokens, checkpointed, overrides). 16 tokens: the last rank's one chunk stays open (no readout
+    "pp1_dp2": (1, 2, 64, False, {}), "pp2_dp1": (2, 1, 64, False, {}),  # rows there; 3 of them: uneven shards)
+    "pp2_dp2": (2, 2, 64, False, {}), "pp2_dp2_last_rank_never_closes": (2, 2, 16, False, dict(n_global=3)),
+    "pp2_dp2_checkpointed": (2, 2, 44, True, {}), "pp2_dp2_frozen_base": (2, 2, 64, False, dict(freeze_base=True)),
+}
+
+
+def sharded_steps(pipe, cases: dict) -> dict:
+    return {name: sharded_step(pipe, tokens, 2, checkpointed, overrides)
+            for name, (tokens, checkpointed, overrides) in cases.items()}
+
+
+@pytest.fixture(scope="module")
+def sharded():
+    """Every (pp, dp) case, the cases of one grid in one launch of processes."""
+    out = {}
+    for pp, dp in sorted({c[:2] for c in SHARDED.values()}):
+        cases = {name: c[2:] for name, c in SHARDED.items() if c[:2] == (pp, dp)}
+        res = launch(sharded_steps, pp * dp, cases, dp=dp, timeout=TIMEOUT)
+        assert all(r.status == "ok" for r in res), res
+        for name, (tokens, _, overrides) in cases.items():
+            out[name] = [r.value[name] for r in res], one_process_step(tokens, overrides, 0, rows=2 * dp)
+    return out
+
+
+@pytest.mark.parametrize("case", SHARDED)
+def test_sharded_pipeline_loss_and_every_gradient_equal_one_process(sharded, case):
+    """pp x dp ranks (FSDP2 over dp, gloo): the loss and every gradient of one process reading all rows."""
+    assert_same_step(*sharded[case])
 
 
 def test_rank_chunks_cover_every_chunk_once_in_order_with_sizes_differing_by_at_most_one():
@@ -179,7 +208,7 @@ def failing_step(pipe, how):
 @pytest.mark.parametrize("how", ["killed", "hangs", "raises"])
 def test_a_failing_rank_makes_the_others_exit_nonzero_within_the_timeout_naming_it(how):
     timeout = 3.0
-    res = launch(failing_step, 3, how, timeout=timeout, deadline=timeout + 12)
+    res = launch(failing_step, 3, how, timeout=timeout, deadline=timeout + 6)
     assert res[1].status == "died"  # it never reported
     for r in (res[0], res[2]):
         assert r.code == 1 and r.status == "error", r
@@ -207,7 +236,7 @@ def test_simulated_messages_only_add_time():
 
 
 def test_simulate_command_prints_both_schedules():
-    out = subprocess.run([sys.executable, "pipeline_sim.py", "--simulate", "--layers", "28", "--ranks", "8"],
+    out = subprocess.run([sys.executable, "-m", "scripts.pipeline_sim", "--simulate", "--layers", "28", "--ranks", "8"],
                          cwd=ROOT, capture_output=True, text=True, timeout=60, check=True).stdout
     assert "naive: step" in out and "wavefront: step" in out and "80.0%" in out
 
@@ -221,25 +250,12 @@ def train(out_dir, *extra, ranks=0):
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
-def test_torchrun_pipeline_training_gives_the_loss_curve_of_one_process(tmp_path):
-    one = train(tmp_path / "one", "--max_iters=10")
-    two = train(tmp_path / "two", "--max_iters=10", "--pipeline=True", ranks=2)
-    assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
-    curves = []
-    for run in ("one", "two"):
-        with open(tmp_path / run / "log.jsonl") as f:
-            curves.append([json.loads(line)["loss"] for line in f])
-    assert len(curves[0]) == 10
-    assert curves[1] == pytest.approx(curves[0], abs=1e-4)
-
-
-@pytest.mark.parametrize("ranks, layout", [(2, ["--dp=2"]), (4, ["--dp=2", "--pipeline=True"])],
-                         ids=["pp1_dp2", "pp2_dp2"])
-def test_torchrun_sharded_training_gives_the_loss_curve_of_one_process_reading_every_slice(tmp_path, ranks, layout):
-    """FSDP2 over dp (each rank reads its slice of a batch of dp x batch_size rows), composed with the pipeline:
-    the loss curve of one process reading all the rows."""
+def test_torchrun_training_over_pp_x_dp_gives_the_loss_curve_of_one_process_reading_every_slice(tmp_path):
+    """The pipeline composed with FSDP2 over dp (each rank reads its slice of a batch of dp x batch_size rows): the
+    loss curve of one process reading all the rows. (2 ranks of either alone: the GPU check's dry run,
+    tests/test_gpu_check.py.)"""
     one = train(tmp_path / "one", "--max_iters=6", "--batch_size=4")
-    grid = train(tmp_path / "grid", "--max_iters=6", "--batch_size=2", *layout, ranks=ranks)
+    grid = train(tmp_path / "grid", "--max_iters=6", "--batch_size=2", "--dp=2", "--pipeline=True", ranks=4)
     assert one.returncode == 0 and grid.returncode == 0, grid.stderr[-3000:]
     curves = [[json.loads(line)["loss"] for line in open(tmp_path / d / "log.jsonl")] for d in ("one", "grid")]
     assert len(curves[0]) == 6 and curves[1] == pytest.approx(curves[0], rel=1e-5)

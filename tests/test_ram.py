@@ -1,23 +1,27 @@
-"""RAM (S9, ram.py): independent segment encoding, close reading, skimming, the InfoNCE loss, and its
-place in train.py / eval_passkey.py."""
+"""RAM (S9, ram/): independent segment encoding, close reading, skimming, the InfoNCE loss; its tasks; and its
+entry points, which hand train.py's loop and eval_passkey.py's grid their batches, loss and reading."""
 import math
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 import eval_passkey
 import stream as streaming
-from checkpoint import load_model
-from data import get_tokenizer, make_facts, sample_batch
-from eval_passkey import passkey_cell
+import train
+from conftest import tiny_model
+from data import FILLER, get_tokenizer, sample_batch
 from model import ModelConfig
-from ram import (RAM, RAMConfig, budget, info_nce, load_ram, n_keep, positives, reading_order, segments, select,
-                 skim_weights)
+from ram import eval_ram, tasks, train_ram
+from ram.ram import (RAM, RAMConfig, budget, info_nce, load_ram, n_keep, positives, reading_order, segments, select,
+                     skim_weights)
+from ram.tasks import make_facts, make_recall
 
 ROOT = Path(__file__).resolve().parents[1]
 ENC = get_tokenizer("bytes")
@@ -26,7 +30,7 @@ ENC = get_tokenizer("bytes")
 def tiny_ram(seed: int = 0, **ram) -> RAM:
     torch.manual_seed(seed)
     cfg = ModelConfig(vocab_size=40, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, chunk_size=0, block_size=256)
-    return RAM(cfg, RAMConfig(**{"segment": 6, **ram}), verbose=False).eval()
+    return RAM(cfg, RAMConfig(**{"segment": 6, **ram})).eval()
 
 
 def batch(seed: int = 0, B: int = 2, Q: int = 5, N: int = 40, A: int = 3):
@@ -325,93 +329,160 @@ def test_a_ram_setting_of_the_wrong_type_is_a_type_error():
 
 def test_ram_needs_a_plain_decoder():
     with pytest.raises(ValueError, match="chunk_size=0"):
-        RAM(ModelConfig(vocab_size=40, chunk_size=8), RAMConfig(), verbose=False)
+        RAM(ModelConfig(vocab_size=40, chunk_size=8), RAMConfig())
 
 
-# --- train.py and eval_passkey.py --------------------------------------------------------------------
+# --- its tasks (ram/tasks.py) ----------------------------------------------------------------------------
+
+def decode(ids) -> str:
+    return ENC.decode([int(i) for i in ids])
+
+@pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
+def test_facts_task_hides_distinct_facts_and_asks_one_at_the_requested_depth(depth):
+    s = make_facts(ENC, 800, depth, random.Random(5), n_facts=4)
+    text = decode(s.tokens())
+    facts = [decode(f) for f in s.sentences]
+    assert len(set(f.split("'s")[0] for f in facts)) == 4 and len(set(f.split(" is ")[1] for f in facts)) == 4
+    assert all(text[i:i + len(f)] == f for i, f in zip(s.inserts, facts))
+    n_filler = s.n_context - sum(map(len, s.sentences))
+    filler_before = s.insert - sum(len(f) for f in s.sentences[:s.target])
+    assert filler_before == round(depth * n_filler)
+    name, key = facts[s.target].split("'s code is ")
+    assert decode(s.question) == tasks.FACT_QUESTION.format(name=name) and decode(s.answer) == " " + key[:-2]
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.13, 0.5, 0.97, 1.0])
+def test_recall_task_hides_one_token_keys_and_asks_one_at_the_requested_depth(depth):
+    s = make_recall(ENC, 1024, depth, random.Random(7))
+    text, facts = decode(s.tokens()), [decode(f) for f in s.sentences]
+    keys, values = zip(*((f[0], f[1:-2]) for f in facts))  # "K48213. " -> "K", "48213"
+    assert len(facts) == 8 and len(set(keys)) == 8 and len(set(values)) == 8
+    assert all(len(ENC.encode(k)) == 1 and k in tasks.RECALL_KEYS and k not in FILLER for k in keys)
+    assert all(text[i:i + len(f)] == f for i, f in zip(s.inserts, facts))
+    n_filler = s.n_context - sum(map(len, s.sentences))
+    assert s.insert - sum(len(f) for f in s.sentences[:s.target]) == round(depth * n_filler)
+    key, value = keys[s.target], values[s.target]
+    assert all(f == f"{k}{v}. " and v.isdigit() and len(v) == 5 for f, k, v in zip(facts, keys, values))
+    assert decode(s.question) == f"Which code starts with {key}? {key}" and decode(s.answer) == value
+    assert text.endswith(decode(s.question) + decode(s.answer)) and len(s.tokens()) == 1024
+    assert (s.tokens(*s.evidence) == s.sentence).all()
+
+
+def test_facts_lazy_slices_equal_the_whole_sequence():
+    s = make_facts(ENC, 700, 0.3, random.Random(6), n_facts=6)
+    whole = s.tokens()
+    assert len(whole) == 700
+    for a, b in [(0, 700), (100, 350), (699, 700)] + [(i - 1, i + 2) for i in s.inserts]:
+        assert np.array_equal(s.tokens(a, b), whole[a:b])
+
+
+
+
+# --- its entry points: python -m ram.train_ram, python -m ram.eval_ram --------------------------------------
 
 def run(*args, ok=True):
-    r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert (r.returncode == 0) == ok, (r.stdout + r.stderr)[-2000:]
     return r.stdout + r.stderr
 
 
-SMOKE_RAM = ["config/smoke.py", "--method=ram", "--chunk_size=0", "--segment=20", "--min_len=200",
-             "--max_len=220", "--max_iters=4", "--eval_interval=0"]
+SMOKE_RAM = ["config/smoke.py", "--method=ram", "--chunk_size=0", "--segment=20", "--min_len=200", "--max_len=220",
+             "--max_iters=4", "--eval_interval=0"]
 
 
-@pytest.mark.parametrize("task", ["passkey", "facts"])
-def test_train_ram_checkpoint_then_evaluate_with_method_ram(tmp_path, task):
-    run("train.py", *SMOKE_RAM, f"--task={task}", f"--out_dir={tmp_path}")
-    model, ckpt = load_ram(str(tmp_path / "ckpt.pt"))
-    assert isinstance(model, RAM) and ckpt["ram_args"]["segment"] == 20 and ckpt["config"]["task"] == task
-    out = run("eval_passkey.py", f"--ckpt={tmp_path / 'ckpt.pt'}", "--method=ram", "--lengths=220",
-              "--depths=0,1", "--trials=2", "--keep_ratio=0.125")
-    assert f"{task} task, method ram, keep_ratio 0.125" in out and "accuracy (%)" in out
+@pytest.fixture(scope="module")
+def trained_ram(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ram")
+    run("ram.train_ram", *SMOKE_RAM, "--task=facts", f"--out_dir={out}")
+    return out
 
 
-ALONE = ["--chunk_size=0", "--method=ram", "--ram_query=alone", "--encoder_layers=1"]
+def test_rams_entry_points_train_it_and_evaluate_it(trained_ram):
+    model, ckpt = load_ram(str(trained_ram / "ckpt.pt"))
+    assert isinstance(model, RAM) and ckpt["ram_args"]["segment"] == 20 and ckpt["config"]["task"] == "facts"
+    out = run("ram.eval_ram", f"--ckpt={trained_ram / 'ckpt.pt'}", "--lengths=220", "--depths=0,1", "--trials=2",
+              "--keep_ratio=0.125")
+    assert "facts task, method ram, keep_ratio 0.125" in out and "accuracy (%)" in out
 
 
-@pytest.mark.parametrize("method", [[], ["--chunk_size=0"], ["--chunk_size=0", "--method=truncate"],
-                                    ["--chunk_size=0", "--method=ram"], ALONE],
+def test_a_ram_run_resumes_only_with_its_own_reading_settings(trained_ram):
+    err = run("ram.train_ram", *SMOKE_RAM, "--task=facts", f"--out_dir={trained_ram}", "--init_from=resume",
+              "--keep_ratio=0.5", "--max_iters=6", ok=False)
+    assert "keep_ratio" in err and "cannot change" in err and "Traceback" not in err
+    err = run("ram.eval_ram", f"--ckpt={trained_ram / 'ckpt.pt'}", "--method=comet", "--lengths=200", ok=False)
+    assert "method=comet needs a CoMeT or plain decoder checkpoint" in err and "Traceback" not in err
+
+
+def ram_settings(monkeypatch, **over) -> dict:
+    config = {**train_ram.DEFAULTS, **dict(chunk_size=0, segment=20, min_len=200, max_len=220, batch_size=2, n_layer=1,
+                                           n_embd=32, n_head=2, n_kv_head=2, ffn_hidden=64, eval_trials=5), **over}
+    for k, v in config.items():
+        monkeypatch.setattr(train, k, v, raising=False)
+    return config
+
+
+def one_step(config: dict) -> tuple[float, train.Recipe]:
+    torch.manual_seed(0)
+    r = train_ram.recipe(config, ENC, None, "cpu", None)
+    record, _, _ = train.train_step(r.model, train.make_optimizer(r.model, False), r._replace(slices=1), None,
+                                    torch.autocast("cpu", enabled=False), 0, [])
+    return record["loss"], r
+
+
+@pytest.mark.parametrize("method", [dict(method="comet", chunk_size=16), dict(method="comet"), dict(method="truncate"),
+                                    dict(method="ram"), dict(method="ram", ram_query="alone", encoder_layers=1)],
                          ids=["comet", "full", "truncate", "ram", "ram_alone"])
-def test_every_method_trains_a_step_on_the_recall_task_and_records_it(tmp_path, method):
-    run("train.py", "config/smoke.py", "--task=recall", "--segment=20", "--min_len=200", "--max_len=220",
-        "--max_iters=1", "--eval_interval=0", *method, f"--out_dir={tmp_path}")
-    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
-    assert ckpt["config"]["task"] == "recall" and ckpt["iter_num"] == 1
-    if "--method=ram" in method:
-        alone = len(method) > 2
-        assert ckpt["ram_args"]["query"] == ckpt["config"]["ram_query"] == ("alone" if alone else "front")
-        assert ckpt["ram_args"]["encoder_layers"] == ckpt["config"]["encoder_layers"] == (1 if alone else 0)
+def test_every_method_trains_a_step_on_the_recall_task_the_same_way_twice(monkeypatch, method):
+    config = ram_settings(monkeypatch, task="recall", **method)
+    loss, r = one_step(config)
+    assert loss > 0 and one_step(config)[0] == loss
+    if method["method"] == "ram":
+        assert r.record["ram_args"]["query"] == method.get("ram_query", "front")
+        assert r.record["ram_args"]["encoder_layers"] == method.get("encoder_layers", 0)
+    assert 0 <= r.evaluate(r.model) <= 1
 
 
-def test_ram_training_losses_are_deterministic_and_resume_refuses_other_ram_settings(tmp_path):
-    run("train.py", *SMOKE_RAM, f"--out_dir={tmp_path / 'a'}")
-    run("train.py", *SMOKE_RAM, f"--out_dir={tmp_path / 'b'}")
-    read = lambda d: (tmp_path / d / "log.jsonl").read_text()
-    assert read("a") == read("b")
-    err = run("train.py", *SMOKE_RAM, f"--out_dir={tmp_path / 'a'}", "--init_from=resume", "--keep_ratio=0.5",
-              "--max_iters=6", ok=False)
-    assert "keep_ratio cannot change when resuming" in err
-
-
-def test_truncate_baseline_trains_and_reads_only_the_budget(tmp_path, monkeypatch):
-    run("train.py", "config/smoke.py", "--method=truncate", "--chunk_size=0", "--task=facts", "--min_len=300",
-        "--max_len=300", "--max_iters=2", "--eval_interval=0", f"--out_dir={tmp_path}")
-    model, _ = load_model(str(tmp_path / "ckpt.pt"))
+def test_the_truncated_baseline_reads_only_rams_budget_of_the_context(monkeypatch):
     seen = []
-    def counting(m, idx, state, f=streaming.stream):
+    real = streaming.stream
+
+    def counting(m, idx, state):
         seen.append(idx.size(1))
-        return f(m, idx, state)
+        return real(m, idx, state)
 
-    monkeypatch.setattr(streaming, "stream", counting)  # the calls inside generate
-    monkeypatch.setattr(eval_passkey, "stream", counting)  # and eval_passkey's own, for long prompts
-    passkey_cell(model, ENC, 300, 0.5, 1, 0, task="facts", method="truncate", ram=RAMConfig(keep_ratio=0.25))
-    s = sample_batch(ENC, 1, 300, 0, task="facts")[0]
-    n = s.n_context
-    assert seen[0] == budget(n, RAMConfig()) + len(s.question)  # then one token per generated step
-
-
-@pytest.mark.parametrize("args, message", [
-    (["--method=ram"], "method=ram reads with a plain decoder: set chunk_size=0"),
-    (["--method=ram", "--chunk_size=0", "--keep_ratio=2"], "keep_ratio=2"),
-    (["--method=rag", "--chunk_size=0"], "method='rag' must be comet, ram or truncate"),
-    (["--task=trivia"], "task='trivia' must be one of passkey, facts, recall, needle\n"),
-])
-def test_bad_ram_training_settings_are_one_clear_error(tmp_path, args, message):
-    err = run("train.py", "config/smoke.py", f"--out_dir={tmp_path}", *args, ok=False)
-    assert message in err and "Traceback" not in err
+    monkeypatch.setattr(streaming, "stream", counting)
+    decoder = tiny_model(chunk_size=0, vocab_size=ENC.n_vocab, block_size=512)
+    (s,) = sample_batch(ENC, 1, 300, 0, make=tasks.maker("facts"))
+    eval_ram.truncate_cell(decoder, [s], RAMConfig(keep_ratio=0.25), [], piece=65536)
+    assert sum(seen[:2]) == budget(s.n_context, RAMConfig()) + len(s.question)  # then one token per generated step
 
 
-def test_eval_says_which_block_size_a_long_ram_input_needs(tmp_path):
-    run("train.py", *SMOKE_RAM, "--max_iters=1", f"--out_dir={tmp_path}")
-    err = run("eval_passkey.py", f"--ckpt={tmp_path / 'ckpt.pt'}", "--lengths=9000", "--trials=1", ok=False)
-    assert "more than its block_size=1,024; --block_size=" in err and "Traceback" not in err
+@pytest.mark.parametrize("bad, names", [(dict(method="ram", chunk_size=16), "set chunk_size=0"),
+                                        (dict(method="ram", keep_ratio=2.0), "keep_ratio"),
+                                        (dict(method="rag"), "method='rag'"), (dict(task="trivia"), "task='trivia'"),
+                                        (dict(method="ram", pipeline=True), "in one process"),
+                                        (dict(method="ram", ckpt_shards=True), "set ckpt_shards=False")])
+def test_a_bad_ram_setting_is_one_clear_error_naming_it(bad, names):
+    with pytest.raises(ValueError, match=re.escape(names)):
+        train_ram.check_settings({**train_ram.DEFAULTS, "chunk_size": 0, **bad}, ENC)
 
 
-def test_eval_method_must_match_the_checkpoint(tmp_path):
-    run("train.py", "config/smoke.py", "--max_iters=1", "--eval_interval=0", f"--out_dir={tmp_path}")
-    err = run("eval_passkey.py", f"--ckpt={tmp_path / 'ckpt.pt'}", "--method=ram", "--lengths=200", ok=False)
-    assert "method=ram needs a RAM checkpoint" in err and "Traceback" not in err
+def test_a_ram_input_longer_than_its_decoder_says_which_block_size_it_needs(monkeypatch):
+    model = RAM(ModelConfig(vocab_size=ENC.n_vocab, n_layer=1, n_embd=32, n_head=2, chunk_size=0), RAMConfig())
+    cfg = {**eval_ram.SETTINGS, "lengths": "9000", "trials": 1}
+    rows = lambda n: budget(n, RAMConfig()) + 50
+    with pytest.raises(ValueError, match="block_size=1,024; --block_size="):
+        eval_passkey.prepare(cfg, (model, ENC, {}, "cpu"), tasks.maker("facts"), rows)
+
+
+def test_block_size_lengthens_the_rope_of_every_decoder_ram_has():
+    model = RAM(ModelConfig(vocab_size=ENC.n_vocab, n_layer=1, n_embd=32, n_head=2, chunk_size=0),
+                RAMConfig(shared=False))
+    eval_passkey.set_block_size(model, 4096)
+    assert model.config.block_size == 4096
+    assert [m.rope_cos.size(0) for m in (model.decoder, model.own_encoder)] == [4096, 4096]
+
+
+def test_eval_ram_refuses_the_settings_only_passkeys_have(trained_ram):
+    err = run("ram.eval_ram", f"--ckpt={trained_ram / 'ckpt.pt'}", "--state=out/x.state", "--lengths=220", ok=False)
+    assert "--state, --asks and --perplexity are eval_passkey.py's" in err and "Traceback" not in err

@@ -14,8 +14,8 @@ import eval_passkey
 from checkpoint import load_model, save_checkpoint
 from configurator import settings_of
 from conftest import plan_logits, tiny_model
-from data import get_tokenizer
-from eval_passkey import count, passkey_cell
+from data import get_tokenizer, make_passkey
+from eval_passkey import passkey_cell
 from sample import answer
 from stream import check_state_path, generate, load_state, new_stream, repeat_state, save_state, stream
 
@@ -122,9 +122,9 @@ def test_a_damaged_or_foreign_file_is_refused_with_one_line_and_runs_nothing(mod
 def test_batch_answers_equal_one_by_one_answers(model, align):
     state = read(model, 29)
     prompts = [tokens(n, seed=s) for n, s in [(3, 1), (5, 2), (3, 3), (1, 4), (3, 5)]]  # three of one length
-    cfg = dict(piece=2, max_new_tokens=12, temperature=0.0, top_k=0)
-    batch = answer(model, prompts, state, cfg, [0.0, 0.0], align)
-    alone = [answer(model, [p], state, cfg, [0.0, 0.0], align)[0] for p in prompts]
+    cfg = dict(piece=2, max_new_tokens=12, temperature=0.0, top_k=0, chunk_align=align)
+    batch = answer(model, prompts, state, cfg, [0.0, 0.0])
+    alone = [answer(model, [p], state, cfg, [0.0, 0.0])[0] for p in prompts]
     assert all(torch.equal(a, b) for a, b in zip(batch, alone)) and len({tuple(a.tolist()) for a in alone}) > 1
 
 
@@ -132,8 +132,8 @@ def test_batch_answers_equal_one_by_one_answers(model, align):
 def test_a_question_answered_from_a_state_right_aligned_follows_the_plan_that_ends_its_answer_with_a_chunk(model,
                                                                                                           n_context):
     question = tokens(16 - n_context, seed=1)  # 3, 5 or 6 tokens open; the short chunk takes question tokens, is
-    cfg = dict(piece=65536, max_new_tokens=6, temperature=0.0, top_k=0)  # the open ones, or ends inside them
-    new = answer(model, [question], read(model, n_context), cfg, [0.0, 0.0], "right")[0]  # (6,)
+    cfg = dict(piece=65536, max_new_tokens=6, temperature=0.0, top_k=0, chunk_align="right")  # the open ones, or
+    new = answer(model, [question], read(model, n_context), cfg, [0.0, 0.0])[0]  # (6,)  ends inside them
     seq = torch.cat([tokens(n_context), question, new[None]], 1)[:, :-1]  # 21 inputs: chunks 0-8, 8-13, 13-21
     full = plan_logits(model, seq, [range(0, 8), range(8, 13), range(13, 21)])
     assert torch.equal(full[0, 15:].argmax(-1), new)
@@ -143,7 +143,10 @@ def test_a_question_answered_from_a_state_right_aligned_follows_the_plan_that_en
 def test_eval_passkey_from_a_saved_state_gives_the_answers_of_reading_it_whole(tmp_path, monkeypatch, align):
     model = tiny_model(vocab_size=ENC.n_vocab, chunk_size=16)
     answers, saved, loaded = [], [], []  # every batch of greedy answers passkey_cell scores; the states
-    monkeypatch.setattr(eval_passkey, "count", lambda out, *rest: answers.append(out) or count(out, *rest))
+    real_ask, real_generate = eval_passkey.ask, eval_passkey.generate
+    monkeypatch.setattr(eval_passkey, "ask", lambda *a, **k: answers.append(real_ask(*a, **k)[0]) or (answers[-1], None))
+    monkeypatch.setattr(eval_passkey, "generate", lambda *a, **k: answers.append(real_generate(*a, **k)[0]) or
+                        (answers[-1], None))
     monkeypatch.setattr(eval_passkey, "save_state", lambda p, m, st, *a: saved.append(st) or save_state(p, m, st, *a))
 
     def load(*args):
@@ -152,10 +155,13 @@ def test_eval_passkey_from_a_saved_state_gives_the_answers_of_reading_it_whole(t
     monkeypatch.setattr(eval_passkey, "load_state", load)
     seconds = {}
     for n, d in [(150, 0.0), (299, 1.0)]:  # contexts of 107 and 256 tokens: ending inside a chunk, at a border
-        passkey_cell(model, ENC, n, d, 3, 7, piece=64, align=align)
-        passkey_cell(model, ENC, n, d, 3, 7, piece=64, state_file=str(tmp_path / "s"), asks=2, seconds=seconds,
-                     align=align)
-    assert all(torch.equal(a, b) for a, b in zip(answers[::2], answers[1::2])) and len(answers) == 4
+        rng = random.Random(7)
+        samples = [make_passkey(ENC, n, d, rng) for _ in range(3)]
+        passkey_cell(model, samples, align, piece=64)
+        passkey_cell(model, samples, align, piece=64, enc=ENC, state_file=str(tmp_path / "s"), asks=2, seconds=seconds)
+    first, *asked = answers[:3], answers[3:]  # per cell: the answer read whole, then the two asked from the file
+    assert len(answers) == 6 and all(torch.equal(a, answers[0]) for a in answers[1:3])
+    assert all(torch.equal(a, answers[3]) for a in answers[4:6])
     assert seconds["asks"] == 4 and seconds["kib"] > 0 and len(loaded) == 4
     assert all(same_state(a, b) for a, b in zip(loaded, [st for st in saved for _ in range(2)]))
 
@@ -175,7 +181,7 @@ def test_a_state_is_never_written_over_a_file_that_is_not_one(model, tmp_path):
 
 @pytest.mark.parametrize("options, says", [
     (dict(asks=3), "more than 1 only with --state"), (dict(asks=0), "asks=0"),
-    (dict(state="new", perplexity=True), "neither --perplexity"), (dict(state="ckpt"), "not a state file"),
+    (dict(state="new", perplexity=True), "not go with --perplexity"), (dict(state="ckpt"), "not a state file"),
 ])
 def test_eval_passkey_state_options_are_checked_before_reading(tmp_path, options, says):
     ckpt = _checkpoint(tmp_path / "ckpt.pt")
@@ -200,7 +206,7 @@ def sample(*args) -> str:
     return r.stdout
 
 
-def test_sample_saves_a_state_then_answers_from_it_again_and_again_without_changing_it(tmp_path):
+def test_sample_saves_a_state_then_answers_questions_from_it_without_changing_it(tmp_path):
     ckpt, state = _checkpoint(tmp_path / "ckpt.pt"), str(tmp_path / "book.state")
     book = "".join(random.Random(0).choice("abc de.\n") for _ in range(3000))
     (tmp_path / "book.txt").write_text(book)
@@ -208,18 +214,17 @@ def test_sample_saves_a_state_then_answers_from_it_again_and_again_without_chang
     (tmp_path / "q.txt").write_text("\n".join(questions) + "\n")
     assert "wrote" in sample(f"--ckpt={ckpt}", f"--prompt_file={tmp_path / 'book.txt'}", f"--save_state={state}")
     before = Path(state).read_bytes()
-    one = [continuation(sample(f"--ckpt={ckpt}", f"--load_state={state}", f"--prompt={q}")) for q in questions]
+    batch = sample(f"--ckpt={ckpt}", f"--load_state={state}", f"--questions={tmp_path / 'q.txt'}")
+    one = continuation(sample(f"--ckpt={ckpt}", f"--load_state={state}", f"--prompt={questions[1]}"))
     model, _ = load_model(ckpt)  # in this process: the book read, then each question asked from that state
     _, read = stream(model, torch.tensor([ENC.encode_ordinary(book)]), new_stream(model))
     loaded, header = load_state(state, model, ENC)
     assert header["tokens_read"] == len(book) and same_state(loaded, read)
-    cfg = dict(piece=65536, max_new_tokens=6, temperature=0.0, top_k=0)
-    assert one == [ENC.decode(answer(model, [torch.tensor([ENC.encode_ordinary(q)])], read, cfg, [0, 0], "right")[0]
-                              .tolist()) for q in questions]  # sample.py's default plan
-    assert len(set(one)) == 3
-    assert continuation(sample(f"--ckpt={ckpt}", f"--load_state={state}", "--prompt=Where")) == one[1]  # again
-    batch = sample(f"--ckpt={ckpt}", f"--load_state={state}", f"--questions={tmp_path / 'q.txt'}")
-    assert all(f"{q} => {a}\n" in batch for q, a in zip(questions, one)) and "per question" in batch
+    cfg = dict(piece=65536, max_new_tokens=6, temperature=0.0, top_k=0, chunk_align="right")  # sample.py's plan
+    want = [ENC.decode(answer(model, [torch.tensor([ENC.encode_ordinary(q)])], read, cfg, [0, 0])[0].tolist())
+            for q in questions]
+    assert len(set(want)) == 3 and one == want[1]
+    assert all(f"{q} => {a}\n" in batch for q, a in zip(questions, want)) and "3 prompt(s)" in batch
     assert Path(state).read_bytes() == before
     other = _checkpoint(tmp_path / "other.pt", seed=1)
     r = subprocess.run([sys.executable, "sample.py", f"--ckpt={other}", f"--load_state={state}", "--prompt=Where"],
@@ -238,15 +243,16 @@ def same_state(a, b) -> bool:
 
 def continuation(out: str) -> str:
     """The generated text sample.py prints after "=> " (it may hold new lines)."""
-    return out.split("=> ", 1)[1].rsplit("\nprompt ", 1)[0]
+    return out.split("=> ", 1)[1].rsplit("\n", 2)[0]
 
 
 @pytest.mark.parametrize("align", ["left", "right"])
 def test_sample_answers_a_prompt_from_an_empty_stream_with_the_chunk_plan_it_is_given(model, align):
     """sample.py right-aligns the prompt and its max_new_tokens, as eval_passkey does: the greedy answer follows
     the forward with that plan (12 + 7 - 1 = 18 tokens read: chunks of 2, 8, 8 when right-aligned)."""
-    prompts, cfg = [tokens(12), tokens(12, seed=1)], dict(piece=5, max_new_tokens=7, temperature=0.0, top_k=0)
-    news = answer(model, prompts, new_stream(model), cfg, [0.0, 0.0], align)  # one batch of two
+    prompts = [tokens(12), tokens(12, seed=1)]
+    cfg = dict(piece=5, max_new_tokens=7, temperature=0.0, top_k=0, chunk_align=align)
+    news = answer(model, prompts, new_stream(model), cfg, [0.0, 0.0])  # one batch of two
     for prompt, new in zip(prompts, news):
         full, _ = model(torch.cat([prompt, new[None]], 1)[:, :-1], align=align)
         assert torch.equal(full[0, 11:].argmax(-1), new)

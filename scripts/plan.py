@@ -1,9 +1,9 @@
 """A memory plan for a CoMeT training run: per-GPU bytes before you rent the GPUs.
 
-    python plan.py --model=Llama-3.1-8B --context=32768 --pp=8 --gpu_gib=80
-    python plan.py --model=Llama-3.1-8B --context=131072 --freeze_base --checkpoint_activations --pp=8
-    python plan.py --model=/path/to/Llama-3.2-1B --context=32768 --checkpoint_activations   # config.json or .gguf
-    python plan.py --context=16384 --checkpoint_activations --measure --device=cuda   # check it on this GPU
+    python -m scripts.plan --model=Llama-3.1-8B --context=32768 --pp=8 --gpu_gib=80
+    python -m scripts.plan --model=Llama-3.1-8B --context=131072 --freeze_base --checkpoint_activations --pp=8
+    python -m scripts.plan --model=/path/to/Llama-3.2-1B --context=32768 --checkpoint_activations   # config.json or .gguf
+    python -m scripts.plan --context=16384 --checkpoint_activations --measure --device=cuda   # check it on this GPU
 
 What one GPU holds (docs/scale.md has the assumptions and their validation):
   parameters   fp32 master weights (a frozen base: bf16), sharded over the dp ranks; the pipeline's ranks
@@ -30,11 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-from configurator import configure_or_exit, pick_device, settings_of
+from configurator import configure_or_exit, peak_memory_mib, pick_device, settings_of
 from llama import freeze_base as freeze, read_config
-from model import ModelConfig, Transformer
+from model import MEMORY_SETTINGS, ModelConfig, Transformer
 from pipeline import Pipeline
-from sample import peak_memory_mib
 
 # named shapes (the published configs; "Qwen3-4B-like": Qwen3-4B's sizes with head size n_embd / n_head)
 SHAPES = {
@@ -111,7 +110,7 @@ class Plan:
 
 def model_config(name: str, settings: dict) -> ModelConfig:
     """ModelConfig of a named shape or a checkpoint (llama.read_config) with the plan's CoMeT settings."""
-    comet = {k: settings[k] for k in ("chunk_size", "n_global", "stride", "temp_budget", "adapter_rank")}
+    comet = {k: settings[k] for k in MEMORY_SETTINGS if k in settings}
     if name in SHAPES:
         return ModelConfig(**SHAPES[name], **comet)
     args, _ = read_config(name)
@@ -122,7 +121,7 @@ def make_plan(cfg: ModelConfig, context: int, batch: int, pp: int, dp: int, act_
               freeze_base: bool, checkpoint_activations: bool) -> Plan:
     """Per-GPU bytes of one training step (see the module's docstring for what each term holds)."""
     with torch.device("meta"):
-        base, mem = Transformer(cfg, verbose=False).param_counts()  # exact counts, no memory used
+        base, mem = Transformer(cfg).param_counts()  # exact counts, no memory used
     trainable = mem if freeze_base else base + mem
     n_chunks = math.ceil(context / cfg.chunk_size)
     mine = math.ceil(n_chunks / pp)
@@ -161,7 +160,7 @@ def step_runner(cfg: ModelConfig, context: int, batch: int, freeze_base: bool, c
     pipe: under torchrun with --dp, this rank's share of a sharded step (FSDP2, pp = 1)."""
     torch.manual_seed(0)
     with torch.device(device):
-        model = Transformer(cfg, verbose=False)
+        model = Transformer(cfg)
     model.checkpoint_activations = checkpoint_activations
     if freeze_base:
         freeze(model, torch.bfloat16 if bf16 else None)
@@ -277,7 +276,7 @@ def measure_here(mc: ModelConfig, cfg: dict) -> None:
         pipe = Pipeline.from_env("cpu", dp=cfg["dp"], threads=cfg["threads"]) if cfg["dp"] > 1 else None
     except ValueError as e:
         raise SystemExit(f"error: --measure with --dp={cfg['dp']} runs under torchrun "
-                         f"(torchrun --nproc_per_node={cfg['dp']} plan.py ...): {e}")
+                         f"(torchrun --nproc_per_node={cfg['dp']} -m scripts.plan ...): {e}")
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
     before, after, live = measure_step(mc, cfg["context"], cfg["batch"], cfg["freeze_base"],

@@ -1,19 +1,86 @@
-"""The pipeline's schedules (SPEC S7) on paper and on this CPU: an ideal-time simulator, and a measurement
-of P local gloo ranks (pipeline.launch) next to one process and to the simulator.
+"""The pipeline's schedules (docs/design.md, S7) on paper and on this CPU: an ideal-time simulator, and a measurement
+of P local gloo ranks (`launch`) next to one process and to the simulator.
 
-    python pipeline_sim.py --simulate --layers 28 --ranks 8 --layer_ms 12 --message_ms 0.5
-    python pipeline_sim.py --measure --ranks 2      # CPU, one thread per rank, next to the simulator
+    python -m scripts.pipeline_sim --simulate --layers 28 --ranks 8 --layer_ms 12 --message_ms 0.5
+    python -m scripts.pipeline_sim --measure --ranks 2      # CPU, one thread per rank, next to the simulator
 """
 from __future__ import annotations
 
 import argparse
+import math
+import pickle
+import queue
 import time
+from datetime import timedelta
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from model import ModelConfig, Transformer
-from pipeline import Pipeline, launch
+from pipeline import Pipeline, PipelineError
+
+
+# --- local launcher: P CPU processes over gloo, one thread each (this script's --measure, and the tests) ------
+
+class RankResult(NamedTuple):
+    code: int | None  # exit code; None: still running at the deadline (then killed)
+    status: str       # "ok", "error" (a PipelineError) or "died" (no report)
+    value: object     # fn's result, or the error message
+    seconds: float    # from joining the process group to the report
+
+
+def _rank_main(rank: int, world: int, port: int, timeout: float, schedule: str, fn, args, results, dp: int) -> None:
+    torch.set_num_threads(1)  # one core per rank: oversubscribed cores make gloo runs crawl
+    store = dist.TCPStore("127.0.0.1", port, world + 1, is_master=False, timeout=timedelta(seconds=timeout))
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timedelta(seconds=timeout))
+    t0 = time.monotonic()
+    try:  # plain pickle: tensors by value (the queue's own pickler shares memory with a rank about to exit)
+        value = fn(Pipeline(schedule, timeout, dp=dp), *args)
+        results.put((rank, "ok", pickle.dumps(value), time.monotonic() - t0))
+    except PipelineError as e:
+        results.put((rank, "error", pickle.dumps(str(e)), time.monotonic() - t0))
+        raise SystemExit(1)
+    finally:
+        dist.destroy_process_group()
+
+
+def launch(fn, world: int, *args, schedule: str = "wavefront", timeout: float = 30.0,
+           deadline: float | None = None, dp: int = 1) -> list[RankResult]:
+    """Run fn(pipe, *args) on `world` local gloo processes (fn must be importable: spawn pickles it by
+    name), as world / dp pipelines of dp-sharded ranks (`Pipeline`). Ranks still running `deadline` seconds
+    after the start, or a timeout after another rank reported an error, are killed. One result per rank."""
+    ctx = mp.get_context("spawn")
+    # the rendezvous store lives here, on a port the OS picks (port 0: no collisions between runs)
+    store = dist.TCPStore("127.0.0.1", 0, world + 1, is_master=True, wait_for_workers=False)
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_rank_main, args=(r, world, store.port, timeout, schedule, fn, args, results, dp))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    out: dict[int, tuple] = {}
+    end = time.monotonic() + (deadline if deadline is not None else 10 * timeout + 60)
+    while len(out) < world and time.monotonic() < end and any(p.is_alive() for p in procs):
+        try:
+            rank, status, value, seconds = results.get(timeout=0.1)
+            out[rank] = status, pickle.loads(value), seconds
+            if status == "error":  # the others have one timeout to report too
+                end = min(end, time.monotonic() + timeout + 5)
+        except queue.Empty:
+            pass
+    for p in procs:
+        p.join(max(0.0, end - time.monotonic()))
+    codes = [p.exitcode for p in procs]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    while not results.empty():  # anything that arrived after the last poll
+        rank, status, value, seconds = results.get()
+        out[rank] = status, pickle.loads(value), seconds
+    return [RankResult(codes[r], *out.get(r, ("died", None, math.nan))) for r in range(world)]
+
 
 
 # --- schedule simulator ------------------------------------------------------------------------------
@@ -47,7 +114,7 @@ def simulate(layers: int, ranks: int, layer_time: float, message_time: float, ba
 def _timed_steps(pipe: Pipeline, cfg, batch: int, n_tokens: int, steps: int) -> dict:
     """--measure, on every rank: the wall time of `steps` pipelined forward+backward steps."""
     torch.manual_seed(0)
-    model = Transformer(cfg, verbose=False)
+    model = Transformer(cfg)
     idx = torch.randint(cfg.vocab_size, (batch, n_tokens))
     times = []
     for i in range(steps + 1):  # the first is a warm-up
@@ -68,7 +135,7 @@ def _measure(args) -> None:
     n_tokens = args.chunks * cfg.chunk_size
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model = Transformer(cfg, verbose=False)
+    model = Transformer(cfg)
     idx = torch.randint(cfg.vocab_size, (args.batch, n_tokens))
     fwd, bwd = [], []
     for _ in range(args.steps + 1):

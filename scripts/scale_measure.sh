@@ -4,14 +4,14 @@ for m in "tiny --context=4096 --batch=4 --chunk_size=64 --n_global=16 --temp_bud
          "30M --context=4096 --batch=2 --chunk_size=256 --n_global=16 --temp_budget=64"; do
   for ck in False True; do
     echo "== $m checkpoint_activations=$ck"
-    MALLOC_MMAP_THRESHOLD_=65536 python plan.py --model=$m --dtype=float32 --measure --threads=2 --gpu_gib=24 \
+    MALLOC_MMAP_THRESHOLD_=65536 python -m scripts.plan --model=$m --dtype=float32 --measure --threads=2 --gpu_gib=24 \
       --checkpoint_activations=$ck
   done
 done
 # the same 30M step sharded over two ranks (FSDP2, gloo, one thread each): the per-rank peak
 for ck in False True; do
   echo "== 30M dp=2 checkpoint_activations=$ck"
-  MALLOC_MMAP_THRESHOLD_=65536 torchrun --standalone --nproc_per_node=2 plan.py --model=30M --context=4096 --batch=2 \
+  MALLOC_MMAP_THRESHOLD_=65536 torchrun --standalone --nproc_per_node=2 -m scripts.plan --model=30M --context=4096 --batch=2 \
     --chunk_size=256 --n_global=16 --temp_budget=64 --dtype=float32 --measure --threads=1 --gpu_gib=24 --dp=2 \
     --checkpoint_activations=$ck
 done
