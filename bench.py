@@ -26,7 +26,9 @@ from dataclasses import replace
 import torch
 from tqdm import tqdm
 
-from configurator import configure_or_exit, peak_memory_mib, pick_device, pick_dtype, reset_peak_memory, settings_of
+from checkpoint import append_line, write_atomically
+from configurator import (JSON_LINES, PNG, check_output, configure_or_exit, parse_list, peak_memory_mib, pick_device,
+                          pick_dtype, reset_peak_memory, settings_of)
 from model import ModelConfig, Transformer
 from stream import new_stream, stream
 
@@ -248,27 +250,23 @@ def main() -> None:
     try:
         if settings["shape"] not in SHAPES:
             raise ValueError(f"shape={settings['shape']!r} must be one of {', '.join(SHAPES)}")
-        try:
-            ctxs = [int(x) for x in settings["lengths"].split(",") if x]
-        except ValueError:
-            raise ValueError(f"lengths={settings['lengths']!r} must be token counts, e.g. 8192,65536") from None
+        ctxs = parse_list("lengths", settings["lengths"])
         todo = [m for m in settings["methods"].split(",") if m]
         unknown = sorted(set(todo) - {"comet", "full", "ceiling", "train"})
         if unknown or not todo:
             raise ValueError(f"methods: unknown {','.join(unknown) or '(none given)'}; use comet,full,ceiling,train")
-        for key in ("piece", "full_piece", "train_len", "batch", "repeats"):
-            if settings[key] <= 0:
-                raise ValueError(f"{key}={settings[key]} must be positive")
-        if not ctxs or min(ctxs) <= 0:
+        if min(ctxs) <= 0:  # single numbers: configurator.RULES
             raise ValueError(f"lengths={settings['lengths']!r} must be positive token counts")
-        if pick_device(settings["device"]).startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"device={settings['device']!r}, but torch sees no CUDA device")
+        pick_device(settings["device"])
         pick_dtype(settings["dtype"], "cpu")  # auto, float32 or bfloat16; each measuring process picks its own
+        for setting, kind in (("json", JSON_LINES), ("png", PNG)):  # bench lines are added to a file of bench lines
+            if settings[setting]:
+                check_output(settings[setting], f"--{setting}", kind)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     cfg, dev = ModelConfig(**SHAPES[settings["shape"]]), pick_device(settings["device"])
     name = f"{settings['shape']} (L{cfg.n_layer} d{cfg.n_embd} V{cfg.vocab_size}, chunk {cfg.chunk_size})"
-    results, out = [], open(settings["json"], "a") if settings["json"] else None
+    results = []
     machine = {"name": ""}  # as the measuring processes report it; the summary's lines repeat it
 
     def emit(**record) -> None:
@@ -276,9 +274,8 @@ def main() -> None:
         line = jsonlib.dumps(dict(shape=name, device=dev, device_name=machine["name"], **record))
         print(line, flush=True)
         results.append(record)
-        if out:
-            out.write(line + "\n")
-            out.flush()
+        if settings["json"]:
+            append_line(settings["json"], line)
 
     # NOTE: measuring processes keep the memory they free (glibc): on a VM that reclaims freed pages,
     # faulting them back in made identical full-attention runs differ by up to 5x
@@ -298,8 +295,6 @@ def main() -> None:
             emit(method=method, status="died", note=f"the measuring process exited with {proc.exitcode}")
             died = True
     summary(results, cfg, emit)
-    if out:
-        out.close()
     if settings["png"]:
         plot(results, name, settings["png"])
     if died:
@@ -340,7 +335,7 @@ def plot(results: list[dict], name: str, path: str) -> None:
         ax.legend()
     fig.suptitle(name)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_atomically(path, lambda f: fig.savefig(f, format="png", dpi=120), mode=0o644)
     print(f"wrote {path}")
 
 

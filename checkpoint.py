@@ -32,7 +32,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_state_dict, set_optimizer_state_dict, set_state_dict)
 from torch.distributed.tensor import DTensor
 
-from configurator import configure_or_exit
+from configurator import check_directory, configure_or_exit, type_ok
 from model import ModelConfig, Transformer
 
 REQUIRED = ("model", "model_args")
@@ -55,6 +55,12 @@ def write_atomically(path: str, write: Callable[[BinaryIO], None], mode: int = 0
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def append_line(path: str, line: str) -> None:
+    """One line added to a text file (bench.py's results), atomically: the file is whole before and after."""
+    old = open(path, "rb").read() if os.path.exists(path) else b""
+    write_atomically(path, lambda f: f.write(old + line.encode() + b"\n"), mode=0o644)
 
 
 def read_safetensors(path: str, noun: str, hint: str = "") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -298,7 +304,7 @@ def _saved_tensors(directory: str) -> set[str]:
     try:
         with open(os.path.join(directory, ".metadata"), "rb") as f:
             items = _MetadataUnpickler(f).load().state_dict_metadata
-    except (pickle.UnpicklingError, EOFError, AttributeError, OSError) as e:
+    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, OSError) as e:
         raise ValueError(f"refused to load the shards in {directory}: damaged or unsafe metadata ({e})") from None
     if not all(isinstance(v, TensorStorageMetadata) for v in items.values()):
         raise ValueError(f"refused to load the shards in {directory}: they hold objects other than tensors")
@@ -343,13 +349,17 @@ RENAMED = {"base": "base_path"}
 def resume_settings(ckpt: dict, out: str, defaults: dict, frozen: tuple) -> dict:
     """The checkpoint's settings, then this command line's; `frozen` (what shapes the model and its data) cannot
     change. A run of RAM's entry point (python -m ram.train_ram) resumes only there."""
-    missing = [k for k in ("optimizer", "iter_num", "config", "rng") if k not in ckpt]
-    if missing:
-        raise ValueError(f"it is not a training checkpoint (missing {', '.join(missing)})")
+    kinds = dict(optimizer=dict, iter_num=int, config=dict, rng=dict)
+    wrong = [f"{k} ({kind.__name__})" for k, kind in kinds.items() if not isinstance(ckpt.get(k), kind)]
+    if wrong or not isinstance(ckpt["rng"].get("torch"), torch.Tensor):
+        raise ValueError(f"it is not a training checkpoint (missing or damaged: {', '.join(wrong) or 'rng'})")
     saved = {"method": "comet", "task": "passkey", **{RENAMED.get(k, k): v for k, v in ckpt["config"].items()}}
     if "method" not in defaults and (saved["method"], saved["task"]) != ("comet", "passkey"):
         raise ValueError(f"it trained {saved['method']} on the {saved['task']} task: resume it with "
                          "python -m ram.train_ram --init_from=resume")
+    damaged = [f"{k}={v!r}" for k, v in saved.items() if k in defaults and not type_ok(v, type(defaults[k]))]
+    if damaged:
+        raise ValueError(f"its settings are damaged ({', '.join(damaged[:3])})")
     config = configure_or_exit({**defaults, **PREDATED, **{k: v for k, v in saved.items() if k in defaults}})
     changed = [k for k in frozen if config[k] != saved.get(k, defaults[k])]
     if changed:
@@ -358,10 +368,13 @@ def resume_settings(ckpt: dict, out: str, defaults: dict, frozen: tuple) -> dict
     return {**config, "out_dir": out}  # it lives where it was found, wherever it was first written
 
 
+RUN_FILES = ("ckpt.pt", "log.jsonl", "memories.safetensors")  # and ckpt-<iteration>.dcp directories
+
+
 def read_run(defaults: dict, frozen: tuple) -> tuple[dict, dict | None]:
     """A training run's settings (defaults, config files, command line; a resumed run's own) and the checkpoint it
-    resumes (init_from=resume: out_dir/ckpt.pt), if any. A new run never overwrites a checkpoint: one into a used
-    out_dir is an error."""
+    resumes (init_from=resume: out_dir/ckpt.pt), if any. A new run never writes over another run's files: one into a
+    used out_dir is an error."""
     config = configure_or_exit(defaults)
     path, ckpt = os.path.join(config["out_dir"], "ckpt.pt"), None
     if config["init_from"] == "resume":
@@ -373,4 +386,13 @@ def read_run(defaults: dict, frozen: tuple) -> tuple[dict, dict | None]:
     elif os.path.exists(path):
         raise SystemExit(f"error: {path} exists: continue it with --init_from=resume, or train into another "
                          "--out_dir, or delete it first")
+    else:
+        try:
+            check_directory(config["out_dir"], "--out_dir")
+        except ValueError as e:
+            raise SystemExit(f"error: {e}")
+        used = sorted(p for p in os.listdir(config["out_dir"]) if p in RUN_FILES or p.startswith("ckpt-"))
+        if used:
+            raise SystemExit(f"error: {config['out_dir']} holds another run's {', '.join(used)}: train into another "
+                             "--out_dir, or move them away first")
     return config, ckpt

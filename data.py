@@ -61,7 +61,11 @@ def get_tokenizer(name: str = "bytes"):
             data = f.read()
         if name == "gpt2" and hashlib.sha256(data).hexdigest() != GPT2_SHA256:
             raise ValueError(f"tokenizer 'gpt2': cached file {path} is corrupt (sha256 mismatch); delete it")
-        ranks = _ranks(data)
+        try:
+            ranks = _ranks(data)
+        except ValueError:
+            raise ValueError(f"tokenizer={name!r} is not a tokenizer: give bytes, gpt2, a .tiktoken file, a "
+                             "tokenizer.model, a Llama checkpoint directory or a .gguf file") from None
         pattern, specials = GPT2_PATTERN, {"<|endoftext|>": len(ranks)}
     n = len(ranks) + len(specials)
     specials.update({s: n + i for i, s in enumerate(SPECIALS)})
@@ -270,11 +274,21 @@ def filler_tokens(enc: tiktoken.Encoding, filler: str, split: str) -> np.ndarray
     return ids[:cut] if split == "train" else ids[cut:]
 
 
+def read_text(path: str, what: str) -> str:
+    """A text file's contents (a filler, a prompt, questions); one line naming the file if it is not UTF-8."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")  # newlines as text mode reads them
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what} {path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}): save it "
+                         f"as UTF-8, e.g. iconv -f latin1 -t utf-8 {path} > {path}.utf8") from None
+
+
 @functools.lru_cache(maxsize=4)
 def _text_tokens(enc: tiktoken.Encoding, path: str, mtime: float) -> np.ndarray:
     """A text file's token ids, read once per version of the file (mtime), shared read-only."""
-    with open(path, encoding="utf-8") as f:
-        (ids,) = encode(enc, f.read())
+    (ids,) = encode(enc, read_text(path, "filler"))
     ids.setflags(write=False)
     return ids
 

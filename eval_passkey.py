@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoint import load_model, read_checkpoint, safetensors_format, write_atomically
-from configurator import configure_or_exit, peak_memory_mib, pick_device, pick_dtype, settings_of
+from configurator import (JSON, PNG, check_output, configure_or_exit, parse_list, peak_memory_mib, pick_device,
+                          pick_dtype, settings_of)
 from data import by_shape, filler_tokens, get_tokenizer, make_passkey
 from llama import MEMORIES_FORMAT, attach_memories, load_llama, read_memories
 from model import CHUNK_ALIGNS, MEMORY_SETTINGS, Transformer
@@ -215,9 +216,14 @@ def save_png(grid: np.ndarray, lens: list[int], deps: list[float], path: str) ->
         for j, a in enumerate(row):
             ax.text(j, i, f"{a:.0f}", ha="center", va="center")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_atomically(path, lambda f: fig.savefig(f, format="png", dpi=120), mode=0o644)
     plt.close(fig)
     return True
+
+
+def png_path(cfg: dict) -> str:
+    """Where the heatmap goes: --png, else beside --json, else nowhere ("")."""
+    return cfg.get("png") or (os.path.splitext(cfg["json"])[0] + ".png" if cfg["json"] else "")
 
 
 def write_json(path: str, result: dict) -> None:
@@ -243,25 +249,28 @@ def prepare(cfg: dict, opened: tuple | None = None, make: Callable = make_passke
             rows: Callable[[int], int] = lambda n: n) -> Setup:
     """Open the model (`open_model`, unless `opened` brings it) and check the settings: lengths, depths and filler
     that make trials, lengths the model can read (rows(n): what it reads of n tokens); one ValueError/OSError."""
-    if cfg["trials"] <= 0 or cfg["piece"] <= 0 or cfg["block_size"] < 0 or cfg["chunk_align"] not in CHUNK_ALIGNS:
-        raise ValueError(f"trials={cfg['trials']} and piece={cfg['piece']} must be positive, block_size >= 0, "
-                         f"chunk_align={cfg['chunk_align']!r} right or left")
+    if cfg["chunk_align"] not in CHUNK_ALIGNS:  # numbers: their ranges are configurator.RULES
+        raise ValueError(f"chunk_align={cfg['chunk_align']!r} must be right or left")
+    lens = parse_list("lengths", cfg["lengths"]) if cfg["lengths"] else None
+    deps = parse_list("depths", cfg["depths"], float)
+    for flag, path, kind in (("--json", cfg["json"], JSON), ("--png" if cfg.get("png") else "--json", png_path(cfg),
+                                                             PNG)):
+        if path:  # before any long work, not after it
+            check_output(path, flag, kind)
     if cfg.get("asks", 1) < 1 or cfg.get("asks", 1) > 1 and not cfg.get("state"):
         raise ValueError(f"asks={cfg['asks']}: the times each question is asked from a saved state, >= 1, "
                          "and more than 1 only with --state FILE")
     if cfg.get("state"):
         if cfg.get("perplexity"):
             raise ValueError("--state saves each passkey context's stream state: it does not go with --perplexity")
-        check_state_path(cfg["state"])  # before a long read, not after
+        check_state_path(cfg["state"], "state")  # before a long read, not after
     bf16 = cfg["dtype"] == "bfloat16"  # autocast: the weights stay fp32, as train.py
     model, enc, train, dev = opened or open_model({**cfg, "dtype": "float32"} if bf16 else cfg)
     if cfg["block_size"]:
         if model.config.comet:
             raise ValueError("block_size only applies to plain decoders: CoMeT reads any length")
         set_block_size(model, cfg["block_size"])
-    lens = [int(x) for x in cfg["lengths"].split(",")] if cfg["lengths"] else \
-        [train.get("max_len", 512) * m for m in (1, 4, 16)]
-    deps = [float(x) for x in cfg["depths"].split(",")]
+    lens = lens or [train.get("max_len", 512) * m for m in (1, 4, 16)]
     filler = train.get("filler", "grass") if cfg["filler"] == "auto" else cfg["filler"]
     held = filler_tokens(enc, filler, "heldout")
     for d in deps:  # a bad depth, a length too short
@@ -309,9 +318,9 @@ def grid(r: Setup, cfg: dict, cell: Callable[[list, list, dict], int]) -> None:
                                          peak_memory_mib={str(k): v for k, v in peaks.items()}))
     bar.close()
     print(ascii_heatmap(accuracy, lens, deps, trials_n))
-    png_path = cfg["png"] or (os.path.splitext(cfg["json"])[0] + ".png" if cfg["json"] else "")
-    if png_path:
-        print(f"wrote {png_path}" if save_png(accuracy, lens, deps, png_path) else "no PNG: matplotlib is not installed")
+    if png_path(cfg):
+        print(f"wrote {png_path(cfg)}" if save_png(accuracy, lens, deps, png_path(cfg)) else
+              "no PNG: matplotlib is not installed")
 
 
 def main() -> None:

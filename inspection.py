@@ -11,14 +11,14 @@ The fast SDPA path is untouched, so the logits equal the model's without inspect
 from __future__ import annotations
 
 import math
-import os
 import random
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from configurator import configure_or_exit, settings_of
+from checkpoint import write_atomically
+from configurator import PNG, check_output, configure_or_exit, settings_of
 from data import filler_tokens, make_passkey
 from eval_passkey import open_model
 from model import Transformer
@@ -135,6 +135,9 @@ def ascii_view(ins: Inspection, mark: int | None = None) -> str:
     return "\n".join(out)
 
 
+FIGURES = ("gates", "attention", "fifo")
+
+
 def save_figures(ins: Inspection, prefix: str, mark: int | None = None) -> list[str]:
     """PNGs prefix_gates.png, prefix_attention.png, prefix_fifo.png; [] without matplotlib."""
     try:
@@ -151,7 +154,7 @@ def save_figures(ins: Inspection, prefix: str, mark: int | None = None) -> list[
             if mark is not None:
                 ax.axvline(mark, color="red", ls="--", lw=1)
         axes[-1].set_xlabel("chunk" + ("" if mark is None else f" (red: the passkey's chunk, {mark})"))
-        fig.savefig(f"{prefix}_{name}.png", dpi=110)
+        write_atomically(f"{prefix}_{name}.png", lambda f: fig.savefig(f, format="png", dpi=110), mode=0o644)
         plt.close(fig)
         paths.append(f"{prefix}_{name}.png")
 
@@ -200,6 +203,8 @@ def main() -> None:
     chunk that first reads the key marked *) and as figures; then the argmax answer, teacher-forced."""
     cfg = configure_or_exit(settings_of(globals()))
     try:
+        for name in FIGURES if cfg["png"] else ():
+            check_output(f"{cfg['png']}_{name}.png", "--png", PNG)
         model, enc, train, _ = open_model({**cfg, "init_from": "", "dtype": "float32"})
         held = filler_tokens(enc, train.get("filler", "grass") if cfg["filler"] == "auto" else cfg["filler"], "heldout")
         s = make_passkey(enc, cfg["length"], cfg["depth"], random.Random(cfg["seed"]), train.get("digits", 5), held)
@@ -216,7 +221,6 @@ def main() -> None:
     guess = ins.logits[0, -n - 1:-1].argmax(-1).tolist()  # teacher-forced, as training scores it
     print(f"\nanswer (argmax at each answer position): {enc.decode(guess)!r}, expected {enc.decode(s.answer.tolist())!r}")
     if cfg["png"]:
-        os.makedirs(os.path.dirname(os.path.abspath(cfg["png"])), exist_ok=True)
         print("\n".join(f"wrote {p}" for p in save_figures(ins, cfg["png"], mark)) or "no PNG: matplotlib is not installed")
 
 

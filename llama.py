@@ -86,18 +86,25 @@ def read_config(path: str) -> tuple[dict, str]:
     file, layout = (hf, "hf") if os.path.isfile(hf) else (meta, "meta") if os.path.isfile(meta) else (None, None)
     if file:
         try:
-            return (_hf_config if layout == "hf" else _meta_config)(file), layout
+            args = (_hf_config if layout == "hf" else _meta_config)(file)
+            ModelConfig(**args)  # the fields' types and ranges (zero heads, a layer count in words, ...)
+            return args, layout
         except KeyError as e:
             raise ValueError(f"{file}: missing key {e}") from None
+        except (TypeError, ValueError, AttributeError, ZeroDivisionError) as e:
+            raise ValueError(str(e) if str(e).startswith(file) else f"{file}: not a Llama config ({e})") from None
     raise FileNotFoundError(f"{path}: no config.json (Hugging Face layout) or params.json (Meta layout)")
 
 
 def _read_json(file: str) -> dict:
     try:
-        with open(file) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
+        with open(file, encoding="utf-8") as f:
+            c = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(c, dict):
+        raise ValueError(f"{file}: expected a JSON object of settings, found a {type(c).__name__}")
+    return c
 
 
 def _hf_config(file: str) -> dict:
@@ -412,10 +419,16 @@ def read_memories(path: str) -> tuple[dict[str, torch.Tensor], dict]:
     if meta.get("format") != MEMORIES_FORMAT:
         raise ValueError(f"{path} is not a nanocomet memories file (format {meta.get('format')!r})")
     try:
-        return tensors, {**meta, "settings": json.loads(meta["settings"]), "memory_args": json.loads(meta["memory_args"]),
-                         "base": meta["base"], "base_path": meta["base_path"], "base_fingerprint": meta["base_fingerprint"]}
+        header = {**meta, "settings": json.loads(meta["settings"]), "memory_args": json.loads(meta["memory_args"]),
+                  "base": meta["base"], "base_path": meta["base_path"], "base_fingerprint": meta["base_fingerprint"]}
     except (KeyError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: damaged header ({type(e).__name__}: {e})") from None
+    sizes = header["memory_args"]
+    if not isinstance(header["settings"], dict) or not isinstance(sizes, dict) or not set(sizes) <= set(
+            MEMORY_SETTINGS) or not all(isinstance(v, int) for v in sizes.values()):
+        raise ValueError(f"{path}: damaged header (settings and memory_args must map names to values, memory_args "
+                         f"the memory sizes {', '.join(MEMORY_SETTINGS)})")
+    return tensors, header
 
 
 def attach_memories(base: str, tensors: dict, header: dict, source: str, dtype: torch.dtype = torch.float32,

@@ -144,7 +144,13 @@ class Pipeline:
             torch.cuda.set_device(device)
         # the group's own timeout is longer, so that our waits (with their messages) expire first;
         # NOTE: the NCCL path's timeouts and messages are untested here (the tests run on CPUs)
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=2 * timeout + 30))
+        try:
+            dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=2 * timeout + 30))
+        except (RuntimeError, ValueError) as e:  # torch's DistError and its store's timeouts are RuntimeErrors
+            why = (str(e).splitlines() or [type(e).__name__])[0][:120]
+            raise ValueError(f"rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']} could not join the others "
+                             f"within {2 * timeout + 30:g} s ({why}): start every rank with torchrun, or unset RANK "
+                             "and WORLD_SIZE left over from one") from None
         if not cuda and not threads:
             torch.set_num_threads(1)  # one core per rank: oversubscribed cores slow gloo runs badly
         return Pipeline(schedule, timeout, device, dp)

@@ -16,7 +16,7 @@ import time
 import torch
 
 from configurator import configure_or_exit, peak_memory_mib, settings_of
-from data import bos_id
+from data import bos_id, read_text
 from eval_passkey import check_fits, checkpoint_path, open_model
 from model import CHUNK_ALIGNS
 from stream import check_state_path, generate, load_state as state_from_file, new_stream, read, repeat_state, \
@@ -52,13 +52,11 @@ threads = 0               # torch CPU threads; 0 = torch's default
 def read_prompts(cfg: dict, enc, bos: int | None, device: str) -> tuple[list[str], list[torch.Tensor]]:
     """The prompts and their token ids (1, n) each: the questions file's lines, else the prompt (file)."""
     if cfg["questions"]:
-        with open(cfg["questions"], encoding="utf-8") as f:
-            texts = [line.rstrip("\r\n") for line in f if line.strip()]
+        texts = [line for line in read_text(cfg["questions"], "--questions").split("\n") if line.strip()]
         if not texts:
             raise ValueError(f"{cfg['questions']} holds no questions (one per line)")
     elif cfg["prompt_file"]:
-        with open(cfg["prompt_file"], encoding="utf-8") as f:
-            texts = [f.read()]
+        texts = [read_text(cfg["prompt_file"], "--prompt_file")]
     else:
         texts = [cfg["prompt"]]
     ids = [torch.tensor([[bos] * (bos is not None) + enc.encode_ordinary(t)], dtype=torch.long, device=device)

@@ -28,12 +28,13 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.torch import save
 from torch import Tensor
 from tqdm import tqdm
 
 from checkpoint import read_safetensors, write_atomically
+from configurator import check_output
 from memory import MemoryState
 from model import Transformer, chunk_spans
 
@@ -130,7 +131,7 @@ def generate(model: Transformer, idx: Tensor, max_new_tokens: int, temperature: 
         if temperature == 0:
             nxt = logits.argmax(-1, keepdim=True)
         else:
-            logits = logits / temperature
+            logits = (logits - logits.amax(-1, keepdim=True)) / temperature  # the top logit 0: finite at any T > 0
             if top_k is not None:
                 kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
                 logits = logits.masked_fill(logits < kth, -float("inf"))
@@ -228,26 +229,15 @@ def save_state(path: str, model: Transformer, state: StreamState, enc, n_read: i
     return os.path.getsize(path)
 
 
-def check_state_path(path: str) -> None:
+def _is_state(path: str) -> bool:
+    with safe_open(path, "pt") as f:
+        return (f.metadata() or {}).get("format") == STATE_FORMAT
+
+
+def check_state_path(path: str, setting: str = "save_state") -> None:
     """Before reading a long context: one clear error if its state could not be written to path, or would
     replace a file that is not a state file (a checkpoint, say)."""
-    if os.path.isdir(path):
-        raise ValueError(f"{path} is a directory: give the state file's name")
-    if os.path.exists(path):
-        try:
-            with safe_open(path, "pt") as f:
-                ours = (f.metadata() or {}).get("format") == STATE_FORMAT
-        except (SafetensorError, OSError, ValueError):
-            ours = False
-        if not ours:
-            raise ValueError(f"{path} exists and is not a state file: refusing to overwrite it; choose another name")
-    directory = os.path.dirname(os.path.abspath(path))
-    while not os.path.isdir(directory):  # write_atomically creates the missing directories
-        if os.path.exists(directory):
-            raise ValueError(f"cannot write the state file {path}: {directory} is a file, not a directory")
-        directory = os.path.dirname(directory)
-    if not os.access(directory, os.W_OK):
-        raise ValueError(f"cannot write the state file {path}: {directory} is not writable")
+    check_output(path, f"--{setting}", ("state file", _is_state))
 
 
 def load_state(path: str, model: Transformer, enc) -> tuple[StreamState, dict]:
@@ -268,10 +258,27 @@ def load_state(path: str, model: Transformer, enc) -> tuple[StreamState, dict]:
                        for l in range(cfg.n_layer))
         cache = tuple((tensors[f"{l}.k"][:, :, :rows].to(device), tensors[f"{l}.v"][:, :, :rows].to(device))
                       for l in range(cfg.n_layer)) if n_open else ()
+        _check_contents(tensors, memory, cfg, n_open, rows)
         state = StreamState(memory, tensors["tokens"][:, :n_open].to(device), cache)
         return state, {**header, "tokens_read": int(header["tokens_read"])}
     except (KeyError, ValueError) as e:
         raise ValueError(f"state file {path} is damaged: {type(e).__name__} {e} in its header or tensors") from None
+
+
+def _check_contents(tensors: dict, memory: tuple, cfg, n_open: int, rows: int) -> None:
+    """A state's tensors as the model makes them: token ids in the vocabulary, counts within the tensors, memories of
+    (B, slots, C) with 0 or n_global global slots and at most temp_budget FIFO slots."""
+    tokens = tensors["tokens"]  # (B, open tokens kept)
+    counts_ok = tokens.dim() == 2 and 0 <= n_open <= tokens.size(1) and 0 <= rows <= tensors["0.k"].size(2)
+    ids_ok = tokens.dtype == torch.long and (tokens.numel() == 0 or 0 <= tokens.min() <= tokens.max() < cfg.vocab_size)
+    if not (counts_ok and ids_ok):
+        raise ValueError(f"token ids outside the vocabulary of {cfg.vocab_size}, or counts beyond the tensors")
+    for m in memory:
+        shapes_ok = all(t.dim() == 3 and t.size(0) == tokens.size(0) and t.size(2) == cfg.n_embd
+                        for t in (m.gate_state, m.global_memory, m.temp_memory))
+        slots_ok = m.gate_state.size(1) in (0, cfg.n_global) and m.global_memory.shape == m.gate_state.shape
+        if not (shapes_ok and slots_ok and m.temp_memory.size(1) <= cfg.temp_budget):
+            raise ValueError("memories of another shape than the model's")
 
 
 def _check_same_model(path: str, header: dict, model: Transformer, enc) -> None:

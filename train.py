@@ -18,6 +18,7 @@ import math
 import os
 import random
 import signal
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import llama
-from checkpoint import load_model, load_training, read_run, save_training
+from checkpoint import load_model, load_training, read_run, save_training, write_atomically
 from configurator import pick_device, pick_dtype, settings_of
 from data import filler_tokens, get_tokenizer, make_passkey, sample_batch, stack
 from model import CHUNK_ALIGNS, MEMORY_SETTINGS, Block, ModelConfig, Transformer
@@ -229,14 +230,9 @@ def passkey_recipe(config: dict, enc, ckpt: dict | None, dev: str, pipe: Pipelin
 
 def check_settings(c: dict, enc) -> None:
     """Settings that would only fail deep inside a run: one clear error now instead."""
-    problems = [f"{k}={c[k]} must be positive" for k in ("batch_size", "batch_threads", "max_iters", "max_len",
-                                                          "digits", "pipeline_timeout") if c[k] <= 0]
-    problems += [text for bad, text in (
-        (not 0 < c["min_len"] <= c["max_len"], f"need 0 < min_len={c['min_len']} <= max_len={c['max_len']}"),
-        (not 0 <= c["curriculum"] <= 1, f"curriculum={c['curriculum']} must lie in [0, 1]"),
-        (not 0 <= c["edge_depths"] <= 1, f"edge_depths={c['edge_depths']} must lie in [0, 1]"),
+    problems = [text for bad, text in (  # the ranges of numbers: configurator.RULES
+        (c["min_len"] > c["max_len"], f"min_len={c['min_len']} must be <= max_len={c['max_len']}"),
         (c["chunk_align"] not in (*CHUNK_ALIGNS, "mixed"), f"chunk_align={c['chunk_align']!r}: left, right or mixed"),
-        (c["dp"] < 1, f"dp={c['dp']} must be >= 1"),
         (c["pipeline_schedule"] not in SCHEDULES, f"pipeline_schedule={c['pipeline_schedule']!r}: wavefront or naive"),
         (c["init_from"] not in ("scratch", "resume") and not llama.is_pretrained(c["init_from"]),
          f"init_from={c['init_from']!r} must be scratch, resume, a Llama checkpoint directory or a .gguf file"),
@@ -244,6 +240,10 @@ def check_settings(c: dict, enc) -> None:
                                                 "is its memories alone, a few MB in one file; drop --ckpt_shards"),
         *((c[k] and not c["chunk_size"], f"{k}={c[k]} works on CoMeT's chunks: it needs chunk_size > 0")
           for k in ("freeze_base", "pipeline", "checkpoint_activations") + ("dp",) * (c["dp"] > 1))) if bad]
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not c["pipeline"] and c["dp"] == 1:  # every process would train the same run into one out_dir
+        problems.append(f"WORLD_SIZE={world} (torchrun): give --dp={world} or --pipeline=True; or unset RANK and "
+                        "WORLD_SIZE left over from torchrun")
     if problems:
         raise ValueError(problems[0])
     pick_dtype(c["dtype"], "cpu")  # auto, float32 or bfloat16, before torchrun joins (the device: `prepare`)
@@ -254,6 +254,10 @@ def check_settings(c: dict, enc) -> None:
 def prepare(config: dict, ckpt: dict | None, setup: Callable):
     """The tokenizer, the settings checked, the ranks joined (torchrun), the device and `setup`'s recipe; one clear
     error for anything wrong. Returns (recipe, pipeline or None, device, compute dtype, whether this is rank 0)."""
+    if "WORLD_SIZE" in os.environ:  # under torchrun: each rank's lines as they come, before the launcher's own
+        sys.stdout.reconfigure(line_buffering=True)
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(f"error: rank {os.environ.get('RANK')} stopped by the "
+                                                           "launcher (another rank failed, or it was stopped)"))
     try:
         enc = get_tokenizer(tokenizer)
         check_settings(config, enc)
@@ -280,11 +284,14 @@ def start(model, optimizer, ckpt: dict | None, master: bool) -> tuple[int, float
         except ValueError as e:  # damaged shards: every rank
             raise SystemExit(f"error: cannot resume: {e}")
         print(f"resuming from {path} at iteration {ckpt['iter_num']}") if master else None
-    if master and os.path.exists(log_path):
-        with open(log_path) as f:
-            lines = [line for line in f if ckpt and line.endswith("\n") and json.loads(line)["iter"] < ckpt["iter_num"]]
-        with open(log_path, "w") as f:
-            f.writelines(lines)
+    if master and ckpt is not None and os.path.exists(log_path):  # (a new run's out_dir holds no log: read_run)
+        with open(log_path, encoding="utf-8", errors="replace") as f:
+            records = [(line, logged_iter(line)) for line in f]
+        lines = [line for line, i in records if i is not None and i < ckpt["iter_num"]]
+        damaged = sum(i is None for _, i in records)
+        if damaged:
+            print(f"warning: {log_path}: {damaged} damaged line(s) dropped (a crash mid-write, or edited by hand)")
+        write_atomically(log_path, lambda f: f.write("".join(lines).encode()), mode=0o644)
     if compile:
         for block in (m for m in model.modules() if isinstance(m, Block)):
             block.compile(dynamic=True)
@@ -292,6 +299,15 @@ def start(model, optimizer, ckpt: dict | None, master: bool) -> tuple[int, float
         return 0, None, []
     kept = sorted(p.name for p in Path(out_dir).glob("ckpt-*.dcp") if p.name != ckpt.get("shards"))  # this run's
     return ckpt["iter_num"], ckpt.get("passkey_acc"), kept + [ckpt["shards"]] * bool(ckpt.get("shards"))
+
+
+def logged_iter(line: str) -> int | None:
+    """The iteration of a whole line of log.jsonl; None for a torn or damaged one."""
+    try:
+        record = json.loads(line) if line.endswith("\n") else None
+        return record["iter"] if isinstance(record, dict) and type(record.get("iter")) is int else None
+    except json.JSONDecodeError:
+        return None
 
 
 def train_step(model, optimizer, recipe: Recipe, pipe: Pipeline | None, autocast, it: int, stop: list
@@ -310,6 +326,11 @@ def train_step(model, optimizer, recipe: Recipe, pipe: Pipeline | None, autocast
             loss, parts = recipe.loss(model, batch)
         loss.backward()  # over the pipeline: the wavefront in reverse, memory gradients sent back (S7)
     loss, halt = reduce_step(pipe, model, loss, bool(stop))
+    if not math.isfinite(loss):  # before the step: the weights and the last checkpoint stay as they were
+        last = os.path.join(out_dir, "ckpt.pt")
+        raise SystemExit(f"error: the loss at iteration {it} is {loss}: stopped before updating the weights; " + (
+            f"{last} keeps the last checkpoint (resume it with a lower --lr)" if os.path.exists(last) else
+            "no checkpoint yet: train into a new --out_dir with a lower --lr"))
     if grad_clip:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
@@ -370,8 +391,9 @@ def main(setup: Callable = passkey_recipe, defaults: dict = DEFAULTS, frozen: tu
                     kept = save(model, optimizer, recipe, it + 1, acc, config, master, kept)
                     if pipe:  # the others wait for rank 0's checkpoint (maybe large) without a short timeout
                         pipe.barrier("wait for rank 0 to write its checkpoint", max(600.0, pipeline_timeout))
-            except PipelineError as e:  # a rank died, raised or hung: all stop
-                raise SystemExit(f"error: {e}")
+            except (PipelineError, SystemExit) as e:  # a rank died, raised or hung; a loss not finite: all stop
+                bar.close()  # the bar's last line before the message
+                raise SystemExit(f"error: {e}" if isinstance(e, PipelineError) else e.code) from None
             n_tok += tokens  # the evaluations' time included: what a run really gets
             bar.set_postfix(loss=f"{record['loss']:.3f}", len=record["len"], acc="-" if acc is None else f"{acc:.0%}",
                             tok_s=f"{n_tok / (time.perf_counter() - t0):,.0f}")

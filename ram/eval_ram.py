@@ -20,6 +20,7 @@ import torch
 import eval_passkey
 from eval_passkey import checkpoint_path, count_right
 from checkpoint import read_checkpoint
+import configurator
 from configurator import configure_or_exit, pick_device, settings_of
 from data import by_shape, get_tokenizer
 from ram.ram import RAMConfig, budget, groups, load_ram
@@ -31,6 +32,7 @@ SETTINGS = {**settings_of(vars(eval_passkey)),
             "method": "auto",    # auto (as trained) | comet | ram | truncate
             "task": "auto",      # auto (as trained) | passkey | facts | recall | needle
             "keep_ratio": 0.0}   # ram, truncate: the share of the context read closely; 0 = as trained
+RULES = {**configurator.RULES, "keep_ratio": "in [0, 1]"}  # the settings' ranges (keep_ratio 0: as trained)
 
 
 def open_any(cfg: dict) -> tuple:
@@ -84,7 +86,7 @@ def truncate_cell(decoder, samples: list, ram: RAMConfig, tokens_right: list, pi
 
 
 def main() -> None:
-    cfg = configure_or_exit(SETTINGS)
+    cfg = configure_or_exit(SETTINGS, rules=RULES)
     try:
         if cfg["state"] or cfg["asks"] != 1 or cfg["perplexity"]:
             raise ValueError("--state, --asks and --perplexity are eval_passkey.py's: RAM's tasks are read whole")

@@ -25,9 +25,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from configurator import configure_or_exit, peak_memory_mib, pick_dtype, settings_of
+from configurator import JSON, PNG, check_output, configure_or_exit, parse_list, peak_memory_mib, pick_device, \
+    pick_dtype, settings_of
 from data import ESSAYS, filler_tokens, get_tokenizer
-from eval_passkey import ascii_heatmap, save_png, write_json
+from eval_passkey import ascii_heatmap, png_path, save_png, write_json
 from llama import load_llama
 from model import Transformer
 from ram.ram import close_read
@@ -144,23 +145,25 @@ def run_length(net: Transformer, enc, held: np.ndarray, length: int, deps: list[
                 tok_s=n * length / seconds, seconds=seconds, peak_memory_mib=peak_memory_mib(str(dev)))
 
 
+def png_beside(path: str) -> str:
+    """The heatmap's path beside the results' (eval_passkey's rule)."""
+    return png_path(dict(json=path))
+
+
 def check(cfg: dict) -> tuple[list[int], list[float]]:
     """One clear error for a bad setting, before the model loads. Returns the lengths and depths."""
-    try:
-        lens, deps = [int(x) for x in cfg["lengths"].split(",")], [float(x) for x in cfg["depths"].split(",")]
-    except ValueError:
-        raise ValueError(f"lengths={cfg['lengths']!r} and depths={cfg['depths']!r} must be comma-separated numbers") \
-            from None
-    problems = [text for bad, text in (
+    lens, deps = parse_list("lengths", cfg["lengths"]), parse_list("depths", cfg["depths"], float)
+    problems = [text for bad, text in (  # the ranges of single numbers: configurator.RULES
         (min(lens) <= 0 or not all(0 <= d <= 1 for d in deps), "lengths must be positive, depths in [0, 1]"),
         (not cfg["model"], "give --model=PATH: a Llama checkpoint directory or .gguf file"),
         (cfg["method"] not in METHODS, f"method={cfg['method']!r} must be one of {', '.join(METHODS)}"),
         (cfg["split"] not in SPLITS, f"split={cfg['split']!r} must be one of {', '.join(SPLITS)}"),
-        (not 0 < cfg["keep_ratio"] <= 1, f"keep_ratio={cfg['keep_ratio']} must lie in (0, 1]"),
-        (min(cfg["segment"], cfg["trials"], cfg["encoder_layers"]) < 1, "segment, trials and encoder_layers must "
-                                                                         "be positive")) if bad]
+        (cfg["encoder_layers"] < 1, "encoder_layers must be positive")) if bad]
     if problems:
         raise ValueError(problems[0])
+    if cfg["json"]:  # the results, and the heatmap beside them
+        check_output(cfg["json"], "--json", JSON)
+        check_output(png_beside(cfg["json"]), "--json", PNG)
     return lens, deps
 
 
@@ -168,6 +171,7 @@ def main() -> None:
     cfg = configure_or_exit(settings_of(globals()))
     try:
         lens, deps = check(cfg)
+        cfg = {**cfg, "device": pick_device(cfg["device"])}
         if cfg["threads"]:
             torch.set_num_threads(cfg["threads"])
         precision = pick_dtype(cfg["dtype"], cfg["device"])
@@ -200,7 +204,7 @@ def main() -> None:
             write_json(cfg["json"], dict(**record, cells=cells))
     print(ascii_heatmap(np.array(grid), lens, deps, cfg["trials"]))
     if cfg["json"]:
-        save_png(np.array(grid), lens, deps, cfg["json"].removesuffix(".json") + ".png")
+        save_png(np.array(grid), lens, deps, png_beside(cfg["json"]))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import random
 import torch
 
 import train
+from configurator import check_ranges
 from data import filler_tokens, make_passkey
 from model import ModelConfig
 from ram.ram import RAM, RAMConfig, budget, groups, load_ram
@@ -50,6 +51,7 @@ def config_of(c: dict) -> RAMConfig:
 
 def check_settings(c: dict, enc) -> None:
     """What only RAM's runs need; one clear error now instead of deep inside the run."""
+    check_ranges(c, {"temperature": "> 0"})  # InfoNCE's, not sampling's (configurator.RULES: >= 0, 0 = greedy)
     if c["method"] not in METHODS or c["task"] not in TASKS:
         raise ValueError(f"method={c['method']!r} must be one of {', '.join(METHODS)}; task={c['task']!r} one of "
                          f"{', '.join(TASKS)}")

@@ -475,7 +475,7 @@ def main() -> None:
     if dev == "cuda" and not torch.cuda.is_available():
         sys.exit("error: torch sees no CUDA device: run the check on a GPU machine, or --dry_run on this one")
     out = cfg["out_dir"] = cfg["out_dir"] or os.path.join(ROOT, "out", time.strftime("gpu_check-%Y%m%d-%H%M%S"))
-    if any(os.path.exists(os.path.join(out, f)) for f in ("results.jsonl", "bench.jsonl")):
+    if any(os.path.exists(os.path.join(out, f)) for f in ("results.jsonl", "bench.jsonl", "table.md", "log.txt")):
         sys.exit(f"error: {out} holds an earlier check's results: choose another --out_dir")
     os.makedirs(out, exist_ok=True)
     name, first = machine(dev)

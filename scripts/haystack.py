@@ -8,18 +8,35 @@ question after it, to read it all again for one question.
 import random
 import sys
 
+from checkpoint import write_atomically
+from configurator import check_output
 from data import QUESTION, get_tokenizer, make_passkey
 
+USAGE = "usage: python -m scripts.haystack LENGTH DEPTH PREFIX, e.g. 1048576 0.5 out/haystack"
+
+
+def ours(prefix: str):
+    """The kind of file this script may replace: one of the three it wrote (its questions file says so)."""
+    def test(path: str) -> bool:
+        with open(prefix + "_questions.txt", encoding="utf-8") as f:
+            return f.read() == (QUESTION + "\n") * 10
+    return ("haystack file (PREFIX_questions.txt beside it)", test)
+
+
 def main() -> None:
-    length, depth, prefix = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
-    enc = get_tokenizer("bytes")
-    s = make_passkey(enc, length, depth, random.Random(21))
-    with open(prefix + ".txt", "w", encoding="utf-8") as f:
-        f.write(enc.decode(s.tokens(0, s.n_context).tolist()))
-    with open(prefix + "_questions.txt", "w", encoding="utf-8") as f:
-        f.write((QUESTION + "\n") * 10)
-    with open(prefix + "_and_question.txt", "w", encoding="utf-8") as f:
-        f.write(enc.decode(s.tokens(0, s.n_context + len(s.question)).tolist()))
+    try:
+        length, depth, prefix = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+        enc = get_tokenizer("bytes")
+        s = make_passkey(enc, length, depth, random.Random(21))
+        files = {prefix + ".txt": enc.decode(s.tokens(0, s.n_context).tolist()),
+                 prefix + "_questions.txt": (QUESTION + "\n") * 10,
+                 prefix + "_and_question.txt": enc.decode(s.tokens(0, s.n_context + len(s.question)).tolist())}
+        for path in files:
+            check_output(path, "PREFIX", ours(prefix))
+    except (IndexError, ValueError) as e:
+        sys.exit(f"error: {e if isinstance(e, ValueError) else 'missing arguments'}; {USAGE}")
+    for path, text in files.items():
+        write_atomically(path, lambda f: f.write(text.encode()), mode=0o644)
     print(f"wrote {prefix}.txt ({s.n_context:,} tokens, the key {enc.decode(s.answer.tolist()).strip()} at depth "
           f"{depth:.0%}), {prefix}_questions.txt and {prefix}_and_question.txt")
 

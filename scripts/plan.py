@@ -22,6 +22,7 @@ What one GPU holds (docs/scale.md has the assumptions and their validation):
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -113,6 +114,9 @@ def model_config(name: str, settings: dict) -> ModelConfig:
     comet = {k: settings[k] for k in MEMORY_SETTINGS if k in settings}
     if name in SHAPES:
         return ModelConfig(**SHAPES[name], **comet)
+    if not os.path.exists(name):
+        raise ValueError(f"model={name!r} is neither a shape I know ({', '.join(SHAPES)}) nor a checkpoint "
+                         "directory or .gguf file")
     args, _ = read_config(name)
     return ModelConfig(**{**args, **comet})
 
@@ -279,6 +283,10 @@ def measure_here(mc: ModelConfig, cfg: dict) -> None:
                          f"(torchrun --nproc_per_node={cfg['dp']} -m scripts.plan ...): {e}")
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if plan.peak > 0.8 * ram:  # the kernel would kill the step midway, or the machine would swap for hours
+        raise SystemExit(f"error: --measure: the plan says {plan.peak / GIB:.1f} GiB, this machine has "
+                         f"{ram / GIB:.1f} GiB of memory: measure a smaller --model or --context")
     before, after, live = measure_step(mc, cfg["context"], cfg["batch"], cfg["freeze_base"],
                                        cfg["checkpoint_activations"], pipe)
     tensors = "" if live is None else (f"a step's live tensors peaked {live / GIB:.3f} GiB above the weights "
@@ -293,19 +301,16 @@ def measure_here(mc: ModelConfig, cfg: dict) -> None:
 def main() -> None:
     cfg = configure_or_exit(settings_of(globals()))
     try:
-        bad = [k for k in ("context", "batch", "chunk_size", "pp", "dp") if cfg[k] <= 0]
-        if bad or cfg["dtype"] not in ("bfloat16", "float32") or cfg["gpu_gib"] <= 0:
-            raise ValueError(f"{', '.join(bad) or 'dtype or gpu_gib'}: context, batch, chunk_size, pp, dp and "
-                             "gpu_gib must be positive, dtype bfloat16 or float32")
+        if cfg["chunk_size"] <= 0:  # the other numbers: configurator.RULES
+            raise ValueError(f"chunk_size={cfg['chunk_size']} must be > 0")
+        if cfg["dtype"] not in ("bfloat16", "float32"):
+            raise ValueError(f"dtype={cfg['dtype']!r} must be bfloat16 or float32")
         if math.ceil(cfg["context"] / cfg["chunk_size"]) < cfg["pp"]:
             raise ValueError(f"{math.ceil(cfg['context'] / cfg['chunk_size'])} chunks cannot split over pp="
                              f"{cfg['pp']} ranks: lower pp or chunk_size")
-        dev = pick_device(cfg["device"])
-        if cfg["measure"] and dev.startswith("cuda"):
-            if not torch.cuda.is_available():
-                raise ValueError(f"device={cfg['device']!r}, but torch sees no CUDA device: measure on cpu")
-            if cfg["dp"] > 1:
-                raise ValueError("--measure --device=cuda runs one process: drop --dp")
+        dev = pick_device(cfg["device"]) if cfg["measure"] else cfg["device"]  # a plan alone needs no device
+        if cfg["measure"] and dev.startswith("cuda") and cfg["dp"] > 1:
+            raise ValueError("--measure --device=cuda runs one process: drop --dp")
         mc = model_config(cfg["model"], cfg)
     except (OSError, ValueError, TypeError) as e:
         raise SystemExit(f"error: {e}")

@@ -1,25 +1,42 @@
 """A training curve (loss and passkey accuracy) from a log.jsonl, as in docs/smollm2.md:
 
-    python scripts/plot_curve.py [log.jsonl] [out.png]
+    python -m scripts.plot_curve LOG.jsonl OUT.png
 """
-import json, sys, matplotlib
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
+import json
+import sys
+
+from checkpoint import write_atomically
+from configurator import PNG, check_output
+
+SMOOTH = 25  # the mean of the last this many steps
+
+
 def main() -> None:
-    r = [json.loads(l) for l in open(sys.argv[1] if len(sys.argv) > 1 else "docs/smollm2/train_log.jsonl")]
-    it = [x["iter"] for x in r]; loss = [x["loss"] for x in r]
-    k = 25
-    avg = [sum(loss[max(0, i - k + 1):i + 1]) / len(loss[max(0, i - k + 1):i + 1]) for i in range(len(loss))]
+    try:
+        log, out = sys.argv[1], sys.argv[2]
+        check_output(out, "OUT.png", PNG)  # (an argument, not a setting)
+        with open(log, encoding="utf-8") as f:
+            records = [json.loads(line) for line in f if line.strip()]
+        it, loss = [int(x["iter"]) for x in records], [float(x["loss"]) for x in records]
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except (IndexError, OSError, ValueError, ImportError, KeyError, TypeError) as e:
+        sys.exit(f"error: {e if not isinstance(e, IndexError) else 'missing arguments'}; usage: python -m "
+                 "scripts.plot_curve LOG.jsonl OUT.png (needs matplotlib)")
+    mean = [sum(loss[max(0, i - SMOOTH + 1):i + 1]) / min(i + 1, SMOOTH) for i in range(len(loss))]
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.plot(it, loss, alpha=0.3, label="loss (answer NLL + 0.1 x LM NLL)")
-    ax.plot(it, avg, label=f"mean of the last {k} steps")
-    ax.set_xlabel("iteration (batch 4, 256-512 tokens)"); ax.set_ylabel("loss")
+    ax.plot(it, loss, alpha=0.3, label="loss")
+    ax.plot(it, mean, label=f"mean of the last {SMOOTH} steps")
+    ax.set(xlabel="iteration", ylabel="loss")
     ax2 = ax.twinx()
-    ev = [x for x in r if "passkey_acc" in x]
-    ax2.plot([x["iter"] for x in ev], [100 * x["passkey_acc"] for x in ev], "o-", color="C2", label="passkey exact match at 512 (20 held-out trials)")
-    ax2.set_ylabel("exact match (%)"); ax2.set_ylim(0, 100)
-    fig.legend(loc="upper right", bbox_to_anchor=(0.88, 0.93), fontsize=7); fig.tight_layout(); out = sys.argv[2] if len(sys.argv) > 2 else "docs/smollm2/training_curve.png"
-    fig.savefig(out, dpi=110)
+    evals = [x for x in records if "passkey_acc" in x]
+    ax2.plot([x["iter"] for x in evals], [100 * x["passkey_acc"] for x in evals], "o-", color="C2",
+             label="passkey exact match (held out)")
+    ax2.set(ylabel="exact match (%)", ylim=(0, 100))
+    fig.legend(loc="upper right", fontsize=7)
+    fig.tight_layout()
+    write_atomically(out, lambda f: fig.savefig(f, format="png", dpi=110), mode=0o644)
     print(f"wrote {out}")
 
 

@@ -19,8 +19,13 @@ import sys
 import time
 
 if __name__ == "__main__":  # a script to run, nothing to import
-    OUT = sys.argv[1]
-    BUDGET = float(sys.argv[2]) if len(sys.argv) > 2 else 330.0
+    try:
+        OUT = sys.argv[1]
+        BUDGET = float(sys.argv[2]) if len(sys.argv) > 2 else 330.0
+    except (IndexError, ValueError):
+        sys.exit("error: usage: python scripts/recall_gpu_run.py OUT_DIR [budget_s]")
+    if os.path.exists(os.path.join(OUT, "summary.json")):
+        sys.exit(f"error: {OUT} holds an earlier run (summary.json): choose another OUT_DIR")
     T0 = time.time()
     HARD_STOP = T0 + 570  # every evaluation is over by then: the call's limit is 600 s
     RUNS = dict(

@@ -14,10 +14,14 @@ from ram.ram import groups, load_ram
 from ram.tasks import make_recall
 
 def main() -> None:
-    path, length = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 1024
-    trials = int(sys.argv[3]) if len(sys.argv) > 3 else 100
-    torch.set_num_threads(1)
-    model, _ = load_ram(path)
+    try:
+        path, length = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 1024
+        trials = int(sys.argv[3]) if len(sys.argv) > 3 else 100
+        torch.set_num_threads(1)
+        model, _ = load_ram(path)
+    except (IndexError, ValueError, OSError) as e:
+        sys.exit(f"error: {e if not isinstance(e, IndexError) else 'missing CKPT'}; usage: python -m "
+                 "scripts.recall_kept_facts CKPT [LENGTH] [TRIALS_PER_DEPTH]")
     enc, seg = get_tokenizer("bytes"), model.ram.segment
     asked, facts = [], []
     for d in (0.0, 0.25, 0.5, 0.75, 1.0):

@@ -1,6 +1,5 @@
 """bench.py: its FLOP model against torch's counter, the machine it names, one line for a bad setting. (Its JSON
 lines end to end: the GPU check's dry run, tests/test_gpu_check.py.)"""
-import json
 import os
 import subprocess
 import sys

@@ -1,8 +1,14 @@
 """Settings: config files and --key=value overrides, with one clear error for a mistake."""
+import importlib
+import os
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
-from configurator import configure, pick_device, pick_dtype, type_ok
+from configurator import (JSON, JSON_LINES, PNG, RULES, check_directory, check_output, configure, parse_list,
+                          pick_device, pick_dtype, settings_of, type_ok)
 
 DEFAULTS = dict(batch_size=16, lr=1e-3, compile=False, out_dir="out", lengths="512,2048")
 
@@ -91,7 +97,7 @@ def test_dtype_auto_is_bfloat16_only_on_a_cuda_device_that_has_it(monkeypatch):
 
 @pytest.mark.parametrize("rule, call, message", [
     ("dtype", lambda: pick_dtype("float16", "cpu"), "dtype='float16' must be auto, float32 or bfloat16"),
-    ("device", lambda: pick_device("gpu"), "device='gpu' must be auto, cpu or cuda")])
+    ("device", lambda: pick_device("gpu"), "device='gpu' must be auto, cpu, cuda")])
 def test_an_unknown_dtype_or_device_is_one_clear_error(rule, call, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         call()
@@ -100,3 +106,73 @@ def test_an_unknown_dtype_or_device_is_one_clear_error(rule, call, message):
 def test_the_type_rule_takes_an_int_for_a_float_and_never_a_bool_for_a_number():
     assert type_ok(3, float) and type_ok(3.0, float) and type_ok(3, int) and type_ok(True, bool)
     assert not type_ok(True, int) and not type_ok(False, float) and not type_ok(3.0, int) and not type_ok(1, bool)
+
+
+# --- every script's numbers, and every file a script writes ----------------------------------------------------
+
+SCRIPTS = ("train", "sample", "eval_passkey", "bench", "inspection", "ram.needle", "ram.train_ram", "scripts.plan",
+           "scripts.gpu_check", "ram.eval_ram")
+
+
+def outside(rule: str, default):
+    """A value that breaks the rule, of the setting's type."""
+    value = {"> 0": 0, ">= 0": -1}.get(rule, 1.5 if rule.endswith(")") or rule.startswith("in [") else 0)
+    return type(default)(value if rule != "in [0, 1)" else 1)
+
+
+def test_every_scripts_numbers_are_checked_against_their_range_and_finiteness_naming_the_setting():
+    checked = set()
+    for name in SCRIPTS:
+        module = importlib.import_module(name)
+        defaults = getattr(module, "DEFAULTS", None) or getattr(module, "SETTINGS", None) or settings_of(vars(module))
+        rules = getattr(module, "RULES", RULES)  # a script whose setting means something else has its own rule
+        configure(defaults, [], rules)  # every default obeys its rule
+        for key in set(defaults) & set(rules):
+            bad = outside(rules[key], defaults[key])
+            with pytest.raises(ValueError, match=f"^{key}={bad!r} must be {re.escape(rules[key])}$"):
+                configure(defaults, [f"--{key}={bad}"], rules)
+            checked.add(key)
+        for key in (k for k, v in defaults.items() if type(v) is float):
+            with pytest.raises(ValueError, match=f"--{key}=nan: expected a finite number"):
+                configure(defaults, [f"--{key}=nan"])
+    assert {"lr", "beta2", "grad_clip", "memory_lr_mult", "temperature", "digits", "threads", "gpu_gib"} <= checked
+
+
+def test_a_list_setting_that_does_not_parse_names_the_setting_and_an_example():
+    assert parse_list("depths", "0,0.5,1", float) == [0, 0.5, 1]
+    for text in ("150,,300", "1e3x", ""):
+        with pytest.raises(ValueError, match=r"^--lengths=.*: expected comma-separated ints, e.g. --lengths=1024"):
+            parse_list("lengths", text)
+
+
+def test_a_cuda_device_is_refused_in_one_line_where_torch_sees_none(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for name in ("cuda", "cuda:1"):
+        with pytest.raises(ValueError, match=f"device='{name}', but torch sees no CUDA device here: use --device=cpu"):
+            pick_device(name)
+    assert pick_device("auto") == "cpu"
+
+
+@pytest.mark.parametrize("kind, ours", [(JSON, b'{"cells": []}'), (JSON_LINES, b'{"a": 1}\n{"b": 2}\n'),
+                                        (PNG, b"\x89PNG\r\n\x1a\n....")])
+def test_an_output_replaces_only_a_file_of_its_own_kind(tmp_path, kind, ours):
+    mine, theirs = tmp_path / "mine", tmp_path / "theirs"
+    mine.write_bytes(ours)
+    theirs.write_bytes(b"PK\x03\x04 somebody's checkpoint")
+    check_output(str(mine), "--json", kind)
+    with pytest.raises(ValueError, match=f"^--json: {theirs} exists and is not a {kind[0]}: refusing to replace it"):
+        check_output(str(theirs), "--json", kind)
+    assert theirs.read_bytes() == b"PK\x03\x04 somebody's checkpoint"
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("x")
+    for path, says in [(tmp_path, "is a directory"), (tmp_path / "file" / "r.json", "is a file, not a directory"),
+                       (Path("/proc/nanocomet/r.json"), "cannot write in /proc/nanocomet")]:
+        with pytest.raises(ValueError, match=says):
+            check_output(str(path), "--json", JSON)
+    check_output(str(tmp_path / "new" / "r.json"), "--json", JSON)  # a missing directory is made
+    monkeypatch.chdir(tmp_path)
+    check_directory("", "--out_dir")  # the working directory
+    check_directory(os.path.join("runs", "a"), "--out_dir")  # relative, missing: made
+    assert (tmp_path / "runs" / "a").is_dir()

@@ -188,3 +188,17 @@ def test_the_sequences_of_a_seed_never_change():
             h.update(s.tokens().astype(np.int64).tobytes())
         h.update(make_sample("facts", ENC, 500, 0.3, random.Random(seed)).tokens().astype(np.int64).tobytes())
     assert h.hexdigest() == "d696f3928f9e1a01133d2b93f309432c965470ff99f937f85fd25293274f66ae"
+
+
+def test_a_text_file_that_is_not_utf8_is_named_with_the_remedy(tmp_path):
+    path = tmp_path / "essays.txt"
+    path.write_bytes("caf\xe9 \x91quoted\x92 ".encode("latin-1") * 400)
+    with pytest.raises(ValueError, match=f"^filler {path} is not UTF-8 text \\(byte 0xe9 at offset 3\\): save it as "
+                                         "UTF-8, e.g. iconv"):
+        data.filler_tokens(get_tokenizer("bytes"), str(path), "train")
+
+
+def test_a_file_that_is_not_a_tokenizer_is_one_line_listing_what_is(tmp_path):
+    (tmp_path / "notes.md").write_text("# not a tokenizer\n")
+    with pytest.raises(ValueError, match="is not a tokenizer: give bytes, gpt2, a .tiktoken file"):
+        get_tokenizer(str(tmp_path / "notes.md"))

@@ -191,6 +191,17 @@ def test_a_config_without_a_required_key_is_named(checkpoints, tmp_path):
         load_llama(str(path))
 
 
+@pytest.mark.parametrize("damage, says", [(lambda c: [c], "expected a JSON object of settings, found a list"),
+                                          (lambda c: {**c, "num_attention_heads": 0}, "not a Llama config"),
+                                          (lambda c: {**c, "num_hidden_layers": "two"}, "n_layer must be int")])
+def test_a_config_of_the_wrong_shape_or_type_is_one_line_naming_the_file(checkpoints, tmp_path, damage, says):
+    path = copy_checkpoint(checkpoints["mha_tied"][0], tmp_path / "ckpt")
+    (path / "config.json").write_text(json.dumps(damage(json.loads((path / "config.json").read_text()))))
+    with pytest.raises(ValueError, match=f"config\\.json: .*{says}") as e:
+        load_llama(str(path))
+    assert "\n" not in str(e.value)
+
+
 def test_an_unknown_architecture_is_named(checkpoints, tmp_path):
     path = copy_checkpoint(checkpoints["mha_tied"][0], tmp_path / "ckpt")
     cfg = json.loads((path / "config.json").read_text())

@@ -1,5 +1,6 @@
 """ram/needle.py: RAM's close reading on real weights (S9) — segments, scores, the budget — and the needle task."""
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +10,9 @@ import torch
 import torch.nn.functional as F
 
 import data
+from configurator import configure, settings_of
 from model import ModelConfig, Transformer
+from ram import needle
 from ram.needle import read, scores, spans
 from ram.ram import close_read
 from ram import tasks
@@ -112,15 +115,14 @@ def test_the_needle_is_a_line_of_its_own_at_its_depth_and_the_question_completes
 @pytest.mark.parametrize("args, message", [
     (["--method=rag"], "method='rag' must be one of full, ram, truncate"),
     (["--split=words"], "split='words' must be one of sentences, fixed"),
-    (["--keep_ratio=0"], "keep_ratio=0.0 must lie in (0, 1]"),
+    (["--keep_ratio=0"], "keep_ratio=0.0 must be in (0, 1]"),
     (["--model="], "give --model=PATH"),
     (["--depths=0.5,1.2"], "lengths must be positive, depths in [0, 1]"),
-    (["--lengths=2048,x"], "must be comma-separated numbers"),
+    (["--lengths=2048,x"], "--lengths=2048,x: expected comma-separated ints"),
 ])
 def test_bad_needle_settings_are_one_clear_line(args, message):
-    r = subprocess.run([sys.executable, "-m", "ram.needle", "--model=x.gguf", *args], cwd=ROOT, capture_output=True,
-                       text=True, timeout=120)
-    assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr
+    with pytest.raises(ValueError, match=re.escape(message)):
+        needle.check(configure(settings_of(vars(needle)), ["--model=x.gguf", *args]))
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from checkpoint import load_model
 from conftest import tiny_model
 from llama import freeze_base
+import pipeline
 from pipeline import rank_chunks
 from scripts.pipeline_sim import launch, simulate
 
@@ -409,3 +410,14 @@ def test_ctrl_c_on_one_rank_stops_every_rank_after_the_step_with_a_checkpoint(tm
     assert proc.returncode == 0 and "interrupted: checkpoint at iteration" in out, err[-3000:]
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert ckpt["iter_num"] == len(log.read_text().splitlines()) >= 5
+
+
+def test_a_rank_whose_peers_never_come_fails_in_one_line_naming_the_leftover_environment(monkeypatch):
+    def no_peers(*args, **kwargs):  # what torch raises when the store's rendezvous times out
+        raise torch.distributed.DistStoreError("Timed out after 31 seconds waiting for clients. 1/2 clients joined.")
+    monkeypatch.setattr(torch.distributed, "init_process_group", no_peers)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=r"^rank 0 of 2 could not join the others within 32 s \(Timed out after 31 "
+                                         r"seconds.*\): start every rank with torchrun, or unset RANK and WORLD_SIZE"):
+        pipeline.Pipeline.from_env("cpu", timeout=1.0, dp=2)

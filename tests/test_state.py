@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save
 
 import eval_passkey
 from checkpoint import load_model, save_checkpoint
@@ -17,7 +19,7 @@ from conftest import plan_logits, tiny_model
 from data import get_tokenizer, make_passkey
 from eval_passkey import passkey_cell
 from sample import answer
-from stream import check_state_path, generate, load_state, new_stream, repeat_state, save_state, stream
+from stream import _checksum, check_state_path, generate, load_state, new_stream, repeat_state, save_state, stream
 
 ROOT = Path(__file__).resolve().parents[1]
 ENC = get_tokenizer("bytes")
@@ -92,6 +94,7 @@ class _Payload:
     ("truncated", "corrupt or truncated"), ("flipped", "checksum"), ("header", "checksum"),
     ("pickle", "corrupt or truncated"),
     ("foreign", "not a nanocomet state file"), ("missing", "no state file"),
+    ("vocabulary", "token ids outside the vocabulary"), ("memories", "memories of another shape"),
 ])
 def test_a_damaged_or_foreign_file_is_refused_with_one_line_and_runs_nothing(model, tmp_path, monkeypatch, damage,
                                                                              says):
@@ -108,6 +111,15 @@ def test_a_damaged_or_foreign_file_is_refused_with_one_line_and_runs_nothing(mod
     elif damage == "pickle":
         monkeypatch.setenv("PAYLOAD", str(payload))
         path.write_bytes(pickle.dumps(_Payload()))
+    elif damage in ("vocabulary", "memories"):  # written consistently (its checksum agrees), but not by this model
+        with safe_open(str(path), "pt") as f:
+            tensors, header = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+        if damage == "vocabulary":
+            assert tensors["tokens"].numel() > 0
+            tensors["tokens"][0, -1] = model.config.vocab_size
+        else:
+            tensors["0.temp_memory"] = torch.zeros(1, model.config.temp_budget + 1, model.config.n_embd)
+        path.write_bytes(save(tensors, metadata={**header, "checksum": _checksum(tensors, header)}))
     elif damage == "foreign":
         from safetensors.torch import save_file
         save_file({"x": torch.zeros(2)}, str(path), metadata={"format": "pt"})
@@ -159,7 +171,7 @@ def test_eval_passkey_from_a_saved_state_gives_the_answers_of_reading_it_whole(t
         samples = [make_passkey(ENC, n, d, rng) for _ in range(3)]
         passkey_cell(model, samples, align, piece=64)
         passkey_cell(model, samples, align, piece=64, enc=ENC, state_file=str(tmp_path / "s"), asks=2, seconds=seconds)
-    first, *asked = answers[:3], answers[3:]  # per cell: the answer read whole, then the two asked from the file
+    # per cell: the answer read whole, then the two asked from the file
     assert len(answers) == 6 and all(torch.equal(a, answers[0]) for a in answers[1:3])
     assert all(torch.equal(a, answers[3]) for a in answers[4:6])
     assert seconds["asks"] == 4 and seconds["kib"] > 0 and len(loaded) == 4

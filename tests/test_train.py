@@ -19,6 +19,7 @@ import data
 import pipeline
 import train
 from checkpoint import load_model, read_run, resume_settings
+from configurator import RULES, check_ranges
 from conftest import tiny_model
 from data import get_tokenizer, make_passkey
 from model import Transformer
@@ -96,6 +97,38 @@ def test_ctrl_c_finishes_the_step_and_leaves_a_checkpoint_of_every_logged_step(t
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0 and "continue with --init_from=resume" in out, err[-2000:]
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["iter_num"] == len(log.read_text().splitlines()) >= 3
+
+
+def test_a_loss_that_turns_non_finite_stops_the_run_naming_the_step_and_keeps_the_last_checkpoint(tmp_path):
+    poisoned = """
+import math, sys, train
+def setup(config, enc, ckpt, dev, pipe):
+    recipe, seen = train.passkey_recipe(config, enc, ckpt, dev, pipe), []
+    def batch(it):
+        seen.append(it)
+        return recipe.batch(it)
+    def loss(m, b, rows=slice(None)):
+        value, parts = recipe.loss(m, b, rows)
+        return (value * math.nan if seen[-1] == 5 else value), parts
+    return recipe._replace(batch=batch, loss=loss)
+train.main(setup)
+"""
+    r = subprocess.run([sys.executable, "-c", poisoned, "config/smoke.py", f"--out_dir={tmp_path}", "--ckpt_interval=4",
+                        "--eval_interval=0", "--max_iters=8"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (f"error: the loss at iteration 5 is nan: stopped before updating the "
+                                                 f"weights; {tmp_path}/ckpt.pt keeps the last checkpoint (resume it "
+                                                 "with a lower --lr)")
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["iter_num"] == 4 and len(losses(tmp_path)) == 5
+
+
+def test_a_damaged_log_line_is_dropped_on_resume_with_a_warning(trained, tmp_path):
+    copy = run_copy(trained, tmp_path / "copy")
+    lines = (copy / "log.jsonl").read_text().splitlines(keepends=True)
+    (copy / "log.jsonl").write_text("".join(lines[:4] + ["{torn by hand\n"] + lines[4:]))
+    out = run(train_cmd(copy, "--init_from=resume", "--max_iters=12"))
+    assert "warning:" in out and "1 damaged line(s) dropped" in out
+    assert [i for i, _ in losses(copy)] == list(range(12)) and losses(copy)[:10] == losses(trained)
 
 
 def test_a_moved_run_resumes_where_it_is_and_refuses_to_change_its_model(trained, tmp_path):
@@ -181,6 +214,24 @@ def test_eval_passkey_inspection_and_sample_run_on_what_train_py_wrote(trained, 
     assert "7 tokens generated" in out and "peak memory" in out
 
 
+@pytest.mark.parametrize("argv, written, noun", [
+    (["eval_passkey.py", "--lengths=256", "--json=r.json"], "r.json", "JSON file"),
+    (["eval_passkey.py", "--lengths=256", "--png=r.png"], "r.png", "PNG image"),
+    (["bench.py", "--lengths=256", "--json=b.jsonl"], "b.jsonl", "JSON-lines file"),
+    (["inspection.py", "--png=look"], "look_gates.png", "PNG image"),
+    (["sample.py", "--save_state=s.state"], "s.state", "state file")])
+def test_no_script_writes_over_a_file_of_another_kind_and_it_says_so_before_any_work(trained, tmp_path, argv, written,
+                                                                                    noun):
+    ckpt = (trained / "ckpt.pt").read_bytes()
+    (tmp_path / written).write_bytes(ckpt)  # somebody's checkpoint, named as the output would be
+    flag = argv[-1].split("=")[0]
+    r = subprocess.run([sys.executable, str(ROOT / argv[0]), *argv[1:]] + [f"--ckpt={trained / 'ckpt.pt'}"] * (
+        argv[0] != "bench.py"), cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        f"error: {flag}: {written} exists and is not a {noun}: refusing to replace it; choose another name"]
+    assert (tmp_path / written).read_bytes() == ckpt and "accuracy" not in r.stdout
+
+
 # --- settings, checked in-process ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("bad, names", [
@@ -193,6 +244,7 @@ def test_eval_passkey_inspection_and_sample_run_on_what_train_py_wrote(trained, 
 ])
 def test_a_bad_setting_is_one_clear_error_naming_it(bad, names):
     with pytest.raises((ValueError, OSError), match=re.escape(names)):
+        check_ranges({**train.DEFAULTS, **bad}, RULES)  # what configure checks of every script's numbers
         train.check_settings({**train.DEFAULTS, **bad}, ENC)
 
 
@@ -207,19 +259,45 @@ def test_resume_without_a_checkpoint_or_over_one_is_refused(tmp_path, monkeypatc
     assert (tmp_path / "ckpt.pt").read_bytes() == b"precious"
 
 
+@pytest.mark.parametrize("used", ["log.jsonl", "ckpt-00000300.dcp", "memories.safetensors"])
+def test_a_new_run_never_writes_into_the_out_dir_of_another(tmp_path, monkeypatch, used):
+    (tmp_path / used).write_bytes(b"another run's")
+    monkeypatch.setattr(sys, "argv", ["train.py", f"--out_dir={tmp_path}"])
+    with pytest.raises(SystemExit, match=f"holds another run's {used}: train into another --out_dir"):
+        read_run(train.DEFAULTS, ())
+    assert [p.name for p in tmp_path.iterdir()] == [used] and (tmp_path / used).read_bytes() == b"another run's"
+
+
+@pytest.mark.parametrize("damage, says", [(dict(iter_num="300"), "iter_num (int)"), (dict(config=[1]), "config (dict)"),
+                                          (dict(rng={}), "rng"), (dict(config=dict(lr="fast")), "lr='fast'")])
+def test_a_checkpoint_whose_fields_have_the_wrong_type_is_one_line_on_resume(monkeypatch, damage, says):
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+    ckpt = {**dict(optimizer={}, iter_num=3, config=dict(train.DEFAULTS), rng=dict(torch=torch.get_rng_state())),
+            **damage}
+    with pytest.raises(ValueError, match=re.escape(says)):
+        resume_settings(ckpt, "out", train.DEFAULTS, ())
+
+
+def test_a_leftover_torchrun_environment_is_one_line_naming_the_remedy(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="WORLD_SIZE=2 .*give --dp=2 or --pipeline=True; or unset RANK and WORLD_SIZE"):
+        train.check_settings(dict(train.DEFAULTS), ENC)
+
+
 @pytest.mark.parametrize("key, then, now", [("edge_depths", 0.1, 0.3), ("chunk_align", "left", "right"),
                                             ("batch_threads", 1, 3)])
 def test_a_checkpoint_from_before_a_setting_resumes_with_what_it_was_trained_with(monkeypatch, key, then, now):
     monkeypatch.setattr(sys, "argv", ["train.py"])
     saved = {k: v for k, v in train.DEFAULTS.items() if k != key}
-    ckpt = dict(optimizer={}, iter_num=3, config=saved, rng={})
+    ckpt = dict(optimizer={}, iter_num=3, config=saved, rng=dict(torch=torch.get_rng_state()))
     assert resume_settings(ckpt, "out", train.DEFAULTS, ())[key] == then != train.DEFAULTS[key]
     assert resume_settings({**ckpt, "config": {**saved, key: now}}, "out", train.DEFAULTS, ())[key] == now
 
 
 def test_a_run_of_rams_entry_point_resumes_only_there(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["train.py"])
-    ckpt = dict(optimizer={}, iter_num=3, config={**train.DEFAULTS, "method": "ram", "task": "facts"}, rng={})
+    ckpt = dict(optimizer={}, iter_num=3, config={**train.DEFAULTS, "method": "ram", "task": "facts"},
+                rng=dict(torch=torch.get_rng_state()))
     with pytest.raises(ValueError, match="python -m ram.train_ram"):
         resume_settings(ckpt, "out", train.DEFAULTS, ())
 
