@@ -85,7 +85,7 @@ RULES = {
     **dict.fromkeys(("threads", "eval_interval", "ckpt_interval", "weight_decay", "grad_clip", "lm_weight",
                      "bptt_chunks", "max_new_tokens", "top_k", "temperature", "block_size", "full_max",
                      "encoder_layers", "contrast_weight", "ppl_tail"), ">= 0"),
-    **dict.fromkeys(("warmup", "min_lr", "curriculum", "edge_depths", "depth"), "in [0, 1]"),
+    **dict.fromkeys(("warmup", "min_lr", "curriculum", "edge_depths", "far_keys", "depth"), "in [0, 1]"),
     "keep_ratio": "in (0, 1]",
     **dict.fromkeys(("beta1", "beta2"), "in [0, 1)"),
 }

@@ -347,14 +347,15 @@ def make_passkey(enc: tiktoken.Encoding, length: int, depth: float, rng: random.
 
 def sample_batch(enc: tiktoken.Encoding, batch: int, length: int, seed: int, digits: int = 5,
                  depth: float | None = None, filler: np.ndarray | None = None, edges: float = 0.1,
-                 make: Callable[..., Passkey] = make_passkey) -> list[Passkey]:
+                 make: Callable[..., Passkey] = make_passkey, far: tuple[float, float] = (0.0, 0.0)) -> list[Passkey]:
     """`batch` sequences of `length` tokens, `make(enc, length, depth, rng, digits, filler)` each (a passkey; RAM's
     tasks bring their own); the same seed always gives the same ones. Without a depth, depths are uniform in
     [0, 1] except that a share `edges` sits exactly at 0 or 1: a uniform depth almost never puts the passkey
-    sentence right against the question, and a model trained so failed a third of the depth-100% evaluations."""
+    sentence right against the question, and a model trained so failed a third of the depth-100% evaluations.
+    far (share, deepest): a share of the sequences with depths uniform in [0, deepest] instead (far from the end)."""
     rng = random.Random(seed)
-    depths = [depth if depth is not None else rng.choice((0.0, 1.0)) if rng.random() < edges else rng.random()
-              for _ in range(batch)]
+    depths = [depth if depth is not None else rng.uniform(0, far[1]) if far[0] and rng.random() < far[0] else
+              rng.choice((0.0, 1.0)) if rng.random() < edges else rng.random() for _ in range(batch)]
     return [make(enc, length, d, rng, digits, filler) for d in depths]
 
 

@@ -274,13 +274,17 @@ class _Tensors:
         return tuple(self.shards[0][1][name].shape)  # a model-parallel shard: get() joins and checks them
 
 
-def load_llama(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu", **overrides) -> Transformer:
+def load_llama(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu", readout_init: str = "mean",
+               **overrides) -> Transformer:
     """A Llama checkpoint directory or .gguf file -> Transformer in eval mode, weights in `dtype` on `device`.
 
     Without overrides it is the plain pretrained decoder (chunk_size=0). CoMeT settings (chunk_size,
     n_global, stride, temp_budget, adapter_rank) add memories: their modules start as in S5 (adapters =
     identity), the compression and readout token embeddings start at the mean token embedding
-    (readout slots + a little noise, so that they differ). Errors name the file and the tensor."""
+    (readout_init="mean": readout slots + a little noise, so that they differ; "apart": + orthogonal directions as
+    long as a token's distance from the mean). Errors name the file and the tensor."""
+    if readout_init not in ("mean", "apart"):
+        raise ValueError(f"readout_init={readout_init!r} must be mean or apart")
     args, layout = read_config(path)
     tensors = _Tensors(path, layout)
     if "vocab_size" not in args:
@@ -322,7 +326,7 @@ def load_llama(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu
         raise ValueError(f"{tensors.files[extra[0]]}: unexpected tensor {extra[0]} for a Llama of this config")
     if cfg.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
-    _add_memories(model, device, dtype)
+    _add_memories(model, device, dtype, readout_init)
     model.build_rope(device)
     return model.eval()
 
@@ -332,7 +336,7 @@ def _set_param(model: nn.Module, name: str, value: torch.Tensor) -> None:
     setattr(model.get_submodule(module_name), attr, nn.Parameter(value))
 
 
-def _add_memories(model: Transformer, device, dtype) -> None:
+def _add_memories(model: Transformer, device, dtype, readout_init: str = "mean") -> None:
     """Give the CoMeT parameters (still on the meta device) real storage and their initial values."""
     new = {n for n, p in model.named_parameters() if p.is_meta}
     for name in new:
@@ -344,19 +348,33 @@ def _add_memories(model: Transformer, device, dtype) -> None:
         mean = emb.mean(0, dtype=torch.float32)  # a token-like input, in the embeddings' own region
         if "compression_emb" in new:
             model.compression_emb.copy_(mean.expand_as(model.compression_emb))
-        if "readout_emb" in new:
+        if "readout_emb" in new and readout_init == "apart":  # distinct rows: a slot each of its own
+            directions, _ = torch.linalg.qr(torch.randn(emb.size(1), model.readout_emb.size(0), device=emb.device))
+            spread = (emb.float() - mean).norm(dim=1).mean()  # a token's typical distance from the mean
+            model.readout_emb.copy_(mean + spread * directions.T)
+        elif "readout_emb" in new:
             noise = torch.randn(model.readout_emb.shape, device=emb.device) * emb.std(0).float() * 0.1
             model.readout_emb.copy_(mean + noise)
 
 
-def freeze_base(model: Transformer, dtype: torch.dtype | None = None) -> list[str]:
-    """Train only what CoMeT adds (memory modules, compression and readout embeddings); returns their names.
+UNFREEZE = {"": (), "attention": (".attention.", ".attention_norm.")}  # base weights a frozen-base run trains too
+
+
+def trains(model: Transformer, name: str, unfreeze: str = "") -> bool:
+    """Whether a frozen-base run trains parameter `name`: what CoMeT adds, and the base weights `unfreeze` names
+    (attention: each layer's q/k/v/o and attention norm, which read and write the memory rows)."""
+    return model.is_memory_param(name) or any(part in name for part in UNFREEZE[unfreeze])
+
+
+def freeze_base(model: Transformer, dtype: torch.dtype | None = None, unfreeze: str = "") -> list[str]:
+    """Train only what CoMeT adds (memory modules, compression and readout embeddings) and the base weights
+    `unfreeze` names (`trains`); returns their names.
     dtype (e.g. bfloat16, for bf16 autocast): the frozen matrices are held in it, half the memory of fp32;
     the norms' weights stay fp32 (tiny, and a norm runs fused only with its input's dtype), and so do the
     memories and their optimizer."""
     trainable = []
     for name, p in model.named_parameters():
-        p.requires_grad_(model.is_memory_param(name))
+        p.requires_grad_(trains(model, name, unfreeze))
         if p.requires_grad:
             trainable.append(name)
         elif dtype is not None and p.dim() >= 2:
@@ -391,9 +409,9 @@ def fingerprint(path: str) -> str:
     return h.hexdigest()[:16]
 
 
-def memory_state(model: Transformer) -> dict[str, torch.Tensor]:
-    """What CoMeT adds to a base model (S5), by name: the only tensors a frozen-base run changes."""
-    return {n: p.detach() for n, p in model.named_parameters() if model.is_memory_param(n)}
+def memory_state(model: Transformer, unfreeze: str = "") -> dict[str, torch.Tensor]:
+    """What a frozen-base run changes, by name: what CoMeT adds to a base model (S5), and what `unfreeze` names."""
+    return {n: p.detach() for n, p in model.named_parameters() if trains(model, n, unfreeze)}
 
 
 def base_header(path: str, model: Transformer) -> dict:
@@ -425,7 +443,7 @@ def read_memories(path: str) -> tuple[dict[str, torch.Tensor], dict]:
         raise ValueError(f"{path}: damaged header ({type(e).__name__}: {e})") from None
     sizes = header["memory_args"]
     if not isinstance(header["settings"], dict) or not isinstance(sizes, dict) or not set(sizes) <= set(
-            MEMORY_SETTINGS) or not all(isinstance(v, int) for v in sizes.values()):
+            MEMORY_SETTINGS) or not all(isinstance(v, (int, float)) for v in sizes.values()):
         raise ValueError(f"{path}: damaged header (settings and memory_args must map names to values, memory_args "
                          f"the memory sizes {', '.join(MEMORY_SETTINGS)})")
     return tensors, header
@@ -442,7 +460,7 @@ def attach_memories(base: str, tensors: dict, header: dict, source: str, dtype: 
         raise ValueError(f"{source} was trained on {header['base']} (fingerprint {header['base_fingerprint']}), "
                          f"not on {base} (fingerprint {fingerprint(base)}): refusing to load it onto another model")
     model = load_llama(base, dtype, device, **header["memory_args"])
-    expected = memory_state(model)
+    expected = memory_state(model, header.get("settings", {}).get("unfreeze", ""))  # and what else it trained
     bad = sorted(set(expected) ^ set(tensors)) or [n for n in expected if expected[n].shape != tensors[n].shape]
     if bad:
         raise ValueError(f"{source}: memory tensor {bad[0]} does not match the memory settings it records")

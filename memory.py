@@ -72,10 +72,11 @@ class GlobalMemory(nn.Module):
     """S3: a gated recurrence over the layer's readout outputs, one scalar gate per slot.
     gated=False is the ablation without the gate: each chunk overwrites the memory (RMT-like)."""
 
-    def __init__(self, n_embd: int, rank: int, eps: float, gated: bool = True):
+    def __init__(self, n_embd: int, rank: int, eps: float, gated: bool = True, gate_bias: float = 0.0):
         super().__init__()
         self.norm = nn.RMSNorm(n_embd, eps=eps)
-        self.gate = nn.Linear(2 * n_embd, 1, bias=False) if gated else None  # W_g: [s_{t-1}; s~] -> a logit per slot
+        # W_g: [s_{t-1}; s~] -> a logit per slot; gate_bias != 0: a bias starting there (3: g ~ 0.95 keeps the state)
+        self.gate = nn.Linear(2 * n_embd, 1, bias=bool(gate_bias)) if gated else None  # init: Transformer.init_weights
         self.adapter = LowRankAdapter(n_embd, rank)
 
     def forward(self, readout: Tensor, state: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -110,9 +111,10 @@ class TemporaryMemory(nn.Module):
 class LayerMemory(nn.Module):
     """Both memories of one layer; a memory whose size is 0 is absent (and has no parameters)."""
 
-    def __init__(self, n_embd: int, n_global: int, temp_budget: int, rank: int, eps: float, gated: bool = True):
+    def __init__(self, n_embd: int, n_global: int, temp_budget: int, rank: int, eps: float, gated: bool = True,
+                 gate_bias: float = 0.0):
         super().__init__()
-        self.global_mem = GlobalMemory(n_embd, rank, eps, gated) if n_global else None
+        self.global_mem = GlobalMemory(n_embd, rank, eps, gated, gate_bias) if n_global else None
         self.temp_mem = TemporaryMemory(n_embd, temp_budget, rank, eps) if temp_budget else None
 
     def forward(self, mem: MemoryState, readout: Tensor, compressed: Tensor) -> MemoryState:
@@ -126,13 +128,15 @@ class LayerMemory(nn.Module):
 
 
 def memory_param_count(n_layer: int, n_embd: int, n_global: int, temp_budget: int, rank: int,
-                       gated: bool = True) -> int:
+                       gated: bool = True, gate_bias: float = 0.0) -> int:
     """S5: parameters CoMeT adds to a decoder.
 
     Per layer: global memory = RMSNorm (d) + W_g (2d) + adapter (2*d*r); temporary memory = RMSNorm (d)
     + adapter (2*d*r). Plus embeddings: one compression token (if the FIFO is on) and n_global readout
-    tokens. Both memories on: n_layer * (4d + 4*d*r) + (1 + n_global) * d. Without the gate: 2d less per layer.
+    tokens. Both memories on: n_layer * (4d + 4*d*r) + (1 + n_global) * d. Without the gate: 2d less per layer;
+    with a gate bias: 1 more.
     """
     d = n_embd
-    per_layer = ((1 + 2 * gated) * d + 2 * d * rank) * bool(n_global) + (d + 2 * d * rank) * bool(temp_budget)
+    gate = (2 * d + bool(gate_bias)) * gated
+    per_layer = (d + gate + 2 * d * rank) * bool(n_global) + (d + 2 * d * rank) * bool(temp_budget)
     return n_layer * per_layer + (int(bool(temp_budget)) + n_global) * d

@@ -24,7 +24,7 @@ from memory import LayerMemory, MemoryState
 
 
 # the settings that shape CoMeT's memories (S2-S5): what a pretrained model is given, what trained memories record
-MEMORY_SETTINGS = ("chunk_size", "n_global", "stride", "temp_budget", "adapter_rank", "global_gate")
+MEMORY_SETTINGS = ("chunk_size", "n_global", "stride", "temp_budget", "adapter_rank", "global_gate", "gate_bias")
 
 
 @dataclass
@@ -51,12 +51,17 @@ class ModelConfig:
     temp_budget: int = 32          # temporary-memory FIFO capacity in slots (S4)
     adapter_rank: int = 8          # rank of the memories' residual low-rank adapters (S3)
     global_gate: bool = True       # False: the global memory is overwritten by each chunk (RMT-like ablation)
+    gate_bias: float = 0.0         # the gate's logit bias at init; 0: none (g ~ 0.5 at first); 3: g ~ 0.95 (S3)
     init_std: float | None = None  # weight init std; None -> sqrt(2 / (5 * n_embd)) (small init, width-aware)
 
     def __post_init__(self):
         check_types(self)
         off = ("chunk_size", "n_global", "temp_budget", "window")  # 0 turns these off
         for name, value in vars(self).items():
+            if name == "gate_bias" and not math.isfinite(value):  # any finite logit
+                raise ValueError(f"ModelConfig: gate_bias={value} must be a finite number")
+            if name == "gate_bias":
+                continue
             if isinstance(value, (int, float)) and not isinstance(value, bool) and not (
                     math.isfinite(value) and (value >= 0 if name in off else value > 0)):
                 raise ValueError(f"ModelConfig: {name}={value} must be " + ("an integer >= 0 (0 turns it off)"
@@ -313,7 +318,8 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         if cfg.comet:  # S5: the parameters CoMeT adds
             self.memories = nn.ModuleList(
-                LayerMemory(cfg.n_embd, cfg.n_global, cfg.temp_budget, cfg.adapter_rank, cfg.norm_eps, cfg.global_gate)
+                LayerMemory(cfg.n_embd, cfg.n_global, cfg.temp_budget, cfg.adapter_rank, cfg.norm_eps, cfg.global_gate,
+                            cfg.gate_bias)
                 for _ in range(cfg.n_layer))
             if cfg.temp_budget:
                 self.compression_emb = nn.Parameter(torch.empty(1, cfg.n_embd))
@@ -339,6 +345,8 @@ class Transformer(nn.Module):
                 continue
             if name.endswith("norm.weight"):
                 nn.init.ones_(p)
+            elif name.endswith("gate.bias"):
+                nn.init.constant_(p, self.config.gate_bias)
             elif name.endswith("adapter.up.weight"):
                 nn.init.zeros_(p)
             elif name.endswith(("wo.weight", "w2.weight")):

@@ -41,6 +41,8 @@ from pipeline import SCHEDULES, Pipeline, PipelineError, cpu_slices, join, reduc
 out_dir = "out"
 init_from = "scratch"     # scratch | resume (out_dir/ckpt.pt, with its settings) | a Llama checkpoint dir or .gguf
 freeze_base = False       # train only what CoMeT adds: memories, compression and readout embeddings (S5)
+unfreeze = ""             # with freeze_base: base weights that train too; attention = q/k/v/o and attention norms
+readout_init = "mean"     # new memories on a pretrained model: mean (+ a little noise) | apart (orthogonal directions)
 base_path = ""            # resuming a frozen-base run whose base model has moved: where it is now
 seed = 1337
 device = "auto"           # auto | cpu | cuda
@@ -70,6 +72,7 @@ stride = 8
 temp_budget = 32
 adapter_rank = 8
 global_gate = True        # False: each chunk overwrites the global memory (ablation, RMT-like)
+gate_bias = 0.0           # the gate's bias at init; 0: none, as in the paper (g ~ 0.5); 3: g ~ 0.95 keeps the state
 window = 0                # chunk_size=0 only: tokens see the last `window` positions (sliding-window baseline)
 # data (S8)
 filler = "grass"          # grass (S8's repeated sentences) | a text file: real English, 80% train / 20% held out
@@ -79,6 +82,8 @@ min_len = 128             # shortest training sequence, tokens
 max_len = 768             # longest training sequence (the "training length"), tokens
 curriculum = 0.5          # the longest length ramps from min_len to max_len over this share of the run; 0: off
 edge_depths = 0.2         # share of training sequences with the key exactly at depth 0 or 1, the rest uniform
+far_keys = 0.0            # share of training sequences with the key beyond the FIFO's reach: only the global memory
+                          # can carry it to the question (`far_depth`); 0: off
 chunk_align = "mixed"     # where chunks start: left (the first token) | right (the answer ends a chunk) | mixed (each
                           # iteration one or the other); the evaluation reads right-aligned unless this is left
 lm_weight = 0.1           # loss = NLL(answer) + lm_weight * NLL(other tokens); 0: answer tokens only
@@ -126,9 +131,17 @@ def get_samples(enc, it: int, dp_rank: int = 0, make: Callable = make_passkey) -
     rng = random.Random(seed * 1_000_003 + it)
     ramp = min(1.0, it / (curriculum * max_iters)) if curriculum else 1.0
     length = rng.randint(min_len, round(min_len + ramp * (max_len - min_len)))
-    rows = sample_batch(enc, batch_size * dp, length, rng.randrange(2**62), digits,
-                        filler=filler_tokens(enc, filler, "train"), edges=edge_depths, make=make)
+    rows = sample_batch(enc, batch_size * dp, length, rng.randrange(2**62), digits, filler=filler_tokens(
+        enc, filler, "train"), edges=edge_depths, make=make, far=(far_keys, far_depth(length)) if far_keys else (0, 0))
     return rows[dp_rank * batch_size:(dp_rank + 1) * batch_size], length
+
+
+def far_depth(length: int) -> float:
+    """The deepest key depth beyond the FIFO's reach in a sequence of `length` tokens: before the question's chunk
+    and the temp_budget / n_compression chunks the FIFO holds (and the key's sentence and the question, ~64)."""
+    n_compression = math.ceil(chunk_size / stride) if temp_budget else 0
+    reach = chunk_size * (1 + (temp_budget // n_compression if n_compression else 0)) + 64
+    return max(0.0, 1 - reach / length)
 
 
 def batch_align(it: int) -> str:
@@ -197,19 +210,22 @@ def build_model(config: dict, enc, ckpt: dict | None, dev: str) -> tuple[Transfo
     path = os.path.join(config["out_dir"], "ckpt.pt")
     if ckpt is not None and "base" in ckpt:
         ckpt["base"]["base_path"] = config["base_path"] or ckpt["base"]["base_path"]  # where it is now
-        model = llama.attach_memories(ckpt["base"]["base_path"], ckpt["model"], ckpt["base"], path, device=dev)
+        model = llama.attach_memories(ckpt["base"]["base_path"], ckpt["model"], {**ckpt["base"], "settings": ckpt[
+            "config"]}, path, device=dev)
     elif ckpt is not None:  # ckpt_shards: the weights come in `start`, once the model is sharded
         model = Transformer(ModelConfig(**ckpt["model_args"])) if ckpt.get("shards") else load_model(path, dev, ckpt)[0]
     elif config["init_from"] == "scratch":  # a plain decoder (chunk_size=0) needs RoPE up to max_len
         model = Transformer(ModelConfig(vocab_size=enc.n_vocab, block_size=max(config["max_len"], 1024),
                                         **{k: config[k] for k in MODEL_KEYS}))
     else:
-        model = llama.load_llama(config["init_from"], device=dev, **{k: config[k] for k in (*MEMORY_SETTINGS, "window")})
+        model = llama.load_llama(config["init_from"], device=dev, readout_init=config["readout_init"],
+                                 **{k: config[k] for k in (*MEMORY_SETTINGS, "window")})
         config.update({k: getattr(model.config, k) for k in MODEL_KEYS})
     if enc.n_vocab > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {enc.n_vocab} ids, the model's vocabulary only {model.config.vocab_size}")
     if config["freeze_base"]:  # under bf16 autocast the frozen base is held in bf16 (the memories stay fp32)
-        llama.freeze_base(model, torch.bfloat16 if pick_dtype(config["dtype"], dev) == torch.bfloat16 else None)
+        llama.freeze_base(model, torch.bfloat16 if pick_dtype(config["dtype"], dev) == torch.bfloat16 else None,
+                          config["unfreeze"])
     model.checkpoint_activations = config["checkpoint_activations"]
     base = (ckpt or {}).get("base") or (llama.base_header(config["init_from"], model) if config["freeze_base"]
                                         and llama.is_pretrained(config["init_from"]) else None)
@@ -236,10 +252,13 @@ def check_settings(c: dict, enc) -> None:
         (c["pipeline_schedule"] not in SCHEDULES, f"pipeline_schedule={c['pipeline_schedule']!r}: wavefront or naive"),
         (c["init_from"] not in ("scratch", "resume") and not llama.is_pretrained(c["init_from"]),
          f"init_from={c['init_from']!r} must be scratch, resume, a Llama checkpoint directory or a .gguf file"),
+        (c["unfreeze"] not in llama.UNFREEZE or c["unfreeze"] and not c["freeze_base"],
+         f"unfreeze={c['unfreeze']!r} must be '' or attention, and goes with freeze_base=True"),
+        (c["readout_init"] not in ("mean", "apart"), f"readout_init={c['readout_init']!r} must be mean or apart"),
         (c["freeze_base"] and c["ckpt_shards"], "ckpt_shards=True is for full fine-tunes: a frozen base's checkpoint "
                                                 "is its memories alone, a few MB in one file; drop --ckpt_shards"),
         *((c[k] and not c["chunk_size"], f"{k}={c[k]} works on CoMeT's chunks: it needs chunk_size > 0")
-          for k in ("freeze_base", "pipeline", "checkpoint_activations") + ("dp",) * (c["dp"] > 1))) if bad]
+          for k in ("freeze_base", "pipeline", "checkpoint_activations", "far_keys") + ("dp",) * (c["dp"] > 1))) if bad]
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not c["pipeline"] and c["dp"] == 1:  # every process would train the same run into one out_dir
         problems.append(f"WORLD_SIZE={world} (torchrun): give --dp={world} or --pipeline=True; or unset RANK and "
@@ -356,7 +375,7 @@ def save(model, optimizer, recipe: Recipe, it: int, acc: float | None, config: d
 def main(setup: Callable = passkey_recipe, defaults: dict = DEFAULTS, frozen: tuple = ()) -> None:
     """A run: settings, `setup`'s model and recipe, then the loop: log, evaluations, checkpoints, and on Ctrl-C the
     step finished, a checkpoint, stop. frozen: settings of `setup`'s own that a resumed run cannot change."""
-    config, ckpt = read_run(defaults, (*MODEL_KEYS, *frozen, "tokenizer", "freeze_base"))
+    config, ckpt = read_run(defaults, (*MODEL_KEYS, *frozen, "tokenizer", "freeze_base", "unfreeze"))
     if config["tokenizer"] == "auto":  # resolved here, so that the checkpoint records the real one
         config["tokenizer"] = config["init_from"] if llama.is_pretrained(config["init_from"]) else "bytes"
     globals().update(config)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -251,6 +252,47 @@ def test_with_a_frozen_base_only_memories_and_new_embeddings_get_gradients(check
     assert all(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n in trainable and "down" not in n)
     assert trainable == {n for n, _ in model.named_parameters() if n.startswith("memories.")} | {
         "compression_emb", "readout_emb"}
+
+
+def test_unfreezing_attention_trains_q_k_v_o_and_the_attention_norms_as_well_as_the_memories(checkpoints):
+    model = load_llama(str(checkpoints["gqa_untied_theta500k"][0]), chunk_size=16, n_global=4, stride=4,
+                       temp_budget=8).train()
+    trainable = set(freeze_base(model, unfreeze="attention"))
+    x = ids(40)
+    model(x, targets=x)[1].backward()
+    assert {n for n, p in model.named_parameters() if p.grad is not None} == trainable
+    attention = {n for n, _ in model.named_parameters() if n.startswith("layers.") and (
+        ".attention." in n or ".attention_norm." in n)}
+    assert trainable == attention | {n for n, _ in model.named_parameters() if model.is_memory_param(n)}
+    assert len(attention) == 5 * model.config.n_layer and not any("feed_forward" in n for n in trainable)
+
+
+def test_memories_with_their_unfrozen_attention_saved_and_attached_give_the_same_logits(checkpoints, tmp_path):
+    path = str(checkpoints["gqa_untied_theta500k"][0])
+    model = load_llama(path, chunk_size=16, n_global=4, stride=4, temp_budget=8)
+    freeze_base(model, unfreeze="attention")
+    with torch.no_grad():
+        for p in (p for p in model.parameters() if p.requires_grad):
+            p.add_(torch.randn_like(p) * 0.1)  # trained memories and attention
+    save_memories(memory_state(model, "attention"), str(tmp_path / "m.safetensors"), base_header(path, model),
+                  {"unfreeze": "attention"})
+    again = attach_memories(path, *read_memories(str(tmp_path / "m.safetensors")), "m.safetensors")
+    x = ids(40)
+    with torch.no_grad():
+        assert torch.equal(again(x)[0], model(x)[0])
+
+
+@pytest.mark.parametrize("init", ["mean", "apart"])
+def test_readout_embeddings_start_as_one_vector_with_noise_or_as_distinct_directions(checkpoints, init):
+    model = load_llama(str(checkpoints["gqa_untied_theta500k"][0]), chunk_size=16, n_global=8, stride=4,
+                       temp_budget=8, readout_init=init)
+    emb = model.tok_embeddings.weight.detach()
+    spread = (emb - emb.mean(0)).norm(dim=1).mean()  # a token's typical distance from the mean token
+    away = model.readout_emb.detach() - emb.mean(0)  # (n_global, C)
+    if init == "apart":  # orthogonal, each as far from the mean as a token
+        torch.testing.assert_close(away @ away.T, spread ** 2 * torch.eye(8), atol=1e-4 * spread ** 2, rtol=0)
+    else:  # near-copies of the mean
+        assert away.norm(dim=1).max() < 0.2 * spread
 
 
 def test_new_compression_and_readout_embeddings_start_at_the_mean_token_embedding(checkpoints):

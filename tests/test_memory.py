@@ -148,3 +148,17 @@ def test_memory_parameter_count_of_the_default_model():
     cfg = ModelConfig(n_embd=128, n_layer=4, n_global=16, temp_budget=32)
     assert memory_param_count(4, 128, 16, 32, 8) == 18_432 + 17 * 128
     assert Transformer(cfg).param_counts()[1] == 18_432 + 17 * 128
+
+
+@pytest.mark.parametrize("bias", [0.0, 3.0])
+def test_a_gate_bias_starts_the_gate_at_its_sigmoid_and_adds_one_parameter_per_layer(bias):
+    cfg = ModelConfig(n_layer=2, n_embd=32, n_head=2, chunk_size=16, n_global=4, stride=4, temp_budget=8,
+                      gate_bias=bias)
+    model = Transformer(cfg)
+    assert model.param_counts()[1] == memory_param_count(2, 32, 4, 8, cfg.adapter_rank, True, bias)
+    gate = model.memories[0].global_mem
+    torch.manual_seed(0)
+    state, readout = torch.randn(256, 4, 32), torch.randn(256, 4, 32)
+    g = gate(readout, state)[2]  # (B, n_global, 1)
+    assert abs(g.mean().item() - torch.sigmoid(torch.tensor(bias)).item()) < 0.05  # 0.5 without a bias, 0.95 at 3
+    assert (gate.gate.bias is None) if not bias else gate.gate.bias.item() == bias

@@ -323,6 +323,17 @@ def test_the_checkpoint_activations_setting_reaches_the_model():
 
 # --- batches, chunk plans and the loss ---------------------------------------------------------------------------
 
+def test_far_keys_lie_beyond_the_fifos_reach_so_only_the_global_memory_can_carry_them(monkeypatch):
+    settings(monkeypatch, far_keys=1.0, chunk_size=64, stride=8, temp_budget=16, min_len=600, max_len=700)
+    reach = 64 * (1 + 16 // 8)  # the question's chunk and the two chunks the FIFO holds
+    for it in range(5):
+        samples, length = train.get_samples(ENC, it)
+        for s in samples:
+            assert s.evidence[1] <= length - reach, (it, s.evidence, length)
+    settings(monkeypatch, far_keys=0.0, chunk_size=64, stride=8, temp_budget=16, min_len=600, max_len=700)
+    assert any(s.evidence[1] > length - reach for it in range(5) for s in train.get_samples(ENC, it)[0])
+
+
 @pytest.mark.parametrize("share", [0.0, 1.0])
 def test_the_edge_depths_setting_decides_where_training_keys_sit(monkeypatch, share):
     depths = []
