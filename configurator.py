@@ -83,7 +83,7 @@ RULES = {
                      "max_len", "digits", "dp", "pp", "pipeline_timeout", "piece", "full_piece", "train_len", "batch",
                      "repeats", "trials", "asks", "length", "segment", "gpu_gib", "context", "time_limit"), "> 0"),
     **dict.fromkeys(("threads", "eval_interval", "ckpt_interval", "weight_decay", "grad_clip", "lm_weight",
-                     "bptt_chunks", "max_new_tokens", "top_k", "temperature", "block_size", "full_max",
+                     "bptt_chunks", "loss_chunk", "max_new_tokens", "top_k", "temperature", "block_size", "full_max",
                      "encoder_layers", "contrast_weight", "ppl_tail"), ">= 0"),
     **dict.fromkeys(("warmup", "min_lr", "curriculum", "edge_depths", "far_keys", "depth"), "in [0, 1]"),
     "keep_ratio": "in (0, 1]",

@@ -441,17 +441,20 @@ class Transformer(nn.Module):
             h, memory = self.forward_chunk(idx[:, span.start:span.stop], memory, chunk_closed(spans, i, cs))
             yield h, memory
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None, bptt_chunks: int = 0, align: str = "left"):
-        """idx (B, N) token ids -> (logits (B, N, V), loss or None), like nanoGPT's GPT.forward. CoMeT: `chunks`
-        (cut as `align` says), only the real tokens' states reach the output. targets: -1 = no loss there."""
+    def hidden(self, idx: Tensor, bptt_chunks: int = 0, align: str = "left") -> Tensor:
+        """idx (B, N) token ids -> the last block's states of the real tokens (B, N, C), before the final norm and the
+        output. CoMeT: `chunks` (cut as `align` says); the compression and readout rows never reach the output."""
         if idx.dim() != 2 or idx.size(1) == 0:
             raise ValueError(f"idx must be (batch, tokens) with at least one token, got shape {tuple(idx.shape)}")
         if self.config.comet:
-            h = torch.cat([h for h, _ in self.chunks(idx, bptt_chunks, align)], 1)  # (B, N, C)
-        elif idx.size(1) > self.config.block_size:
+            return torch.cat([h for h, _ in self.chunks(idx, bptt_chunks, align)], 1)
+        if idx.size(1) > self.config.block_size:
             raise ValueError(f"sequence of {idx.size(1)} tokens is longer than block_size={self.config.block_size}")
-        else:
-            h, _ = self.run_blocks(self.tok_embeddings(idx))
-        logits = self.output(self.norm(h))
+        return self.run_blocks(self.tok_embeddings(idx))[0]
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None, bptt_chunks: int = 0, align: str = "left"):
+        """idx (B, N) token ids -> (logits (B, N, V), loss or None), like nanoGPT's GPT.forward (`hidden`, then the
+        final norm and the output). targets: -1 = no loss there."""
+        logits = self.output(self.norm(self.hidden(idx, bptt_chunks, align)))
         loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
         return logits, loss

@@ -27,6 +27,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 import llama
@@ -87,6 +88,8 @@ far_keys = 0.0            # share of training sequences with the key beyond the 
 chunk_align = "mixed"     # where chunks start: left (the first token) | right (the answer ends a chunk) | mixed (each
                           # iteration one or the other); the evaluation reads right-aligned unless this is left
 lm_weight = 0.1           # loss = NLL(answer) + lm_weight * NLL(other tokens); 0: answer tokens only
+loss_chunk = 0            # > 0: the output layer and the loss this many tokens at a time, each recomputed in backward,
+                          # so the logits (tokens x vocabulary) never exist whole; 0: all at once
 # optimizer
 batch_size = 16
 max_iters = 2000
@@ -162,8 +165,22 @@ def lm_batch(samples: list, device: str, align: str, keep: int = 0) -> tuple[tup
 def passkey_loss(logits, targets, answer, whole=None):
     """Mean NLL on the answer tokens + lm_weight * mean NLL on every other real token. whole: the whole batch's
     answer mask when logits cover a slice of it (a pipeline rank's tokens, a thread's rows): the shares add up."""
+    return weigh(F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none").view_as(targets),
+                 answer, whole)
+
+
+def chunked_nll(model, h, targets, piece: int):
+    """Per-token NLL (B, N) of the final states h (B, N, C): the norm, the output layer and the softmax `piece` tokens
+    at a time, each recomputed in backward, so the logits (B, N, V) never exist whole (4k tokens x 49k: 0.8 GB)."""
+    def nll(h, t):
+        return F.cross_entropy(model.output(model.norm(h)).flatten(0, 1).float(), t.flatten(), reduction="none")
+    return torch.cat([checkpoint(nll, h[:, a:a + piece], targets[:, a:a + piece], use_reentrant=False).view(
+        h.size(0), -1) for a in range(0, h.size(1), piece)], 1)
+
+
+def weigh(nll, answer, whole=None):
+    """`passkey_loss` of per-token NLLs (B, N)."""
     whole = answer if whole is None else whole
-    nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none").view_as(targets)
     loss = nll[answer].sum() / whole.sum()
     return loss + lm_weight * nll[~answer].sum() / (~whole).sum() if lm_weight else loss
 
@@ -171,6 +188,9 @@ def passkey_loss(logits, targets, answer, whole=None):
 def lm_loss(model, batch: tuple, pipe: Pipeline | None, rows: slice = slice(None)) -> tuple[torch.Tensor, dict]:
     """`passkey_loss` of the model reading the batch's `rows`, or the whole batch over the pipeline (S7)."""
     x, y, answer, align = batch
+    if pipe is None and loss_chunk:
+        return weigh(chunked_nll(model, model.hidden(x[rows], bptt_chunks, align), y[rows], loss_chunk), answer[rows],
+                     answer), {}
     if pipe is None:
         logits, _ = model(x[rows], bptt_chunks=bptt_chunks, align=align)
         return passkey_loss(logits, y[rows], answer[rows], whole=answer), {}
@@ -258,7 +278,10 @@ def check_settings(c: dict, enc) -> None:
         (c["freeze_base"] and c["ckpt_shards"], "ckpt_shards=True is for full fine-tunes: a frozen base's checkpoint "
                                                 "is its memories alone, a few MB in one file; drop --ckpt_shards"),
         *((c[k] and not c["chunk_size"], f"{k}={c[k]} works on CoMeT's chunks: it needs chunk_size > 0")
-          for k in ("freeze_base", "pipeline", "checkpoint_activations", "far_keys") + ("dp",) * (c["dp"] > 1))) if bad]
+          for k in ("freeze_base", "pipeline", "checkpoint_activations", "far_keys") + ("dp",) * (c["dp"] > 1)),
+        (c["loss_chunk"] and (c["pipeline"] or c["dp"] > 1), "loss_chunk works in one process: drop it with "
+                                                               "pipeline=True or dp > 1"),
+    ) if bad]
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not c["pipeline"] and c["dp"] == 1:  # every process would train the same run into one out_dir
         problems.append(f"WORLD_SIZE={world} (torchrun): give --dp={world} or --pipeline=True; or unset RANK and "

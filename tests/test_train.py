@@ -360,6 +360,23 @@ def test_mixed_chunk_plans_cut_half_the_iterations_right_aligned_the_same_way_ev
     assert plans[:8] == ["left"] * 5 + ["right", "left", "left"]  # a pure function of the iteration
 
 
+def test_the_chunked_loss_equals_the_whole_loss_and_its_gradients_without_whole_logits(monkeypatch):
+    settings(monkeypatch, lm_weight=0.1, loss_chunk=0)
+    model, rng = tiny_model(), np.random.default_rng(0)
+    x = torch.from_numpy(rng.integers(0, model.config.vocab_size, (3, 90)))
+    batch = (x, x.roll(-1, 1), torch.from_numpy(rng.random((3, 90)) < 0.1), "left")
+    whole = train.lm_loss(model, batch, None)[0]
+    grads = torch.autograd.grad(whole, list(model.parameters()), allow_unused=True)
+    widest = []
+    model.output.register_forward_hook(lambda m, i, out: widest.append(out.size(1)))
+    monkeypatch.setattr(train, "loss_chunk", 32)
+    chunked = train.lm_loss(model, batch, None)[0]
+    torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
+    for g, h in zip(grads, torch.autograd.grad(chunked, list(model.parameters()), allow_unused=True)):
+        assert (g is None) == (h is None) and (g is None or torch.allclose(g, h, rtol=1e-5, atol=1e-7))
+    assert max(widest) == 32  # forward and recomputation alike: the logits never held more than one piece
+
+
 def test_pipeline_ranks_loss_shares_add_up_to_the_passkey_loss():
     torch.manual_seed(0)
     logits, targets = torch.randn(3, 40, 11), torch.randint(11, (3, 40))
