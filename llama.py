@@ -285,6 +285,8 @@ def load_llama(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu
     long as a token's distance from the mean). Errors name the file and the tensor."""
     if readout_init not in ("mean", "apart"):
         raise ValueError(f"readout_init={readout_init!r} must be mean or apart")
+    if readout_init == "apart" and overrides.get("n_global", 0) > read_config(path)[0]["n_embd"]:
+        raise ValueError(f"readout_init=apart needs n_global <= n_embd: {overrides['n_global']} directions apart")
     args, layout = read_config(path)
     tensors = _Tensors(path, layout)
     if "vocab_size" not in args:
@@ -443,8 +445,10 @@ def read_memories(path: str) -> tuple[dict[str, torch.Tensor], dict]:
         raise ValueError(f"{path}: damaged header ({type(e).__name__}: {e})") from None
     sizes = header["memory_args"]
     if not isinstance(header["settings"], dict) or not isinstance(sizes, dict) or not set(sizes) <= set(
-            MEMORY_SETTINGS) or not all(isinstance(v, (int, float)) for v in sizes.values()):
-        raise ValueError(f"{path}: damaged header (settings and memory_args must map names to values, memory_args "
+            MEMORY_SETTINGS) or not all(isinstance(v, (int, float)) for v in sizes.values()) or str(header[
+            "settings"].get("unfreeze", "")) not in UNFREEZE:
+        raise ValueError(f"{path}: damaged header (settings and memory_args must map names to values, unfreeze be "
+                         f"one of {', '.join(map(repr, UNFREEZE))}, memory_args "
                          f"the memory sizes {', '.join(MEMORY_SETTINGS)})")
     return tensors, header
 

@@ -36,7 +36,7 @@ from tqdm import tqdm
 from checkpoint import read_safetensors, write_atomically
 from configurator import check_output
 from memory import MemoryState
-from model import Transformer, chunk_spans
+from model import ModelConfig, Transformer, chunk_spans
 
 
 @dataclass(frozen=True)
@@ -289,6 +289,8 @@ def _check_same_model(path: str, header: dict, model: Transformer, enc) -> None:
         saved = None
     if not isinstance(saved, dict):
         raise ValueError(f"state file {path} is damaged: its header has no readable model config")
+    # a field added since the file was written: it was written with the field's default
+    saved = {**{f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name not in saved}, **saved}
     now = json.loads(_config_json(model))
     # block_size (a plain decoder's longest input) and init_std (initialisation) never change a state
     differ = [k for k in sorted(set(saved) | set(now), key=lambda k: (k != "chunk_size", k))

@@ -135,7 +135,8 @@ def get_samples(enc, it: int, dp_rank: int = 0, make: Callable = make_passkey) -
     ramp = min(1.0, it / (curriculum * max_iters)) if curriculum else 1.0
     length = rng.randint(min_len, round(min_len + ramp * (max_len - min_len)))
     rows = sample_batch(enc, batch_size * dp, length, rng.randrange(2**62), digits, filler=filler_tokens(
-        enc, filler, "train"), edges=edge_depths, make=make, far=(far_keys, far_depth(length)) if far_keys else (0, 0))
+        enc, filler, "train"), edges=edge_depths, make=make, far=(far_keys, far_depth(length)) if far_keys and
+        far_depth(length) else (0, 0))  # a sequence too short to hold a key beyond reach: drawn as without
     return rows[dp_rank * batch_size:(dp_rank + 1) * batch_size], length
 
 
@@ -143,7 +144,7 @@ def far_depth(length: int) -> float:
     """The deepest key depth beyond the FIFO's reach in a sequence of `length` tokens: before the question's chunk
     and the temp_budget / n_compression chunks the FIFO holds (and the key's sentence and the question, ~64)."""
     n_compression = math.ceil(chunk_size / stride) if temp_budget else 0
-    reach = chunk_size * (1 + (temp_budget // n_compression if n_compression else 0)) + 64
+    reach = chunk_size * (1 + (math.ceil(temp_budget / n_compression) if n_compression else 0)) + 64
     return max(0.0, 1 - reach / length)
 
 

@@ -1,4 +1,5 @@
 """Read once, ask many times: a stream state written to a file and loaded again is the stream itself (S6)."""
+import json
 import os
 import pickle
 import random
@@ -88,6 +89,18 @@ class _Shifted:
 class _Payload:
     def __reduce__(self):  # unpickling this would create a file
         return (open, (os.environ["PAYLOAD"], "w"))
+
+
+def test_a_state_written_before_a_model_setting_existed_loads_as_written_with_its_default(model, tmp_path):
+    path = tmp_path / "s"
+    save_state(str(path), model, read(model, 20), ENC, 20)
+    with safe_open(str(path), "pt") as f:
+        tensors, header = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    config = json.loads(header["config"])
+    del config["gate_bias"]  # as a state file written before the setting existed
+    header = {**header, "config": json.dumps(config)}
+    path.write_bytes(save(tensors, metadata={**header, "checksum": _checksum(tensors, header)}))
+    assert load_state(str(path), model, ENC)[1]["tokens_read"] == 20
 
 
 @pytest.mark.parametrize("damage, says", [
