@@ -318,9 +318,9 @@ def grid(r: Setup, cfg: dict, cell: Callable[[list, list, dict], int]) -> None:
                                          peak_memory_mib={str(k): v for k, v in peaks.items()}))
     bar.close()
     print(ascii_heatmap(accuracy, lens, deps, trials_n))
-    if png_path(cfg):
-        print(f"wrote {png_path(cfg)}" if save_png(accuracy, lens, deps, png_path(cfg)) else
-              "no PNG: matplotlib is not installed")
+    png = png_path(cfg)
+    if png:
+        print(f"wrote {png}" if save_png(accuracy, lens, deps, png) else "no PNG: matplotlib is not installed")
 
 
 def main() -> None:

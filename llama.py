@@ -285,9 +285,9 @@ def load_llama(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu
     long as a token's distance from the mean). Errors name the file and the tensor."""
     if readout_init not in ("mean", "apart"):
         raise ValueError(f"readout_init={readout_init!r} must be mean or apart")
-    if readout_init == "apart" and overrides.get("n_global", 0) > read_config(path)[0]["n_embd"]:
-        raise ValueError(f"readout_init=apart needs n_global <= n_embd: {overrides['n_global']} directions apart")
     args, layout = read_config(path)
+    if readout_init == "apart" and overrides.get("n_global", 0) > args["n_embd"]:
+        raise ValueError(f"readout_init=apart needs n_global <= n_embd: {overrides['n_global']} directions apart")
     tensors = _Tensors(path, layout)
     if "vocab_size" not in args:
         args["vocab_size"] = tensors.shape(NAMES[layout]["tok_embeddings.weight"])[0]

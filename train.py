@@ -134,9 +134,9 @@ def get_samples(enc, it: int, dp_rank: int = 0, make: Callable = make_passkey) -
     rng = random.Random(seed * 1_000_003 + it)
     ramp = min(1.0, it / (curriculum * max_iters)) if curriculum else 1.0
     length = rng.randint(min_len, round(min_len + ramp * (max_len - min_len)))
+    deepest = far_depth(length) if far_keys else 0.0  # 0: too short to hold a key beyond reach, drawn as without
     rows = sample_batch(enc, batch_size * dp, length, rng.randrange(2**62), digits, filler=filler_tokens(
-        enc, filler, "train"), edges=edge_depths, make=make, far=(far_keys, far_depth(length)) if far_keys and
-        far_depth(length) else (0, 0))  # a sequence too short to hold a key beyond reach: drawn as without
+        enc, filler, "train"), edges=edge_depths, make=make, far=(far_keys, deepest) if deepest else (0, 0))
     return rows[dp_rank * batch_size:(dp_rank + 1) * batch_size], length
 
 
