@@ -3,7 +3,7 @@
     python eval_passkey.py                                # the model of out/ckpt.pt, else the shipped one
     python eval_passkey.py --ckpt out/ckpt.pt --lengths 1024,65536,1048576 --depths 0,0.5,1 --trials 2 \
         --json out/passkey.json
-    python eval_passkey.py --ckpt docs/smollm2/memories.safetensors --dtype bfloat16   # memories on SmolLM2
+    python eval_passkey.py --ckpt docs/smollm2/frozen_recipe/memories.safetensors --dtype bfloat16   # memories on SmolLM2
     python eval_passkey.py --init_from model.gguf --chunk_size 0 --filler out/data/paul_graham_essays.txt
     python eval_passkey.py --ckpt out/smollm2/ckpt.pt --perplexity --lengths 512,2048   # the language model
     python eval_passkey.py --lengths 1048576 --depths 0.5 --trials 1 --state out/pk1m.state --asks 10
@@ -46,6 +46,7 @@ chunk_size = 0                  #   untrained memories (chunk_size > 0; n_global
 n_global = 16                   #   chunk-local baseline, every chunk alone)
 temp_budget = 32
 stride = 8
+sink_token = -1                 #   with init_from: a sink row of this token in front of every chunk (-1: none)
 tokenizer = "auto"              # with init_from: auto = its own
 dtype = "auto"                  # auto (init_from: bf16 weights on CUDA, else fp32) | float32 | bfloat16: autocast,
                                 #   the weights stay fp32, as train.py

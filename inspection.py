@@ -35,7 +35,7 @@ device = "auto"
 threads = 0
 # -----------------------------------------------------------------------------
 
-GROUPS = ("G", "T", "local")  # key groups of an extended chunk [G; T; chunk rows] (S2)
+GROUPS = ("G", "T", "local")  # key groups of an extended chunk [G; T; chunk rows] (S2); a sink row counts as local
 
 
 @dataclass(frozen=True)
@@ -93,12 +93,13 @@ def record(model: Transformer, idx: Tensor) -> Inspection:
             for l, (old, new) in queue.items():  # S4: chunk t's compression slots joined, the oldest may have left
                 fifo[l].append(fifo_sources(fifo[l][-1], old, new, t))
             hs.append(h)
-            rows = model.layout(h.size(1), h.size(1) == cfg.chunk_size).tokens
+            lay = model.layout(h.size(1), h.size(1) == cfg.chunk_size)
+            rows, s = lay.tokens - lay.n_sink, lay.n_sink  # the sink row runs its own attention call first (S2)
             for l, m in enumerate(before):  # chunk t saw the memories after chunk t-1
                 n_g, n_t = m.global_memory.size(1), m.temp_memory.size(1)
                 w = weights[l][:, :, rows].sum(2) / len(rows)  # (B, nh, S): mean over the real tokens' rows
-                share[l, t] = torch.stack([w[..., :n_g].sum(-1), w[..., n_g:n_g + n_t].sum(-1),
-                                           w[..., n_g + n_t:].sum(-1)], -1).mean((0, 1))
+                g, t_ = w[..., s:s + n_g].sum(-1), w[..., s + n_g:s + n_g + n_t].sum(-1)  # keys [sink; G; T; chunk]
+                share[l, t] = torch.stack([g, t_, w.sum(-1) - g - t_], -1).mean((0, 1))  # the sink counts as local
                 if gates.get(l) is not None:
                     gate_t[l, t] = gates[l].mean(0)[:, 0]
             before = memory
@@ -121,7 +122,8 @@ def ascii_view(ins: Inspection, mark: int | None = None) -> str:
     for l in range(L):
         g = ins.gates[l].nanmean(-1) if ins.gates.size(-1) else torch.full((n,), float("nan"))
         out.append(f"  layer {l:<2}        " + "".join("   - " if v != v else f"{v:5.2f}" for v in g.tolist()))
-    out += ["", "attention of each chunk's tokens to the global memory G, the FIFO T and their own chunk (%)", head]
+    out += ["", "attention of each chunk's tokens to the global memory G, the FIFO T and their own chunk (with a sink "
+            "row, if any) (%)", head]
     for l in range(L):
         for i, name in enumerate(GROUPS):
             out.append(f"  layer {l:<2} {name:<6} " + "".join(f"{100 * v:5.0f}" for v in ins.share[l, :, i].tolist()))

@@ -176,11 +176,16 @@ def _gguf_config(reader, file: str) -> dict:
     arch = field("general.architecture")
     if arch != "llama":
         raise ValueError(f"{file}: GGUF architecture {arch!r} is not supported (only llama)")
-    if field("llama.rope.scaling.type", "none") not in ("none", "linear") or "rope_freqs.weight" in \
-            {t.name for t in reader.tensors} or field("llama.rope.scaling.factor", 1.0) != 1.0:
+    tensors = {t.name: t for t in reader.tensors}
+    if field("llama.rope.scaling.type", "none") not in ("none", "linear") or "rope_freqs.weight" in tensors \
+            or field("llama.rope.scaling.factor", 1.0) != 1.0:
         raise ValueError(f"{file}: RoPE scaling in GGUF files is not supported yet")
     n_head = field("llama.attention.head_count")
-    return dict(n_layer=field("llama.block_count"), n_embd=field("llama.embedding_length"), n_head=n_head,
+    embedding = tensors.get("token_embd.weight")
+    if embedding is None:
+        raise ValueError(f"{file}: GGUF file has no tensor token_embd.weight (the token embeddings)")
+    return dict(vocab_size=int(embedding.shape[-1]), tie_embeddings="output.weight" not in tensors,  # GGUF: (d, V)
+                n_layer=field("llama.block_count"), n_embd=field("llama.embedding_length"), n_head=n_head,
                 n_kv_head=field("llama.attention.head_count_kv", n_head), ffn_hidden=field("llama.feed_forward_length"),
                 rope_theta=float(field("llama.rope.freq_base", 10000.0)),
                 norm_eps=float(field("llama.attention.layer_norm_rms_epsilon", 1e-5)),
@@ -291,8 +296,8 @@ def load_llama(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu
     tensors = _Tensors(path, layout)
     if "vocab_size" not in args:
         args["vocab_size"] = tensors.shape(NAMES[layout]["tok_embeddings.weight"])[0]
-    if layout in ("meta", "gguf"):
-        args["tie_embeddings"] = "output.weight" not in tensors.files  # no tie flag in these layouts
+    if layout == "meta":
+        args["tie_embeddings"] = "output.weight" not in tensors.files  # no tie flag in this layout
     try:
         cfg = ModelConfig(**{**args, "chunk_size": 0, **overrides})
     except (TypeError, ValueError) as e:

@@ -24,7 +24,8 @@ from memory import LayerMemory, MemoryState
 
 
 # the settings that shape CoMeT's memories (S2-S5): what a pretrained model is given, what trained memories record
-MEMORY_SETTINGS = ("chunk_size", "n_global", "stride", "temp_budget", "adapter_rank", "global_gate", "gate_bias")
+MEMORY_SETTINGS = ("chunk_size", "n_global", "stride", "temp_budget", "adapter_rank", "global_gate", "gate_bias",
+                   "sink_token")
 
 
 @dataclass
@@ -52,6 +53,7 @@ class ModelConfig:
     adapter_rank: int = 8          # rank of the memories' residual low-rank adapters (S3)
     global_gate: bool = True       # False: the global memory is overwritten by each chunk (RMT-like ablation)
     gate_bias: float = 0.0         # the gate's logit bias at init; 0: none (g ~ 0.5 at first); 3: g ~ 0.95 (S3)
+    sink_token: int = -1           # a token id: a sink row of it at position 0 in front of every chunk (S2); -1: none
     init_std: float | None = None  # weight init std; None -> sqrt(2 / (5 * n_embd)) (small init, width-aware)
 
     def __post_init__(self):
@@ -60,7 +62,7 @@ class ModelConfig:
         for name, value in vars(self).items():
             if name == "gate_bias" and not math.isfinite(value):  # any finite logit
                 raise ValueError(f"ModelConfig: gate_bias={value} must be a finite number")
-            if name == "gate_bias":
+            if name in ("gate_bias", "sink_token"):
                 continue
             if isinstance(value, (int, float)) and not isinstance(value, bool) and not (
                     math.isfinite(value) and (value >= 0 if name in off else value > 0)):
@@ -81,7 +83,12 @@ class ModelConfig:
                           f"window={self.window} is a plain-decoder baseline: it needs chunk_size=0"),
                          (self.chunk_size and self.stride > self.chunk_size,
                           f"stride={self.stride} must be <= chunk_size={self.chunk_size} (one compression token per "
-                          "`stride` tokens of a chunk)")):
+                          "`stride` tokens of a chunk)"),
+                         (not -1 <= self.sink_token < self.vocab_size,
+                          f"sink_token={self.sink_token} must be a token id below vocab_size={self.vocab_size} or -1 "
+                          "(no sink row)"),
+                         (self.sink_token >= 0 and not self.chunk_size,
+                          f"sink_token={self.sink_token} is a row in front of CoMeT's chunks: it needs chunk_size > 0")):
             if bad:
                 raise ValueError(f"ModelConfig: {why}")
 
@@ -105,9 +112,14 @@ class ModelConfig:
         return (self.n_global if n_closed else 0), min(self.temp_budget, n_closed * self.n_compression + short)
 
     @property
-    def max_positions(self) -> int:  # what one attention call sees: an extended chunk [G; T; X; R] (S2), or block_size
-        return 2 * self.n_global + self.temp_budget + self.chunk_size + self.n_compression if self.comet else \
-            self.block_size
+    def n_sink(self) -> int:
+        """Sink rows in front of every chunk (S2): 1 with a sink_token, else 0."""
+        return int(self.sink_token >= 0)
+
+    @property
+    def max_positions(self) -> int:  # what one attention call sees: an extended chunk [S; G; T; X; R] (S2), or block_size
+        return self.n_sink + 2 * self.n_global + self.temp_budget + self.chunk_size + self.n_compression \
+            if self.comet else self.block_size
 
 
 # --- RoPE -------------------------------------------------------------------------------------------
@@ -234,35 +246,39 @@ class Block(nn.Module):
 class ChunkLayout:
     """S2: where every row of one extended chunk sits, and its RoPE position. For stride 4, 10 tokens:
 
-        row       0 .. n_g-1 | n_g .. P-1 | x0 x1 x2 x3 C x4 x5 x6 x7 C x8 x9 C | R .. R
-        what      G          | T          | tokens, a compression token C after every `stride` | readout
-        position  0, 1, 2, ...                                       ..., P + length - 1
+        row       (S) | 0 .. n_g-1 | n_g .. P-1 | x0 x1 x2 x3 C x4 x5 x6 x7 C x8 x9 C | R .. R
+        what      sink| G          | T          | tokens, a compression token C after every `stride` | readout
+        position  0, 1, 2, ...                                             ..., n_sink + P + length - 1
 
-    P = n_prefix = the rows of this layer's memory [G; T] (S2), which give only keys and values.
-    Positions restart at 0 in every chunk, so no RoPE table is longer than one extended chunk and the
-    model reads any length. Index tensors count the chunk's own rows, after the prefix."""
+    P = n_prefix = the rows of this layer's memory [G; T] (S2), which give only keys and values. The sink S
+    (optional, one row of a fixed token) sees only itself, as a sequence's first token does, so the real tokens
+    keep the attention sink a pretrained model relies on. Positions restart at 0 in every chunk, so no RoPE table
+    is longer than one extended chunk and the model reads any length. Index tensors count the chunk's own rows
+    (the sink first, then the rest in order), after the prefix."""
     n_prefix: int        # memory rows [G; T] in front of the chunk's rows
-    order: Tensor        # (L,) row -> index into cat(token embeddings, compression tokens, readout tokens)
+    order: Tensor        # (L,) row -> index into cat(sink, token embeddings, compression tokens, readout tokens)
     tokens: Tensor       # (n,) rows of the real tokens
     compression: Tensor  # (n_c,) rows of the compression tokens
     readout: Tensor      # (n_r,) rows of the readout tokens
     closed: bool         # a closed chunk updates the memories; an open one (still generating) does not
+    n_sink: int = 0      # sink rows: row 0 at position 0, in front of the prefix
 
     @property
-    def length(self) -> int:  # the chunk's own rows (prefix excluded)
+    def length(self) -> int:  # the chunk's own rows (prefix excluded, sink included)
         return self.order.numel()
 
     @property
-    def positions(self) -> range:  # RoPE positions of all rows, prefix first (S2)
-        return range(self.n_prefix + self.length)
+    def positions(self) -> range:  # RoPE positions of the prefix and the rows after the sink (which sits at 0)
+        return range(self.n_sink, self.n_prefix + self.length)
 
 
 @functools.lru_cache(maxsize=256)
 def chunk_layout(n_tokens: int, stride: int, n_readout: int, closed: bool, device: torch.device,
-                 n_prefix: int = 0) -> ChunkLayout:
+                 n_prefix: int = 0, n_sink: int = 0) -> ChunkLayout:
     """S2, the one owner of the extended chunk. A closed chunk of n tokens gets ceil(n/stride) compression tokens
-    (stride 0: none) and n_readout readout tokens. An open chunk gets neither readout tokens nor a trailing
-    compression token, so an open layout is a prefix of every longer open layout (the KV cache relies on it)."""
+    (stride 0: none) and n_readout readout tokens; n_sink sink rows go first. An open chunk gets neither readout
+    tokens nor a trailing compression token, so an open layout is a prefix of every longer open layout (the KV
+    cache relies on it)."""
     j = torch.arange(n_tokens)
     if stride:
         n_comp = math.ceil(n_tokens / stride) if closed else max(n_tokens - 1, 0) // stride
@@ -272,8 +288,10 @@ def chunk_layout(n_tokens: int, stride: int, n_readout: int, closed: bool, devic
     else:
         n_comp, tokens, comp = 0, j, j[:0]
     readout = n_tokens + n_comp + torch.arange(n_readout if closed else 0)
-    order = torch.cat([tokens, comp, readout]).argsort()
-    return ChunkLayout(n_prefix, order.to(device), tokens.to(device), comp.to(device), readout.to(device), closed)
+    tokens, comp, readout = tokens + n_sink, comp + n_sink, readout + n_sink  # behind the sink rows
+    order = torch.cat([torch.arange(n_sink), tokens, comp, readout]).argsort()
+    return ChunkLayout(n_prefix, order.to(device), tokens.to(device), comp.to(device), readout.to(device), closed,
+                       n_sink)
 
 
 CHUNK_ALIGNS = ("left", "right")
@@ -376,7 +394,8 @@ class Transformer(nn.Module):
         """This model's `chunk_layout` for a chunk of n_tokens behind n_prefix memory rows."""
         cfg = self.config
         stride = cfg.stride if cfg.comet and cfg.temp_budget else 0
-        return chunk_layout(n_tokens, stride, cfg.n_global if cfg.comet else 0, closed, self.rope_cos.device, n_prefix)
+        return chunk_layout(n_tokens, stride, cfg.n_global if cfg.comet else 0, closed, self.rope_cos.device, n_prefix,
+                            cfg.n_sink)
 
     def run_blocks(self, h: Tensor, past: list | None = None, n_layers: int | None = None) -> tuple[Tensor, list]:
         """Plain decoder: rows h (B, T, C) through every block (or the first n_layers), after the S_past rows whose keys
@@ -392,6 +411,9 @@ class Transformer(nn.Module):
         """Token ids (B, n) -> the chunk's input rows (B, L, C) with compression and readout tokens in place."""
         B = idx.size(0)
         parts = [self.tok_embeddings(idx)]  # (B, n, C)
+        if layout.n_sink:
+            assert layout.n_sink == self.config.n_sink, "the layout was made for another model"
+            parts.insert(0, self.tok_embeddings.weight[self.config.sink_token].expand(B, 1, -1))
         if layout.compression.numel():
             parts.append(self.compression_emb.expand(B, layout.compression.numel(), -1))
         if layout.readout.numel():
@@ -412,9 +434,15 @@ class Transformer(nn.Module):
                     past: tuple[Tensor, Tensor] | None = None):
         assert mem.prefix_len == layout.n_prefix, "the layout was made for another memory size"
         rows, prefix = layout.positions, mem.prefix() if layout.n_prefix else None  # S2: [G; T] in front
-        if past is not None:  # the newest rows of an open chunk, after the cached ones
+        block, sink = self.layers[l], None
+        if past is not None:  # the newest rows of an open chunk, after the cached ones (the sink's among them)
             rows, prefix = rows[-h.size(1):], None
-        h, kv = self.layers[l](h, self.rope_at(rows), past, prefix)
+        elif layout.n_sink:  # S2: the sink row sees only itself at position 0; the others see its keys and values
+            sink, past = block(h[:, :layout.n_sink], self.rope_at(range(layout.n_sink)))
+            h = h[:, layout.n_sink:]
+        h, kv = block(h, self.rope_at(rows), past, prefix)
+        if sink is not None:
+            h = torch.cat([sink, h], 1)
         if layout.closed:  # S3, S4: readout rows feed the global memory, compression rows the FIFO
             mem = self.memories[l](mem, h[:, layout.readout], h[:, layout.compression])
         return h, kv, mem

@@ -44,7 +44,7 @@ class StreamState:
     """Everything streaming inference keeps: constant size, whatever the context length."""
     memory: tuple[MemoryState, ...]         # per layer, after the last closed chunk
     tokens: Tensor                          # (B, n_open) tokens of the open chunk, n_open < chunk_size
-    cache: tuple[tuple[Tensor, Tensor], ...]  # per layer (k, v) of [G; T; open chunk]; () while it is empty
+    cache: tuple[tuple[Tensor, Tensor], ...]  # per layer (k, v) of [sink; G; T; open chunk]; () while it is empty
 
 
 def new_stream(model: Transformer, batch: int = 1) -> StreamState:
@@ -112,7 +112,8 @@ def _extend_open_chunk(model: Transformer, tokens: Tensor, state: StreamState) -
     n_prefix = state.memory[0].prefix_len
     old = model.layout(state.tokens.size(1), False, n_prefix)
     new = model.layout(tokens.size(1), False, n_prefix)
-    h = model.embed_chunk(tokens, new)[:, old.length:]  # new rows: maybe a compression token, then tokens
+    done = old.length if state.cache else 0  # rows the cache holds (none yet: the sink row, if any, is new too)
+    h = model.embed_chunk(tokens, new)[:, done:]  # new rows: the sink (first call), a compression token, tokens
     cache = []
     for l, mem in enumerate(state.memory):
         h, kv, _ = model.layer_step(l, h, mem, new, state.cache[l] if state.cache else None)
@@ -200,7 +201,7 @@ def _config_json(model: Transformer) -> str:
 
 
 def _open_rows(model: Transformer) -> int:
-    """KV-cache rows of the longest open chunk: [G; T] in full and chunk_size - 1 tokens (S2)."""
+    """KV-cache rows of the longest open chunk: [G; T] in full, the sink and chunk_size - 1 tokens (S2)."""
     cfg = model.config
     return cfg.n_global + cfg.temp_budget + model.layout(cfg.chunk_size - 1, False).length
 

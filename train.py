@@ -74,6 +74,7 @@ temp_budget = 32
 adapter_rank = 8
 global_gate = True        # False: each chunk overwrites the global memory (ablation, RMT-like)
 gate_bias = 0.0           # the gate's bias at init; 0: none, as in the paper (g ~ 0.5); 3: g ~ 0.95 keeps the state
+sink_token = -1           # a token id: a sink row of it at position 0 in every chunk (S2); -1: none, as in the paper
 window = 0                # chunk_size=0 only: tokens see the last `window` positions (sliding-window baseline)
 # data (S8)
 filler = "grass"          # grass (S8's repeated sentences) | a text file: real English, 80% train / 20% held out
@@ -282,6 +283,8 @@ def check_settings(c: dict, enc) -> None:
           for k in ("freeze_base", "pipeline", "checkpoint_activations", "far_keys") + ("dp",) * (c["dp"] > 1)),
         (c["loss_chunk"] and (c["pipeline"] or c["dp"] > 1), "loss_chunk works in one process: drop it with "
                                                                "pipeline=True or dp > 1"),
+        (c["sink_token"] >= enc.n_vocab, f"sink_token={c['sink_token']} is not a token of this tokenizer (ids below "
+                                          f"{enc.n_vocab}): choose one, e.g. 0, or -1 for no sink row"),
     ) if bad]
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not c["pipeline"] and c["dp"] == 1:  # every process would train the same run into one out_dir

@@ -13,7 +13,8 @@ What one GPU holds (docs/scale.md has the assumptions and their validation):
   activations  what backward needs of this rank's chunks: every layer's saved tensors per extended-chunk row
                (`layer_elements`), or with --checkpoint_activations only each layer-over-chunk step's inputs
                plus one step's saved tensors while it is recomputed;
-  logits       the logits of this rank's tokens, and their fp32 log-softmax, its gradient and theirs in backward;
+  logits       the logits of this rank's tokens (with --loss_chunk: of one piece of each sequence), and their fp32
+               log-softmax, its gradient and theirs in backward;
   transient    weights in the compute dtype beside the fp32 ones: with dp > 1, a block gathered and the next
                one prefetched, and the weights outside the blocks (FSDP2's root unit stays gathered); in
                one process under bf16 autocast, autocast's bf16 copy of every trainable matrix, which it
@@ -64,6 +65,7 @@ dp = 1                          # data-parallel ranks (FSDP2: parameters, gradie
 dtype = "bfloat16"              # compute dtype of activations: bfloat16 | float32
 freeze_base = False             # train only what CoMeT adds; the base is held in bf16
 checkpoint_activations = False
+loss_chunk = 0                  # > 0: train.py's chunked loss, logits this many tokens of each sequence at a time
 gpu_gib = 80.0                  # GPU memory to check the plan against
 measure = False                 # also run training steps of this shape here and report their peak memory
 device = "cpu"                  # --measure on: cpu (fp32) | cuda (in the dtype setting's autocast, as train.py) | auto
@@ -122,8 +124,9 @@ def model_config(name: str, settings: dict) -> ModelConfig:
 
 
 def make_plan(cfg: ModelConfig, context: int, batch: int, pp: int, dp: int, act_bytes: int,
-              freeze_base: bool, checkpoint_activations: bool) -> Plan:
-    """Per-GPU bytes of one training step (see the module's docstring for what each term holds)."""
+              freeze_base: bool, checkpoint_activations: bool, loss_chunk: int = 0) -> Plan:
+    """Per-GPU bytes of one training step (see the module's docstring for what each term holds). loss_chunk:
+    train.py's chunked loss, whose logits exist for loss_chunk tokens of each sequence at a time."""
     with torch.device("meta"):
         base, mem = Transformer(cfg).param_counts()  # exact counts, no memory used
     trainable = mem if freeze_base else base + mem
@@ -152,7 +155,8 @@ def make_plan(cfg: ModelConfig, context: int, batch: int, pp: int, dp: int, act_
     logit_bytes = act_bytes + 3 * 4
     acts += 3 * tokens * cfg.n_embd * act_bytes  # the last layer's token states gathered, normed, fed to the output
     return Plan(parameters=(base * (2 if freeze_base else 4) + mem * 4) // dp, gradients=4 * trainable // dp,
-                optimizer=8 * trainable // dp, activations=acts, logits=logit_bytes * tokens * cfg.vocab_size,
+                optimizer=8 * trainable // dp, activations=acts,
+                logits=logit_bytes * min(tokens, batch * loss_chunk or tokens) * cfg.vocab_size,
                 transient=transient, base_params=base, memory_params=mem,
                 chunks_per_rank=mine, chunk_major=pp == 1 and dp == 1)
 
@@ -264,7 +268,7 @@ def measure_here(mc: ModelConfig, cfg: dict) -> None:
     with dp > 1 under torchrun (FSDP2, pp = 1); CUDA: one process, in the dtype setting's autocast."""
     if cfg["device"].startswith("cuda"):
         plan = make_plan(mc, cfg["context"], cfg["batch"], 1, 1, 2 if cfg["dtype"] == "bfloat16" else 4,
-                         cfg["freeze_base"], cfg["checkpoint_activations"])
+                         cfg["freeze_base"], cfg["checkpoint_activations"], cfg["loss_chunk"])
         gpu = f"{torch.cuda.get_device_name()}, {torch.cuda.get_device_properties(0).total_memory / GIB:.1f} GiB"
         try:
             peak, seconds = measure_cuda_step(mc, cfg["context"], cfg["batch"], cfg["freeze_base"],
@@ -275,7 +279,7 @@ def measure_here(mc: ModelConfig, cfg: dict) -> None:
               f"says {plan.peak / GIB:.2f} ({plan.peak / peak - 1:+.1%}); the last step took {seconds:.2f} s")
         return
     plan = make_plan(mc, cfg["context"], cfg["batch"], 1, cfg["dp"], 4, cfg["freeze_base"],
-                     cfg["checkpoint_activations"])
+                     cfg["checkpoint_activations"], cfg["loss_chunk"])
     try:
         pipe = Pipeline.from_env("cpu", dp=cfg["dp"], threads=cfg["threads"]) if cfg["dp"] > 1 else None
     except ValueError as e:
@@ -309,6 +313,10 @@ def main() -> None:
             raise ValueError(f"{math.ceil(cfg['context'] / cfg['chunk_size'])} chunks cannot split over pp="
                              f"{cfg['pp']} ranks: lower pp or chunk_size")
         dev = pick_device(cfg["device"]) if cfg["measure"] else cfg["device"]  # a plan alone needs no device
+        if cfg["loss_chunk"] and (cfg["pp"] > 1 or cfg["dp"] > 1):
+            raise ValueError("loss_chunk works in one process (as in train.py): drop it or --pp/--dp")
+        if cfg["measure"] and cfg["loss_chunk"]:  # its steps compute the whole logits, as a plain train.py step
+            raise ValueError("--measure runs steps with the whole logits: drop --loss_chunk to compare them")
         if cfg["measure"] and dev.startswith("cuda") and cfg["dp"] > 1:
             raise ValueError("--measure --device=cuda runs one process: drop --dp")
         mc = model_config(cfg["model"], cfg)
@@ -316,7 +324,7 @@ def main() -> None:
         raise SystemExit(f"error: {e}")
     act_bytes = 2 if cfg["dtype"] == "bfloat16" else 4
     plan = make_plan(mc, cfg["context"], cfg["batch"], cfg["pp"], cfg["dp"], act_bytes, cfg["freeze_base"],
-                     cfg["checkpoint_activations"])
+                     cfg["checkpoint_activations"], cfg["loss_chunk"])
     print(report(plan, cfg))
     if cfg["measure"]:
         measure_here(mc, {**cfg, "device": dev})

@@ -16,7 +16,7 @@ from gguf import GGMLQuantizationType as Q
 from transformers import AutoModelForCausalLM
 
 from data import filler_tokens, get_tokenizer, make_passkey
-from llama import fingerprint, load_llama, read_memories
+from llama import fingerprint, load_llama, read_config, read_memories
 from stream import generate
 from test_data import english_file
 from test_llama import hf_model
@@ -81,6 +81,8 @@ def test_a_float32_gguf_gives_the_logits_of_the_model_it_was_written_from(tmp_pa
     hf = hf_model(num_key_value_heads=2, tie_word_embeddings=tied)
     ours = load_llama(write_gguf(tmp_path / "m.gguf", hf))
     assert ours.config.tie_embeddings == tied and ours.config.n_kv_head == 2
+    args, _ = read_config(str(tmp_path / "m.gguf"))  # what scripts/plan.py reads, without the tensors
+    assert (args["vocab_size"], args["tie_embeddings"]) == (hf.config.vocab_size, tied)
     idx = torch.randint(300, (2, 64), generator=torch.Generator().manual_seed(0))
     assert (ours(idx)[0] - hf(idx).logits).abs().max() <= 1e-5
 
@@ -215,7 +217,7 @@ def test_the_gguf_tokenizer_gives_transformers_ids_on_real_english_and_edge_case
 
 
 @pytest.mark.slow
-def test_the_smollm2_recipe_trains_one_step_on_the_real_gguf_and_writes_only_the_memories(tmp_path):
+def test_the_smollm2_recipe_trains_one_step_on_the_real_gguf_and_writes_only_what_it_trained(tmp_path):
     filler = english_file(tmp_path)  # real English made here; the recipe's essays come from `python data.py essays`
     cmd = [sys.executable, "train.py", "config/finetune_smollm2.py", f"--filler={filler}", "--max_iters=1",
            "--batch_size=1", "--min_len=256", "--max_len=256", "--eval_interval=0", "--eval_trials=5", "--threads=1",
@@ -227,15 +229,21 @@ def test_the_smollm2_recipe_trains_one_step_on_the_real_gguf_and_writes_only_the
     tensors, header = read_memories(str(tmp_path / "run" / "memories.safetensors"))
     assert header["base"] == "SmolLM2-135M-Instruct.Q4_1.gguf" and header["base_fingerprint"] == fingerprint(
         smollm2_path())
-    assert header["memory_args"]["chunk_size"] == 128 and sum(t.numel() for t in tensors.values()) == 631_872
-    assert (tmp_path / "run" / "ckpt.pt").stat().st_size < 20 * 2**20  # memories + optimizer, not the 540 MB base
+    assert header["memory_args"]["chunk_size"] == 128 and header["memory_args"]["sink_token"] == 0
+    assert header["settings"]["unfreeze"] == "attention"
+    attention = sum(t.numel() for name, t in tensors.items() if ".attention" in name)
+    assert attention == 30 * (2 * 576 * 576 + 2 * 576 * 192 + 576)  # q, o; GQA k, v; the attention norm
+    assert sum(t.numel() for t in tensors.values()) - attention == 631_872 + 30  # memories, a gate bias a layer
+    # what trained and its optimizer states (~330 MB), not the 540 MB base
+    assert (tmp_path / "run" / "ckpt.pt").stat().st_size < 3.2 * 4 * sum(t.numel() for t in tensors.values())
 
 
 @pytest.mark.slow
 def test_the_shipped_smollm2_memories_carry_digits_of_a_key_across_chunks_that_untrained_ones_do_not(tmp_path):
-    # docs/smollm2/memories.safetensors: trained by config/finetune_smollm2.py (docs/smollm2.md). Key at depth 0
-    # of 512 tokens: 3 chunks before the question's chunk, out of its reach but through the memories.
-    tensors, header = read_memories(str(Path(__file__).resolve().parents[1] / "docs/smollm2/memories.safetensors"))
+    # docs/smollm2/frozen_recipe/memories.safetensors: the frozen-base recipe's memories (docs/smollm2.md). Key at
+    # depth 0 of 512 tokens: 3 chunks before the question's chunk, out of its reach but through the memories.
+    shipped = Path(__file__).resolve().parents[1] / "docs/smollm2/frozen_recipe/memories.safetensors"
+    tensors, header = read_memories(str(shipped))
     assert header["memory_args"] == dict(chunk_size=128, n_global=16, stride=8, temp_budget=32, adapter_rank=8,
                                          global_gate=True)
     untrained = load_llama(smollm2_path(), **header["memory_args"])  # the base read once (attach_memories reads it

@@ -41,12 +41,15 @@ def test_attention_shares_sum_to_one_and_the_first_chunk_sees_only_itself(model)
     assert (ins.share[:, 1:, :2] > 0).all()  # later chunks do look at G and T
 
 
-def test_attention_shares_are_exact_under_uniform_attention(model):
-    # with zero queries every row spreads its attention evenly over the keys it sees: share = keys / visible
+@pytest.mark.parametrize("sink", [-1, 0])
+def test_attention_shares_are_exact_under_uniform_attention(sink):
+    # with zero queries every row spreads its attention evenly over the keys it sees: share = keys / visible.
+    # A sink row (row 0, S2) is one more key, counted with the chunk's own rows
+    model = tiny_model(sink_token=sink)
     for block in model.layers:
         torch.nn.init.zeros_(block.attention.wq.weight)
     ins = record(model, tokens(3 * 8))
-    rows = model.layout(8, closed=True).tokens.float()  # rows of the real tokens after [G; T]
+    rows = model.layout(8, closed=True).tokens.float()  # rows of the real tokens after [G; T] (and the sink's)
     for t, (n_g, n_t) in enumerate([(0, 0), (3, 2), (3, 3)]):  # chunk t sees G and T of t closed chunks
         visible = n_g + n_t + rows + 1
         expected = torch.stack([n_g / visible, n_t / visible, (rows + 1) / visible]).mean(1)

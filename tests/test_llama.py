@@ -267,9 +267,10 @@ def test_unfreezing_attention_trains_q_k_v_o_and_the_attention_norms_as_well_as_
     assert len(attention) == 5 * model.config.n_layer and not any("feed_forward" in n for n in trainable)
 
 
-def test_memories_with_their_unfrozen_attention_saved_and_attached_give_the_same_logits(checkpoints, tmp_path):
+def test_memories_with_their_unfrozen_attention_and_sink_row_saved_and_attached_give_the_same_logits(checkpoints,
+                                                                                                   tmp_path):
     path = str(checkpoints["gqa_untied_theta500k"][0])
-    model = load_llama(path, chunk_size=16, n_global=4, stride=4, temp_budget=8)
+    model = load_llama(path, chunk_size=16, n_global=4, stride=4, temp_budget=8, sink_token=1)
     freeze_base(model, unfreeze="attention")
     with torch.no_grad():
         for p in (p for p in model.parameters() if p.requires_grad):

@@ -48,6 +48,48 @@ def test_layout_orders_token_compression_and_readout_embeddings_into_place(model
     assert torch.equal(h[:, lay.readout], model.readout_emb.expand(2, -1, -1))
 
 
+def test_a_sink_row_goes_first_and_shifts_every_other_row_by_one():
+    plain, sunk = (chunk_layout(10, 4, 2, True, torch.device("cpu"), 5, n_sink) for n_sink in (0, 1))
+    assert sunk.order[0] == 0 and sunk.length == plain.length + 1
+    for rows in ("tokens", "compression", "readout"):
+        assert torch.equal(getattr(sunk, rows), getattr(plain, rows) + 1)
+    # S2: the sink at position 0, then the prefix [G; T] (5 rows) at 1..5, the chunk's rows after it
+    assert sunk.positions == range(1, 5 + plain.length + 1) and plain.positions == range(0, 5 + plain.length)
+
+
+def test_the_sink_row_is_the_sink_token_alone_at_position_0_in_every_chunk():
+    # its keys and values are those of a plain decoder reading the sink token as its first token, whatever
+    # the memories hold: the real tokens keep the sink a pretrained model attends to
+    model = tiny_model(sink_token=5)
+    alone = model.run_blocks(model.tok_embeddings(torch.tensor([[5, 5]])))[1]  # (k, v) per layer, positions 0, 1
+    memory, seen = model.empty_memory(2), 0
+    for span in chunk_spans(27, 8):
+        x = tokens(27)[:, span.start:span.stop]
+        lay = model.layout(x.size(1), x.size(1) == 8, memory[0].prefix_len)
+        h, new = model.embed_chunk(x, lay), []
+        for l, mem in enumerate(memory):
+            h, kv, mem = model.layer_step(l, h, mem, lay)
+            for cached, ref in zip(kv, alone[l]):
+                torch.testing.assert_close(cached[:, :, :1], ref[:, :, :1].expand(2, -1, -1, -1), rtol=0, atol=1e-6)
+            new.append(mem)
+            seen += 1
+        memory = tuple(new)
+    assert seen == 4 * model.config.n_layer and memory[0].prefix_len > 0
+
+
+@pytest.mark.parametrize("n_chunks", [1, 2.5])
+def test_streaming_with_a_sink_row_gives_the_full_forward_logits(n_chunks):
+    model = tiny_model(sink_token=0)
+    n = int(n_chunks * 8)
+    idx = tokens(n)
+    full, _ = model(idx)
+    logits, state = stream(model, idx[:, :3], new_stream(model, 2))  # an open chunk's first rows: sink included
+    torch.testing.assert_close(logits, full[:, 2], rtol=0, atol=1e-5)
+    for p in range(3, n):  # one token at a time through the cache, across chunk borders
+        logits, state = stream(model, idx[:, p:p + 1], state)
+        torch.testing.assert_close(logits, full[:, p], rtol=0, atol=1e-5)
+
+
 # --- equivalences -----------------------------------------------------------------------------------
 
 def test_comet_without_memories_equals_the_plain_decoder_within_one_chunk():
@@ -241,11 +283,11 @@ def test_memory_slots_predict_the_memory_shapes_after_every_chunk(memory, first)
         _, state = model.forward_chunk(tokens(first if first and not n_closed else 8), state)
 
 
-@pytest.mark.parametrize("bptt", [0, 2])
-def test_checkpointed_activations_give_the_same_loss_and_gradients(bptt):
+@pytest.mark.parametrize("bptt, sink", [(0, -1), (2, -1), (2, 0)])
+def test_checkpointed_activations_give_the_same_loss_and_gradients(bptt, sink):
     """Each layer-over-chunk step recomputed in backward (non-reentrant checkpoint): the same step, ≤ 1e-6."""
     def step(checkpointed):
-        model = tiny_model().train()
+        model = tiny_model(sink_token=sink).train()
         model.checkpoint_activations = checkpointed
         idx = tokens(44)  # 5 full chunks and an open one
         _, loss = model(idx[:, :-1], idx[:, 1:], bptt_chunks=bptt)
@@ -296,19 +338,23 @@ def test_rope_table_is_never_longer_than_one_extended_chunk(model):
     assert model.rope_cos.shape == model.rope_sin.shape == (extended, cfg.head_dim)
 
 
-def test_chunk_rows_start_right_after_the_memory_prefix_of_that_chunk(model, monkeypatch):
+@pytest.mark.parametrize("sink, expected", [(-1, [0, 5, 6, 6]), (0, [0, 1, 0, 6, 0, 7, 0, 7])])
+def test_chunk_rows_start_right_after_the_memory_prefix_of_that_chunk(monkeypatch, sink, expected):
     # S2: position j of the extended chunk is j. The prefix [G; T] takes positions 0..n-1, so
     # the chunk's first row sits at n = n_global + current FIFO length: 0, 3+2, 3+3, 3+3 (2 slots/chunk, budget 3).
+    # With a sink row: each chunk's attention runs twice, the sink alone at 0, then the rest from 1 (the first
+    # chunk has no memory: its first token sits at 1), then 1 + 5, 1 + 6, 1 + 6.
+    model = tiny_model(sink_token=sink)
     attention, starts = model.layers[0].attention, []
     forward = attention.forward
 
-    def recording(x, rope, past=None, n_prefix=0):  # the RoPE position of the chunk's first row
+    def recording(x, rope, past=None, n_prefix=0):  # the RoPE position of the call's first query row
         starts.append(int((model.rope_cos == rope[0][n_prefix]).all(-1).nonzero()[0]))
         return forward(x, rope, past, n_prefix)
 
     monkeypatch.setattr(attention, "forward", recording)
     model(tokens(4 * 8))
-    assert starts == [0, 5, 6, 6]
+    assert starts == expected
 
 
 # --- config errors -----------------------------------------------------------
@@ -326,6 +372,9 @@ def test_chunk_rows_start_right_after_the_memory_prefix_of_that_chunk(model, mon
     (dict(n_embd=24, n_head=8, n_kv_head=8), "must be even for RoPE"),
     (dict(window=-1), "window=-1"),
     (dict(window=4), "window=4 is a plain-decoder baseline: it needs chunk_size=0"),
+    (dict(sink_token=32), "sink_token=32 must be a token id below vocab_size=32 or -1"),
+    (dict(sink_token=-2), "sink_token=-2 must be a token id"),
+    (dict(chunk_size=0, sink_token=0), "sink_token=0 is a row in front of CoMeT's chunks: it needs chunk_size > 0"),
 ])
 def test_bad_sizes_raise_one_clear_value_error(bad, message):
     with pytest.raises(ValueError, match=message):

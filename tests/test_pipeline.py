@@ -40,6 +40,8 @@ CASES = {
     "right_aligned": (3, 75, dict(align="right"), 2, "wavefront"),
     # ... with a FIFO still filling at the ranks' borders: rank 1 receives 5 slots after a short first chunk, not 6
     "right_aligned_fifo_filling": (3, 75, dict(align="right", temp_budget=12), 0, "wavefront"),
+    # a sink row in front of every chunk (S2): it runs alone at position 0 in each layer step
+    "sink_row": (3, 75, dict(sink_token=0), 2, "wavefront"),
 }
 
 

@@ -54,6 +54,14 @@ def test_dp_shards_the_states_and_pp_splits_the_chunks():
     assert pp4.logits == one.logits // 4 and pp4.activations < one.activations / 3.5
 
 
+def test_a_chunked_loss_holds_the_logits_of_one_piece_of_each_sequence():
+    kw = dict(pp=1, dp=1, act_bytes=2, freeze_base=False, checkpoint_activations=True)
+    whole = plan.make_plan(CFG, 1024, 2, **kw)
+    pieces = plan.make_plan(CFG, 1024, 2, loss_chunk=256, **kw)
+    assert pieces.logits * 4 == whole.logits and pieces.activations == whole.activations
+    assert plan.make_plan(CFG, 1024, 2, loss_chunk=4096, **kw).logits == whole.logits  # one piece: all of it
+
+
 def test_checkpointing_keeps_each_steps_inputs_and_one_step():
     kw = dict(pp=1, dp=1, act_bytes=4, freeze_base=False)
     off = plan.make_plan(CFG, 1024, 2, checkpoint_activations=False, **kw)
@@ -116,6 +124,8 @@ def test_a_plan_reads_a_hugging_face_config(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--pp=9", "--context=16384"], "8 chunks cannot split over pp=9 ranks: lower pp or chunk_size"),
     (["--dp=0"], "dp=0 must be > 0"),
+    (["--loss_chunk=256", "--pp=2"], "loss_chunk works in one process (as in train.py): drop it or --pp/--dp"),
+    (["--loss_chunk=256", "--measure"], "--measure runs steps with the whole logits: drop --loss_chunk"),
     (["--model=/no/such/dir"], "model='/no/such/dir' is neither a shape I know (Llama-3.2-1B, Llama-3.1-8B"),
 ])
 def test_bad_plan_settings_are_one_clear_line(args, message):

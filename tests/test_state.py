@@ -49,6 +49,15 @@ def test_a_loaded_state_continues_bitwise_like_the_unbroken_stream(model, tmp_pa
     assert torch.equal(greedy(loaded), greedy(state))
 
 
+def test_a_state_with_a_sink_row_in_its_cache_continues_bitwise(tmp_path):
+    model = tiny_model(sink_token=0)
+    state, question = read(model, 37), tokens(3, seed=1)  # 5 tokens open: the cache holds the sink, [G; T], them
+    save_state(str(tmp_path / "s"), model, state, ENC, 37)
+    loaded, _ = load_state(str(tmp_path / "s"), model, ENC)
+    greedy = lambda s: generate(model, question, 20, 0, state=s)[0]
+    assert same_state(loaded, state) and torch.equal(greedy(loaded), greedy(state))
+
+
 def test_the_state_file_has_one_size_after_1k_and_after_100k_tokens(tmp_path):
     model = tiny_model(chunk_size=64)  # 1,000 and 100,000 tokens leave 40 and 32 tokens in the open chunk
     sizes = [save_state(str(tmp_path / f"{n}"), model, read(model, n), ENC, n) for n in (1000, 100_000)]

@@ -241,6 +241,7 @@ def test_no_script_writes_over_a_file_of_another_kind_and_it_says_so_before_any_
     (dict(pipeline=True, chunk_size=0), "chunk_size > 0"), (dict(freeze_base=True, chunk_size=0), "chunk_size > 0"),
     (dict(checkpoint_activations=True, chunk_size=0), "chunk_size > 0"), (dict(dtype="float16"), "dtype"),
     (dict(freeze_base=True, ckpt_shards=True), "drop --ckpt_shards"), (dict(filler="/no/such.txt"), "does not exist"),
+    (dict(sink_token=ENC.n_vocab), "not a token of this tokenizer"),
 ])
 def test_a_bad_setting_is_one_clear_error_naming_it(bad, names):
     with pytest.raises((ValueError, OSError), match=re.escape(names)):
