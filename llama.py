@@ -279,6 +279,9 @@ class _Tensors:
         return tuple(self.shards[0][1][name].shape)  # a model-parallel shard: get() joins and checks them
 
 
+READOUT_INITS = ("mean", "apart")  # new readout embeddings: one vector and noise | orthogonal directions
+
+
 def load_llama(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu", readout_init: str = "mean",
                **overrides) -> Transformer:
     """A Llama checkpoint directory or .gguf file -> Transformer in eval mode, weights in `dtype` on `device`.
@@ -288,7 +291,7 @@ def load_llama(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu
     identity), the compression and readout token embeddings start at the mean token embedding
     (readout_init="mean": readout slots + a little noise, so that they differ; "apart": + orthogonal directions as
     long as a token's distance from the mean). Errors name the file and the tensor."""
-    if readout_init not in ("mean", "apart"):
+    if readout_init not in READOUT_INITS:
         raise ValueError(f"readout_init={readout_init!r} must be mean or apart")
     args, layout = read_config(path)
     if readout_init == "apart" and overrides.get("n_global", 0) > args["n_embd"]:

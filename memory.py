@@ -7,6 +7,7 @@ are one visible line each.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -125,6 +126,12 @@ class LayerMemory(nn.Module):
         if self.temp_mem is not None:
             t = self.temp_mem(compressed, t)
         return MemoryState(s, g, t)
+
+
+def fifo_chunks(chunk_size: int, stride: int, temp_budget: int) -> int:
+    """S4: how many chunks back the FIFO reaches (each closed chunk adds ceil(chunk_size / stride) slots); a chunk
+    it keeps only part of counts. 0 without a FIFO."""
+    return math.ceil(temp_budget / math.ceil(chunk_size / stride)) if temp_budget else 0
 
 
 def memory_param_count(n_layer: int, n_embd: int, n_global: int, temp_budget: int, rank: int,

@@ -34,6 +34,7 @@ import llama
 from checkpoint import load_model, load_training, read_run, save_training, write_atomically
 from configurator import pick_device, pick_dtype, settings_of
 from data import filler_tokens, get_tokenizer, make_passkey, sample_batch, stack
+from memory import fifo_chunks
 from model import CHUNK_ALIGNS, MEMORY_SETTINGS, Block, ModelConfig, Transformer
 from pipeline import SCHEDULES, Pipeline, PipelineError, cpu_slices, join, reduce_step, sliced_backward
 
@@ -144,8 +145,7 @@ def get_samples(enc, it: int, dp_rank: int = 0, make: Callable = make_passkey) -
 def far_depth(length: int) -> float:
     """The deepest key depth beyond the FIFO's reach in a sequence of `length` tokens: before the question's chunk
     and the temp_budget / n_compression chunks the FIFO holds (and the key's sentence and the question, ~64)."""
-    n_compression = math.ceil(chunk_size / stride) if temp_budget else 0
-    reach = chunk_size * (1 + (math.ceil(temp_budget / n_compression) if n_compression else 0)) + 64
+    reach = chunk_size * (1 + fifo_chunks(chunk_size, stride, temp_budget)) + 64
     return max(0.0, 1 - reach / length)
 
 
@@ -276,7 +276,7 @@ def check_settings(c: dict, enc) -> None:
          f"init_from={c['init_from']!r} must be scratch, resume, a Llama checkpoint directory or a .gguf file"),
         (c["unfreeze"] not in llama.UNFREEZE or c["unfreeze"] and not c["freeze_base"],
          f"unfreeze={c['unfreeze']!r} must be '' or attention, and goes with freeze_base=True"),
-        (c["readout_init"] not in ("mean", "apart"), f"readout_init={c['readout_init']!r} must be mean or apart"),
+        (c["readout_init"] not in llama.READOUT_INITS, f"readout_init={c['readout_init']!r} must be mean or apart"),
         (c["freeze_base"] and c["ckpt_shards"], "ckpt_shards=True is for full fine-tunes: a frozen base's checkpoint "
                                                 "is its memories alone, a few MB in one file; drop --ckpt_shards"),
         *((c[k] and not c["chunk_size"], f"{k}={c[k]} works on CoMeT's chunks: it needs chunk_size > 0")

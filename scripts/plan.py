@@ -268,7 +268,7 @@ def measure_here(mc: ModelConfig, cfg: dict) -> None:
     with dp > 1 under torchrun (FSDP2, pp = 1); CUDA: one process, in the dtype setting's autocast."""
     if cfg["device"].startswith("cuda"):
         plan = make_plan(mc, cfg["context"], cfg["batch"], 1, 1, 2 if cfg["dtype"] == "bfloat16" else 4,
-                         cfg["freeze_base"], cfg["checkpoint_activations"], cfg["loss_chunk"])
+                         cfg["freeze_base"], cfg["checkpoint_activations"])
         gpu = f"{torch.cuda.get_device_name()}, {torch.cuda.get_device_properties(0).total_memory / GIB:.1f} GiB"
         try:
             peak, seconds = measure_cuda_step(mc, cfg["context"], cfg["batch"], cfg["freeze_base"],
@@ -279,7 +279,7 @@ def measure_here(mc: ModelConfig, cfg: dict) -> None:
               f"says {plan.peak / GIB:.2f} ({plan.peak / peak - 1:+.1%}); the last step took {seconds:.2f} s")
         return
     plan = make_plan(mc, cfg["context"], cfg["batch"], 1, cfg["dp"], 4, cfg["freeze_base"],
-                     cfg["checkpoint_activations"], cfg["loss_chunk"])
+                     cfg["checkpoint_activations"])  # (main refuses --measure with --loss_chunk)
     try:
         pipe = Pipeline.from_env("cpu", dp=cfg["dp"], threads=cfg["threads"]) if cfg["dp"] > 1 else None
     except ValueError as e:
